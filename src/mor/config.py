@@ -86,6 +86,7 @@ class ModelConfig:
     z_loss_coeff: float = 0.0
 
     def __post_init__(self) -> None:
+        coerce_numbers(self)
         if self.head_dim is None:
             if self.num_attention_heads <= 0 or self.hidden_size % self.num_attention_heads != 0:
                 raise ConfigError(
@@ -275,6 +276,26 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def coerce_numbers(obj: Any) -> None:
+    """Turn numeric strings into numbers for numeric dataclass fields (YAML reads ``1e-3`` as
+    a string), and reject values of the wrong type with a message naming the field."""
+    for f in dataclasses.fields(obj):
+        v, t = getattr(obj, f.name), str(f.type)
+        numeric = ("float" in t or "int" in t) and "str" not in t and "list" not in t and "tuple" not in t
+        if not numeric or v is None or isinstance(v, bool):
+            continue
+        if isinstance(v, str):
+            try:
+                v = float(v) if "float" in t else int(v)
+            except ValueError:
+                raise ConfigError(f"{f.name}={v!r} must be a number") from None
+        if "float" in t and isinstance(v, int):
+            v = float(v)
+        if "int" in t and "float" not in t and isinstance(v, float) and v.is_integer():
+            v = int(v)
+        setattr(obj, f.name, v)
 
 
 def atomic_write_text(path: str, text: str) -> None:

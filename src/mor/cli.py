@@ -1,0 +1,97 @@
+"""The ``mor`` command line (also ``python -m mor``).
+
+Each verb lives in its own module that provides ``add_arguments(parser)`` and
+``run(args) -> dict``; the module is imported only when its verb runs. ``run`` prints what
+a person reads; this entry point then prints the returned summary as the last stdout line,
+one JSON object, for machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+VERBS = {
+    "prepare": ("mor.data", "text sources -> tokenizer -> token shards"),
+    "train": ("mor.train", "train a model from a YAML recipe"),
+    "generate": ("mor.engine.cli", "generate text from a checkpoint"),
+    "eval": ("mor.eval.cli", "validation NLL and few-shot tasks (lm-eval)"),
+    "analyze": ("mor.eval.analyze", "per-token recursion depth, router histograms, depth scaling"),
+    "bench": ("mor.bench", "benchmarks: `mor bench train`, `mor bench infer`"),
+    "experiment": ("mor.experiment", "isoFLOP comparisons of vanilla, recursive and MoR models"),
+}
+
+
+class CLIError(Exception):
+    """A user error the CLI reports as one clear line (exit code 2)."""
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+
+    errs: list[type[BaseException]] = [CLIError, ConfigError, CheckpointError, FileNotFoundError]
+    for mod, name in (("mor.data", "DataError"), ("mor.train", "TrainError"), ("mor.engine", "RequestError")):
+        try:
+            errs.append(getattr(importlib.import_module(mod), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mor", description="Mixture-of-Recursions language models")
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+    for verb, (mod, help_) in VERBS.items():
+        sp = sub.add_parser(verb, help=help_, description=help_)
+        sp.set_defaults(_module=mod)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    verb = argv[0]
+    if verb not in VERBS:
+        parser.print_usage(sys.stderr)
+        print(f"mor: unknown verb {verb!r}; choose one of: {', '.join(VERBS)}", file=sys.stderr)
+        return 2
+    mod = importlib.import_module(VERBS[verb][0])
+    sp = argparse.ArgumentParser(prog=f"mor {verb}", description=VERBS[verb][1])
+    mod.add_arguments(sp)
+    args = sp.parse_args(argv[1:])
+    try:
+        summary = mod.run(args)
+    except _known_errors() as e:
+        msg = str(e).strip("'\"")
+        print(f"mor {verb}: error: {msg}", file=sys.stderr)
+        print(json.dumps({"status": "error", "verb": verb, "error": msg}))
+        return 2
+    except KeyboardInterrupt:
+        print(json.dumps({"status": "interrupted", "verb": verb}))
+        return 130
+    if summary is not None:
+        print(json.dumps({"status": "ok", "verb": verb, **summary}, default=_jsonable))
+    return 0
+
+
+def _jsonable(o):
+    try:
+        import torch
+
+        if isinstance(o, torch.Tensor):
+            return o.tolist()
+    except ImportError:
+        pass
+    if hasattr(o, "__fspath__"):
+        return str(o)
+    return repr(o)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
