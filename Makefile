@@ -19,6 +19,12 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The main job: prepare the Shakespeare corpus (8k BPE), train the demo MoR, report
+# validation loss/perplexity and print samples. Outputs: data/shakespeare, runs/demo.
+demo: $(STAMP)
+	@if [ ! -f data/shakespeare/meta.json ]; then $(BIN)/mor prepare shakespeare --out data/shakespeare; fi
+	$(BIN)/mor train --config configs/demo.yaml overwrite=true
+
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 

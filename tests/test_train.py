@@ -163,6 +163,17 @@ def test_flops_budget_sets_run_length(data_dir, tmp_path):
     assert s["flops"] == pytest.approx(2e10, rel=0.1)
 
 
+def test_fresh_run_does_not_clobber_checkpoints(data_dir, tmp_path):
+    out = tmp_path / "keep"
+    train(cfg(data_dir, out, max_steps=2))
+    with pytest.raises(TrainError, match="already holds checkpoints"):
+        train(cfg(data_dir, out, max_steps=2))
+    assert ckpt.latest_checkpoint(out).name == "step_000002"
+    s = train(cfg(data_dir, out, max_steps=3, overwrite=True))
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_000003"]
+    assert sorted(losses(out)) == [1, 2, 3]
+
+
 def test_bad_inputs(data_dir, tmp_path):
     from mor.data import DataError
 
@@ -178,7 +189,7 @@ def test_nonfinite_loss_stops_and_keeps_checkpoints(data_dir, tmp_path):
     out = tmp_path / "nan"
     train(cfg(data_dir, out, max_steps=2))
     before = (ckpt.latest_checkpoint(out) / "model.safetensors").read_bytes()
-    c = cfg(data_dir, out, max_steps=6, lr=1e30, warmup_steps=0, grad_clip=0.0)
+    c = cfg(data_dir, out, max_steps=6, lr=1e30, warmup_steps=0, grad_clip=0.0, overwrite=True)
     with pytest.raises(TrainError, match="non-finite loss"):
         train(c, init_from=str(out))
     assert ckpt.latest_checkpoint(out).name == "step_000002"

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -87,6 +88,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 autocast on CUDA) | fp32 | bf16
     compile: bool = False
     parallel: str = "ddp"  # ddp | fsdp2 (used under torchrun)
+    overwrite: bool = False  # a fresh run may replace the checkpoints/metrics already in out_dir
 
     def __post_init__(self):
         coerce_numbers(self)
@@ -318,6 +320,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
     resume_from = ckpt.latest_checkpoint(out_dir) if resume else None
     if resume and resume_from is None:
         raise TrainError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
+    # a fresh run in a directory with checkpoints needs overwrite=true; the old checkpoints are
+    # removed only once the new run has saved its first one
+    stale = ckpt.list_checkpoints(out_dir) if resume_from is None else []
+    if stale and not cfg.overwrite:
+        raise TrainError(f"{out_dir} already holds checkpoints ({stale[-1].name}); use --resume to "
+                         "continue, overwrite=true to start over, or another out_dir")
+    if stale and master and (out_dir / "metrics.jsonl").exists():
+        os.replace(out_dir / "metrics.jsonl", out_dir / "metrics.prev.jsonl")
     if resume_from is not None:
         saved_cfg = ckpt.load_config(resume_from)
         if saved_cfg != mcfg:
@@ -376,6 +386,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
         path = ckpt.save_checkpoint(out_dir / "checkpoints" / f"step_{step:06d}", model, tokenizer=str(tok_path),
                                     train_state=state, meta={"step": step, "tokens": tokens_seen,
                                                              "total_steps": total_steps})
+        while stale:
+            old = stale.pop()
+            if old != path:
+                shutil.rmtree(old, ignore_errors=True)
         ckpt.prune_checkpoints(out_dir, cfg.keep_last)
         return path
 
