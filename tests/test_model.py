@@ -320,3 +320,16 @@ def test_training_output_fields():
     for k in ("selected_fraction", "dead_token_ratio", "sampling_accuracy", "router_entropy"):
         assert k in out.router_stats
     assert out.loss.isfinite()
+
+
+def test_capacity_warmup_follows_optimizer_step():
+    cfg = tiny("mor", capacity_warmup_steps=10)
+    m = build(cfg, router_std=0.5)
+    x = ids(2, 30)
+    m.set_step(0)
+    assert torch.all(m(x).depth == 3)  # warm-up starts at capacity 1
+    m.set_step(5)
+    want = [max(1, int(c * 30)) for c in [1.0, 2 / 3 + (1 / 3) * 0.5, 1 / 3 + (2 / 3) * 0.5]]
+    assert [int((m(x).depth[0] >= r + 1).sum()) for r in range(3)] == want
+    m.set_step(10)
+    assert [int((m(x).depth[0] >= r + 1).sum()) for r in range(3)] == [30, 20, 10]

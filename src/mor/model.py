@@ -239,7 +239,9 @@ class MoRModel(nn.Module):
         bce, zl, stats = [], [], {}
         frac, acc, ent, selected_all = [], [], [], []
         for r in range(nr):
-            cap = R.warmup_capacity(c.resolved_capacities()[r], self.step, c.capacity_warmup_steps)
+            cap = c.resolved_capacities()[r]
+            if c.capacity_warmup_steps > 0:  # read the step only when needed (torch.compile guards on it)
+                cap = R.warmup_capacity(cap, self.step, c.capacity_warmup_steps)
             x_c = _gather(h[:, :T] if cand_idx is None else h, cand_idx)  # candidates (B, Kc, d)
             logits = self.routers[r](x_c).squeeze(-1).float()  # (B, Kc)
             dec_logits = (self.aux_routers[r](x_c.detach()).squeeze(-1).float()
