@@ -87,7 +87,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 autocast on CUDA) | fp32 | bf16
     compile: bool = False
-    parallel: str = "ddp"  # ddp | fsdp2 (used under torchrun)
+    parallel: str = "ddp"  # ddp | fsdp2 (used under torchrun; see docs/distributed.md)
+    dist_timeout: float = 600.0  # seconds before a stuck collective fails (env MOR_DIST_TIMEOUT overrides)
     overwrite: bool = False  # a fresh run may replace the checkpoints/metrics already in out_dir
 
     def __post_init__(self):
@@ -106,6 +107,8 @@ class TrainConfig:
             raise ConfigError(f"dtype={self.dtype!r} is not valid; choose one of: auto, fp32, bf16")
         if self.parallel not in ("ddp", "fsdp2"):
             raise ConfigError(f"parallel={self.parallel!r} is not valid; choose one of: ddp, fsdp2")
+        if not float(self.dist_timeout) > 0:
+            raise ConfigError(f"dist_timeout={self.dist_timeout} must be a positive number of seconds")
         if not isinstance(self.model, dict):
             raise ConfigError("model must be a mapping of ModelConfig fields")
 
@@ -266,8 +269,12 @@ class MetricsLogger:
 
 
 @torch.no_grad()
-def evaluate(model, loader, max_batches: int, device, autocast, routing: str = "topk") -> dict:
-    """Mean validation NLL over the first ``max_batches`` validation batches."""
+def evaluate(model, loader, max_batches: int, device, autocast, routing: str = "topk", dist=None) -> dict:
+    """Mean validation NLL over the first ``max_batches`` validation batches.
+
+    In a distributed run (``dist`` enabled) every rank evaluates its slice of each global
+    batch (under FSDP2 all ranks must run the forward anyway) and the token-weighted sums
+    are all-reduced, so every rank returns the NLL one process would compute."""
     was = model.training
     model.eval()
     tot, n = 0.0, 0
@@ -278,17 +285,43 @@ def evaluate(model, loader, max_batches: int, device, autocast, routing: str = "
         tot += out.lm_loss.item() * y.numel()
         n += y.numel()
     model.train(was)
+    if dist is not None and dist.enabled:
+        from .distributed import all_reduce_sum, reshard
+
+        reshard(model)  # FSDP2: a forward without backward leaves some units unsharded
+        red = all_reduce_sum(torch.tensor([tot, float(n)], dtype=torch.float64, device=dist.device), dist).tolist()
+        tot, n = red[0], int(red[1])
     if n == 0:
         raise TrainError("the validation split yielded no batch")
     return {"val_loss": tot / n, "val_ppl": math.exp(min(tot / n, 50.0))}
 
 
 # ---------------------------------------------------------------------- the trainer
-def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = None) -> dict:
+def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = None) -> dict | None:
+    """Train from a recipe; returns the run summary (on rank 0; None on other ranks).
+
+    Under ``torchrun`` (WORLD_SIZE > 1) this joins the process group first (see
+    ``mor.distributed`` and docs/distributed.md); a collective that fails or times out
+    because another rank died or hangs is reported as a ``TrainError`` naming this rank."""
+    from . import distributed as dist_util
+
+    try:
+        dist = dist_util.init(cfg.device, cfg.dist_timeout)
+    except dist_util.DistributedError as e:
+        raise TrainError(str(e)) from None
+    try:
+        summary = _train(cfg, dist, resume=resume, init_from=init_from)
+    except Exception as e:
+        if dist.enabled and dist_util.is_collective_failure(e):
+            raise TrainError(dist_util.failure_message(e, dist)) from e
+        raise
+    return summary if dist.is_master else None
+
+
+def _train(cfg: TrainConfig, dist, *, resume: bool, init_from: str | None) -> dict:
     from .data import TokenLoader, load_meta
     from . import distributed as dist_util
 
-    dist = dist_util.init()
     torch.manual_seed(cfg.seed + dist.rank)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -346,7 +379,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
     if not tok_path.exists():
         raise TrainError(f"{cfg.data} has no tokenizer.json; run `mor prepare` first")
 
-    wrapped = dist_util.wrap_model(model, cfg, dist)  # DDP / FSDP2 / plain
+    wrapped = dist_util.wrap_model(model, cfg.parallel, dist)  # DDP wrapper / FSDP2 (in place) / plain
     fwd = torch.compile(wrapped) if cfg.compile else wrapped
     opt = build_optimizer(model, cfg, fused=device.type == "cuda" and cfg.parallel != "fsdp2")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, total_steps, cfg))
@@ -371,7 +404,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
                  if mcfg.architecture == "mor" else
                  (f" (N_r={mcfg.num_recursions}, {mcfg.sharing})" if mcfg.architecture == "recursive" else ""))
               + f" | {n_params / 1e6:.2f}M unique non-embedding params | {total_steps} steps x "
-              f"{tokens_per_step} tokens | device {device}" + (f" x{dist.world_size}" if dist.enabled else ""),
+              f"{tokens_per_step} tokens | device {device}" + dist_util.describe(dist),
               file=sys.stderr)
 
     def save(step: int, final: bool = False) -> Path | None:
@@ -381,11 +414,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
             "data": train_loader.state_dict(),
             "step": step, "tokens": tokens_seen, "rng": rng_state(),
         }
+        # every rank calls this: under FSDP2 the full model / optimizer state is gathered
+        # collectively, then rank 0 writes the single-process checkpoint format
+        path = dist_util.save_checkpoint(out_dir / "checkpoints" / f"step_{step:06d}", model, dist,
+                                         tokenizer=str(tok_path), train_state=state,
+                                         meta={"step": step, "tokens": tokens_seen, "total_steps": total_steps})
         if not master:
             return None
-        path = ckpt.save_checkpoint(out_dir / "checkpoints" / f"step_{step:06d}", model, tokenizer=str(tok_path),
-                                    train_state=state, meta={"step": step, "tokens": tokens_seen,
-                                                             "total_steps": total_steps})
         while stale:
             old = stale.pop()
             if old != path:
@@ -407,21 +442,36 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
         loss_sum = torch.zeros((), device=device)
         aux_sum = torch.zeros((), device=device)
         stats = None
-        for micro in range(cfg.grad_accum):
-            x, y = next(train_loader)
+        # The LM loss is (sum of token losses) / (target tokens over all micro-batches and
+        # ranks). Micro-batch i's mean is weighted n_i * world / N (DDP and FSDP2 average
+        # gradients over ranks), written as a divisor so that one process with full
+        # batches divides by exactly grad_accum. Auxiliary losses are per-batch means,
+        # scaled like the LM loss of equal-sized micro-batches (1 / grad_accum).
+        micro_batches = [next(train_loader) for _ in range(cfg.grad_accum)]
+        counts = [int((y != -100).sum()) for _, y in micro_batches]
+        n_global = dist_util.global_count(sum(counts), dist)
+        if n_global == 0:
+            raise TrainError(f"step {step} has no target tokens (every label is -100)")
+        for micro, (x, y) in enumerate(micro_batches):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with dist_util.no_sync(wrapped, dist, micro < cfg.grad_accum - 1), autocast():
                 out = fwd(x, labels=y)
-                # LM and auxiliary losses are scaled the same way under accumulation
-                loss = out.loss / cfg.grad_accum
+                if counts[micro]:
+                    lm = out.lm_loss / (n_global / (counts[micro] * dist.world_size))
+                else:  # no targets here: contribute nothing, but keep every parameter in the graph
+                    lm = out.logits.float().sum() * 0.0
+                loss = lm + out.aux_loss / cfg.grad_accum
             loss.backward()
-            loss_sum += out.lm_loss.detach() / cfg.grad_accum
+            loss_sum += lm.detach()
             aux_sum += out.aux_loss.detach() / cfg.grad_accum
             stats = out.router_stats
+        if dist.enabled:  # global means, identical on every rank (so all ranks stop together below)
+            red = dist_util.all_reduce_sum(torch.stack([loss_sum, aux_sum]), dist) / dist.world_size
+            loss_sum, aux_sum = red[0], red[1]
         if not torch.isfinite(loss_sum):
             raise TrainError(f"non-finite loss ({loss_sum.item()}) at step {step}; stopping before the optimizer "
                              f"step. Checkpoints already in {out_dir / 'checkpoints'} are intact (try a lower lr)")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        grad_norm = dist_util.clip_grad_norm(model, cfg.grad_clip) if cfg.grad_clip > 0 else None
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -431,7 +481,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
         done = step + 1
 
         if done % cfg.log_every == 0 or done == total_steps or done == start_step + 1:
-            loss_sum = dist_util.mean_across_ranks(loss_sum, dist)
             last_loss = loss_sum.item()
             now = time.perf_counter()
             tps = (tokens_seen - tok_last) / max(now - t_last, 1e-9)
@@ -458,7 +507,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
         if bar is not None:
             bar.update(1)
         if cfg.eval_every and (done % cfg.eval_every == 0) and done != total_steps:
-            last_val = evaluate(model, val_loader, cfg.eval_batches, device, autocast)
+            last_val = evaluate(model, val_loader, cfg.eval_batches, device, autocast, dist=dist)
             logger.log(done, **last_val)
             if bar is not None:
                 bar.write(f"step {done}: val_loss {last_val['val_loss']:.4f} ppl {last_val['val_ppl']:.2f}")
@@ -468,7 +517,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
         bar.close()
     wall = time.perf_counter() - t_start
     final_step = max(total_steps, start_step)
-    last_val = evaluate(model, val_loader, cfg.eval_batches, device, autocast)
+    last_val = evaluate(model, val_loader, cfg.eval_batches, device, autocast, dist=dist)
     logger.log(final_step, **last_val)
     path = save(final_step, final=True)
     summary = {
@@ -478,10 +527,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
         "steps": final_step, "tokens": tokens_seen, "flops": fpt_paper * tokens_seen,
         "train_loss": last_loss, **last_val, "tok_per_s": tps, "mfu": mfu, "wall_s": wall,
     }
-    if master and cfg.num_samples > 0:
-        summary["samples"] = _samples(model, tok_path, cfg, device)
     logger.close()
     dist_util.shutdown(dist)
+    if master and cfg.num_samples > 0:
+        # rank 0 alone (the process group is gone): under FSDP2 the model is sharded, so
+        # sample from the final checkpoint's full weights instead
+        sampler = ckpt.load_model(path, device=device) if dist.parallel == "fsdp2" else model
+        summary["samples"] = _samples(sampler, tok_path, cfg, device)
     return summary
 
 
