@@ -211,6 +211,7 @@ CASES = [(p, r) for r in ROUTERS for p in ("ddp", "fsdp2")]
 
 
 # ---------------------------------------------------------------------- acceptance 1
+@pytest.mark.slow  # launches real torchrun process groups
 @pytest.mark.parametrize("parallel,router", CASES)
 def test_two_processes_follow_the_single_process_loss_curve(runs, parallel, router):
     single, _ = metrics(runs("single", router))
@@ -239,6 +240,7 @@ def test_two_processes_follow_the_single_process_loss_curve(runs, parallel, rout
     ckpt.load_model(pb)  # strict load
 
 
+@pytest.mark.slow  # launches real torchrun process groups
 @pytest.mark.parametrize("parallel,router", CASES)
 def test_replicated_state_is_identical_on_all_ranks(runs, parallel, router):
     out = runs(parallel, router)
@@ -270,6 +272,7 @@ def test_replicated_state_is_identical_on_all_ranks(runs, parallel, router):
 
 
 # ---------------------------------------------------------------------- acceptance 2
+@pytest.mark.slow  # launches real torchrun process groups
 @pytest.mark.parametrize("parallel,router", CASES)
 def test_two_process_checkpoint_resumes_in_one_process(runs, parallel, router, tmp_path):
     multi = runs(parallel, router)
@@ -415,6 +418,7 @@ def mechanics(tmp_path_factory):
     return json.loads(report_path.read_text())  # one report per rank
 
 
+@pytest.mark.slow  # launches real torchrun process groups
 def test_fsdp2_gathers_the_recursion_block_once_per_step(mechanics):
     nr, micro = 3, 2
     for rank, report in enumerate(mechanics):
@@ -432,6 +436,7 @@ def test_fsdp2_gathers_the_recursion_block_once_per_step(mechanics):
             assert mor["max_grad_err"] < 1e-5, (rank, report)
 
 
+@pytest.mark.slow  # launches real torchrun process groups
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
 def test_balancing_load_is_summed_over_ranks_and_micro_batches(mechanics, parallel):
     recs = [report[f"balance/{parallel}"] for report in mechanics]
@@ -492,6 +497,7 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow  # launches real torchrun process groups
 @pytest.mark.skipif(not LINUX, reason="finds worker pids through /proc")
 def test_killed_rank_makes_the_job_exit(data_dir, tmp_path):
     proc, log = _start_long_run(data_dir, tmp_path, parallel="ddp")
@@ -510,6 +516,7 @@ def test_killed_rank_makes_the_job_exit(data_dir, tmp_path):
     assert "rank      : 1" in out and "SIGKILL" in out, out[-4000:]
 
 
+@pytest.mark.slow  # launches real torchrun process groups
 @pytest.mark.skipif(not LINUX, reason="finds worker pids through /proc")
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
 def test_hung_rank_makes_the_others_fail_after_the_timeout(data_dir, tmp_path, parallel):
