@@ -333,3 +333,14 @@ def test_capacity_warmup_follows_optimizer_step():
     assert [int((m(x).depth[0] >= r + 1).sum()) for r in range(3)] == want
     m.set_step(10)
     assert [int((m(x).depth[0] >= r + 1).sum()) for r in range(3)] == [30, 20, 10]
+
+
+def test_threshold_routing_ignores_capacity_warmup():
+    """A checkpoint trained with warm-up is loaded at step 0; its causal rule must use the final
+    capacities, not route every token through every recursion."""
+    warm = build(tiny("mor", capacity_warmup_steps=10), router_std=0.5)
+    plain = build(tiny("mor"), router_std=0.5)
+    x = ids(2, 30)
+    warm.set_step(0)
+    with torch.no_grad():
+        torch.testing.assert_close(warm(x, routing="threshold").logits, plain(x, routing="threshold").logits)

@@ -240,7 +240,9 @@ class MoRModel(nn.Module):
         frac, acc, ent, selected_all = [], [], [], []
         for r in range(nr):
             cap = c.resolved_capacities()[r]
-            if c.capacity_warmup_steps > 0:  # read the step only when needed (torch.compile guards on it)
+            # the warm-up applies to training-time top-k only (the causal rule uses the final
+            # capacities); read the step only when needed (torch.compile guards on it)
+            if c.capacity_warmup_steps > 0 and routing == "topk":
                 cap = R.warmup_capacity(cap, self.step, c.capacity_warmup_steps)
             x_c = _gather(h[:, :T] if cand_idx is None else h, cand_idx)  # candidates (B, Kc, d)
             logits = self.routers[r](x_c).squeeze(-1).float()  # (B, Kc)

@@ -1,0 +1,479 @@
+"""``mor bench infer``: generation throughput of MoR against vanilla (paper protocol).
+
+Protocol (SPEC.md section 8, paper section 4): unprompted generation (every request
+starts from the end-of-text token) or a given prompt file; output lengths drawn uniformly
+in ``mean * [1 - spread, 1 + spread]`` (mean 256 by default), the same draw for every
+model; a warm-up run on the same engine before the timed run; two batch settings:
+
+* ``batch``: ``--batch`` concurrent sequences (32);
+* ``max``:   the memory-matched maximum batch. Vanilla runs at ``--vanilla-max-batch``
+  sequences (or as many as ``--kv-budget-mb`` holds), each with a full-length KV cache;
+  that KV memory is the budget. A MoR model runs at the largest batch whose *expected*
+  KV memory fits the same budget (SPEC section 5 formulas, with the capacities as the
+  fraction of tokens entering each recursion), and its KV pool is exactly the budget:
+  if its tokens go deeper than expected, the engine preempts (reported).
+
+Every MoR model (expert-choice, Middle-Cycle, N_r from ``--recursions``) is compared with
+the vanilla model of the same width and the same number of unrolled layers, in the same
+engine (MoR: continuous depth-wise batching; vanilla: continuous sequence-wise batching).
+Each vanilla model is also compared with Hugging Face ``transformers`` ``generate`` on the
+same weights (``LlamaForCausalLM``) and the same fixed-length workload at ``--batch``.
+
+Random-init models are the default. Their routers are arbitrary, so the threshold rule
+would give an arbitrary depth distribution; ``calibrate_expert_routers`` gives each
+deciding router a bias so that on random token sequences the share of tokens continuing
+at recursion r matches c_r / c_{r-1} (a fair depth distribution). The depths actually
+produced during generation are measured and reported. ``--mor-checkpoint`` /
+``--vanilla-checkpoint`` load trained models instead (no calibration).
+
+The human table comes first; ``run`` returns the summary dict (printed by ``mor`` as the
+last JSON line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..cache import expected_kv_layers_per_token, kv_bytes_per_token_layer
+from ..config import ModelConfig, preset, valid_num_layers
+from ..model import MoRForCausalLM
+
+PAPER = {"batch": {2: 1.23, 3: 1.33, 4: 1.42}, "max": {2: 1.60, 3: 1.95, 4: 2.06}}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--preset", default=None,
+                   help="model shape, see mor.PRESETS (default: smollm-360m on CUDA; on CPU the 'small' preset "
+                        "(hidden 256, vocab 8192) with 14 layers, which MoR-2/3/4 all fit: one vanilla partner)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="base layer count (default the preset's; MoR adds layers when (L-2) is not a multiple of N_r)")
+    p.add_argument("--hidden-size", type=int, default=None, help="override the preset's width (FFN = 3x)")
+    p.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocabulary size")
+    p.add_argument("--recursions", type=int, nargs="+", default=[2, 3, 4], help="MoR N_r values (default 2 3 4)")
+    p.add_argument("--kv-mode", default="recursion_wise", choices=["recursion_wise", "shared"])
+    p.add_argument("--schedule", default="depth", choices=["depth", "sequence", "both"],
+                   help="MoR batching: depth-wise (paper), sequence-wise, or both")
+    p.add_argument("--batch", type=int, default=32, help="fixed batch setting (default 32)")
+    p.add_argument("--vanilla-max-batch", type=int, default=None,
+                   help="vanilla's maximum batch, which sets the memory budget (default 256 on CUDA, 48 on CPU)")
+    p.add_argument("--kv-budget-mb", type=float, default=None, help="KV memory budget instead of --vanilla-max-batch")
+    p.add_argument("--skip-max", action="store_true", help="only the fixed batch setting")
+    p.add_argument("--mean-len", type=int, default=256, help="mean output length (default 256)")
+    p.add_argument("--len-spread", type=float, default=0.5, help="lengths uniform in mean*(1 +- spread)")
+    p.add_argument("--requests-per-slot", type=float, default=None,
+                   help="requests = this x batch (default 2 on CUDA, 1.5 on CPU); more than 1 exercises refills")
+    p.add_argument("--prompts", default=None, help="text file, one prompt per line (needs a tokenizer)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json for --prompts")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mor-checkpoint", action="append", default=[], help="trained MoR checkpoint (repeatable)")
+    p.add_argument("--vanilla-checkpoint", default=None, help="trained vanilla checkpoint")
+    p.add_argument("--hf", default="first", choices=["first", "all", "none"],
+                   help="transformers.generate baseline for the first vanilla model (default), all, or none")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--block-size", type=int, default=16, help="KV block size in tokens")
+    p.add_argument("--calib-seqs", type=int, default=16, help="random sequences used to calibrate routers")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed runs per configuration; the fastest counts (use >1 on a busy machine)")
+
+
+# ---------------------------------------------------------------------- router calibration
+def _last_linear(router: nn.Module) -> nn.Linear:
+    return [m for m in router.modules() if isinstance(m, nn.Linear)][-1]
+
+
+def set_router_bias(router: nn.Module, value: float) -> None:
+    """Give the router's output layer a bias ``value`` (adding the parameter if it has none)."""
+    lin = _last_linear(router)
+    if lin.bias is None:
+        lin.bias = nn.Parameter(torch.zeros(lin.out_features, device=lin.weight.device, dtype=lin.weight.dtype))
+    with torch.no_grad():
+        lin.bias.fill_(value)
+
+
+@torch.no_grad()
+def calibrate_expert_routers(model: MoRForCausalLM, *, num_seqs: int = 16, seq_len: int = 256,
+                             seed: int = 0) -> list[float]:
+    """Bias each deciding expert-choice router so that, under the threshold rule on random token
+    sequences, a fraction c_r / c_{r-1} of the candidates at recursion r continues (hence a
+    fraction c_r of all tokens enters recursion r). Returns the measured entering fractions."""
+    cfg = model.config
+    if not (cfg.architecture == "mor" and cfg.router_type == "expert"):
+        raise ValueError("router calibration applies to expert-choice MoR models")
+    core = model.model
+    deciders = core.aux_routers if cfg.use_aux_router else core.routers
+    caps = cfg.resolved_capacities()
+    dev = core.embed_tokens.weight.device
+    g = torch.Generator().manual_seed(seed)
+    T = min(seq_len, cfg.max_position_embeddings)
+    ids = torch.randint(0, cfg.vocab_size, (num_seqs, T), generator=g).to(dev)
+    captured: dict[int, torch.Tensor] = {}
+    for r in range(cfg.num_recursions):
+        if caps[r] >= 1.0:
+            continue
+        hook = deciders[r].register_forward_hook(lambda m, i, o, r=r: captured.__setitem__(r, o.squeeze(-1).float()))
+        try:
+            out = model(ids, routing="threshold")
+        finally:
+            hook.remove()
+        if r not in captured:  # no token reached recursion r: nothing to calibrate on
+            continue
+        logits = captured.pop(r)
+        n_cand = (out.depth >= r).sum(dim=1)  # candidates are packed first in each row
+        valid = torch.arange(logits.size(1), device=dev)[None, :] < n_cand[:, None]
+        vals = logits[valid]
+        keep = caps[r] / caps[r - 1] if r > 0 else caps[0]
+        if vals.numel() == 0:
+            continue
+        thr = torch.quantile(vals, 1.0 - keep).item()
+        lin = _last_linear(deciders[r])
+        set_router_bias(deciders[r], (0.0 if lin.bias is None else float(lin.bias[0])) - thr)
+    depth = model(ids, routing="threshold").depth
+    return [float((depth > r).float().mean()) for r in range(cfg.num_recursions)]
+
+
+# ---------------------------------------------------------------------- models
+@dataclass
+class Entry:
+    name: str
+    model: MoRForCausalLM
+    kind: str  # "vanilla" | "mor"
+    num_recursions: int
+    enter_fractions: list[float] | None = None  # measured on calibration data (MoR)
+
+
+def _device(arg: str) -> torch.device:
+    if arg == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(arg)
+
+
+def _dtype(arg: str, dev: torch.device) -> torch.dtype:
+    if arg == "auto":
+        return torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[arg]
+
+
+def _shape(args, dev) -> tuple[str, dict, int | None]:
+    """(preset name, config overrides, base layer count)."""
+    over: dict[str, Any] = {}
+    layers = args.layers
+    if args.preset is None and dev.type != "cuda":
+        name, layers = "small", layers or 14
+    else:
+        name = args.preset or "smollm-360m"
+    if args.hidden_size:
+        over.update(hidden_size=args.hidden_size, intermediate_size=3 * args.hidden_size)
+    if args.vocab_size:
+        over["vocab_size"] = args.vocab_size
+    return name, over, layers
+
+
+def mor_config(name: str, nr: int, layers: int | None, kv_mode: str, **over) -> ModelConfig:
+    base = preset(name, "vanilla", **over).num_hidden_layers if layers is None else layers
+    L = valid_num_layers(base, nr, "middle_cycle")
+    return preset(name, "mor", nr, num_hidden_layers=L, kv_mode=kv_mode, router_type="expert",
+                  sharing="middle_cycle", **over)
+
+
+def _build(cfg: ModelConfig, dev, dtype, seed: int) -> MoRForCausalLM:
+    torch.manual_seed(seed)
+    with torch.device(dev):
+        m = MoRForCausalLM(cfg)
+    return m.to(dtype).eval()
+
+
+# ---------------------------------------------------------------------- runs
+def _workload(n: int, mean: int, spread: float, seed: int) -> list[int]:
+    rng = np.random.default_rng(seed)
+    lo, hi = max(1, round(mean * (1 - spread))), max(1, round(mean * (1 + spread)))
+    return rng.integers(lo, hi + 1, size=n).tolist()
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def run_engine(model: MoRForCausalLM, prompts: list[list[int]], lengths: list[int], *, batch: int,
+               schedule: str, temperature: float, seed: int, block_size: int,
+               kv_budget_bytes: int | None = None) -> dict:
+    """Warm up, then time one engine run of the workload; returns throughput and engine stats."""
+    from ..engine import Engine, SamplingParams
+
+    max_len = max(len(p) for p in prompts) + max(lengths)
+    eng = Engine(model, max_batch=batch, max_model_len=min(max_len, model.config.max_position_embeddings),
+                 kv_memory_bytes=kv_budget_bytes, block_size=block_size, schedule=schedule, seed=seed)
+    for i in range(min(batch, 16)):  # warm-up (excluded)
+        eng.add_request(prompts[i % len(prompts)], SamplingParams(max_tokens=8, temperature=temperature,
+                                                                  ignore_eos=True))
+    eng.run_until_done()
+    eng.reset_stats()
+    for i, n in enumerate(lengths):
+        eng.add_request(prompts[i % len(prompts)], SamplingParams(max_tokens=n, temperature=temperature,
+                                                                  ignore_eos=True))
+    _sync(eng.device)
+    t0 = time.perf_counter()
+    eng.run_until_done()
+    _sync(eng.device)
+    wall = time.perf_counter() - t0
+    s = eng.stats
+    res = {
+        "batch": batch, "schedule": eng.schedule, "requests": len(lengths), "workload_tokens": sum(lengths),
+        "tokens": s.generated_tokens,
+        "wall_s": wall, "tokens_per_s": s.generated_tokens / wall, "steps": s.steps,
+        "mean_running": s.mean_running, "mean_block_batch": s.mean_block_batch, "occupancy": s.occupancy,
+        "exit_fractions": [c / max(1, sum(s.exit_counts)) for c in s.exit_counts], "mean_depth": s.mean_depth,
+        "preemptions": s.preemptions, "kv_pool_mb": s.kv["kv_pool_bytes"] / 2**20,
+        "kv_peak_mb": s.kv["kv_peak_bytes"] / 2**20,
+    }
+    del eng
+    gc.collect()
+    if model.model.embed_tokens.weight.is_cuda:
+        torch.cuda.empty_cache()
+    return res
+
+
+def hf_llama(model: MoRForCausalLM):
+    """A transformers LlamaForCausalLM holding a vanilla model's weights."""
+    import transformers
+
+    cfg = model.config
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_word_embeddings,
+        attention_bias=False, mlp_bias=False, hidden_act="silu",
+    )
+    p = model.model.embed_tokens.weight
+    with torch.device(p.device):
+        hf = transformers.LlamaForCausalLM(hf_cfg)
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or not set(missing) <= {"lm_head.weight"}:
+        raise RuntimeError(f"vanilla weights do not fit LlamaForCausalLM: {missing} {unexpected}")
+    if cfg.tie_word_embeddings:
+        hf.tie_weights()
+    return hf.to(p.dtype).eval()
+
+
+@torch.no_grad()
+def run_hf(model: MoRForCausalLM, prompt: list[int], n_seqs: int, length: int, *, temperature: float,
+           seed: int) -> dict:
+    """transformers ``generate`` (static batch of ``n_seqs``, ``length`` new tokens each)."""
+    hf = hf_llama(model)
+    dev = model.model.embed_tokens.weight.device
+    ids = torch.tensor([prompt] * n_seqs, device=dev)
+    kw = dict(attention_mask=torch.ones_like(ids), pad_token_id=0, eos_token_id=None,
+              do_sample=temperature > 0, top_k=0, top_p=1.0)
+    if temperature > 0:
+        kw["temperature"] = temperature
+    torch.manual_seed(seed)
+    hf.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)  # warm-up
+    _sync(dev)
+    t0 = time.perf_counter()
+    out = hf.generate(ids, max_new_tokens=length, min_new_tokens=length, **kw)
+    _sync(dev)
+    wall = time.perf_counter() - t0
+    tokens = (out.size(1) - ids.size(1)) * n_seqs
+    del hf
+    gc.collect()
+    return {"batch": n_seqs, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+
+
+# ---------------------------------------------------------------------- entry point
+def run(args: argparse.Namespace) -> dict:
+    from ..engine import RequestError
+
+    dev = _device(args.device)
+    dtype = _dtype(args.dtype, dev)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.batch < 1 or args.mean_len < 1 or not (0 <= args.len_spread < 1):
+        raise RequestError(f"--batch={args.batch} and --mean-len={args.mean_len} must be >= 1 and "
+                           f"--len-spread={args.len_spread} in [0, 1)")
+    if any(nr < 2 for nr in args.recursions):
+        raise RequestError(f"--recursions {args.recursions}: MoR needs N_r >= 2")
+    per_slot = args.requests_per_slot or (2.0 if dev.type == "cuda" else 1.5)
+    shape, over, base_layers = _shape(args, dev)
+    t_start = time.perf_counter()
+
+    # prompts: unprompted generation starts at the end-of-text token (id 0)
+    prompts: list[list[int]] = [[0]]
+    if args.prompts:
+        from tokenizers import Tokenizer
+
+        tok_path = args.tokenizer
+        if tok_path is None:
+            raise RequestError("--prompts needs --tokenizer (the tokenizer.json of the models)")
+        tok = Tokenizer.from_file(tok_path)
+        with open(args.prompts, encoding="utf-8") as f:
+            prompts = [tok.encode(line.rstrip("\n")).ids for line in f if line.strip()]
+        if not prompts:
+            raise RequestError(f"--prompts {args.prompts} has no non-empty line")
+
+    # models: vanilla partners keyed by layer count, MoR per N_r
+    from ..checkpoint import load_model
+
+    mors: list[Entry] = []
+    vanillas: dict[int, Entry] = {}
+    if args.mor_checkpoint:
+        for path in args.mor_checkpoint:
+            m = load_model(path, dev, dtype)
+            if m.config.architecture != "mor":
+                raise RequestError(f"--mor-checkpoint {path} is a {m.config.architecture} model")
+            mors.append(Entry(f"MoR-{m.config.num_recursions}", m, "mor", m.config.num_recursions))
+    else:
+        for nr in args.recursions:
+            cfg = mor_config(shape, nr, base_layers, args.kv_mode, **over)
+            m = _build(cfg, dev, dtype, args.seed + nr)
+            fr = calibrate_expert_routers(m, num_seqs=args.calib_seqs,
+                                          seq_len=min(len(prompts[0]) + args.mean_len, cfg.max_position_embeddings),
+                                          seed=args.seed)
+            mors.append(Entry(f"MoR-{nr}", m, "mor", nr, fr))
+    if args.vanilla_checkpoint:
+        m = load_model(args.vanilla_checkpoint, dev, dtype)
+        if m.config.architecture != "vanilla":
+            raise RequestError(f"--vanilla-checkpoint {args.vanilla_checkpoint} is a {m.config.architecture} model")
+        for e in mors:
+            vanillas[e.model.config.num_hidden_layers] = Entry(f"vanilla-{m.config.num_hidden_layers}L", m,
+                                                               "vanilla", 0)
+    else:
+        for e in mors:
+            L = e.model.config.num_hidden_layers
+            if L not in vanillas:
+                cfg = preset(shape, "vanilla", num_hidden_layers=L, **over)
+                vanillas[L] = Entry(f"vanilla-{L}L", _build(cfg, dev, dtype, args.seed), "vanilla", 0)
+
+    # memory budget (bytes) for the memory-matched setting, per vanilla partner
+    max_seq = max(len(p) for p in prompts) + round(args.mean_len * (1 + args.len_spread))
+    vmax = args.vanilla_max_batch or (256 if dev.type == "cuda" else 48)
+
+    def per_seq_bytes(m: MoRForCausalLM, fractions=None) -> float:
+        """KV bytes of one full-length sequence (whole blocks) at the expected depth distribution."""
+        cfg = m.config
+        tokens = math.ceil(max_seq / args.block_size) * args.block_size
+        return tokens * kv_bytes_per_token_layer(cfg, dtype) * expected_kv_layers_per_token(cfg, fractions)
+
+    lengths: dict[tuple, list[int]] = {}
+    schedules = ["depth", "sequence"] if args.schedule == "both" else [args.schedule]
+    rows: list[dict] = []
+    done_vanilla: dict[tuple, dict] = {}
+
+    def record(entry: Entry, setting: str, batch: int, schedule: str, budget: int | None, partner: str) -> dict:
+        key = (entry.name, setting, batch, schedule)
+        if entry.kind == "vanilla" and key in done_vanilla:
+            return done_vanilla[key]
+        wl = lengths.get((setting, batch)) or _workload(math.ceil(per_slot * batch), args.mean_len, args.len_spread,
+                                                        args.seed)
+        lengths[(setting, batch)] = wl
+        res = max((run_engine(entry.model, prompts, wl, batch=batch, schedule=schedule,
+                              temperature=args.temperature, seed=args.seed, block_size=args.block_size,
+                              kv_budget_bytes=budget) for _ in range(max(1, args.repeats))),
+                  key=lambda r: r["tokens_per_s"])
+        row = {"model": entry.name, "kind": entry.kind, "num_recursions": entry.num_recursions, "setting": setting,
+               "vs": partner, "unique_params": entry.model.num_parameters(),
+               "layers": entry.model.config.num_hidden_layers,
+               "kv_bytes_per_token": kv_bytes_per_token_layer(entry.model.config, dtype)
+               * expected_kv_layers_per_token(entry.model.config, entry.enter_fractions),
+               "calibrated_enter_fractions": entry.enter_fractions, **res}
+        rows.append(row)
+        if entry.kind == "vanilla":
+            done_vanilla[key] = row
+        return row
+
+    results = []
+    for e in mors:
+        v = vanillas[e.model.config.num_hidden_layers]
+        settings = [("batch", args.batch, args.batch, None)]
+        if not args.skip_max:
+            if args.kv_budget_mb:
+                budget = int(args.kv_budget_mb * 2**20)
+                v_batch = max(1, int(budget // per_seq_bytes(v.model)))
+            else:
+                budget, v_batch = int(math.ceil(vmax * per_seq_bytes(v.model))), vmax
+            m_batch = max(1, int(budget // per_seq_bytes(e.model, e.enter_fractions)))
+            settings.append(("max", v_batch, m_batch, budget))
+        for setting, vb, mb, budget in settings:
+            vrow = record(v, setting, vb, "sequence", budget, "")
+            for sch in schedules:
+                mrow = record(e, setting, mb, sch, budget, v.name)
+                mrow["speedup"] = mrow["tokens_per_s"] / vrow["tokens_per_s"]
+                mrow["paper_speedup"] = PAPER[setting].get(e.num_recursions)
+                results.append(mrow)
+    hf_rows = []
+    if args.hf != "none":
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            transformers = None
+        if transformers is not None:
+            for v in list(vanillas.values())[:None if args.hf == "all" else 1]:
+                n = args.batch
+                wl = [args.mean_len] * n
+                reps = range(max(1, args.repeats))
+                ours = max((run_engine(v.model, prompts[:1], wl, batch=n, schedule="sequence",
+                                       temperature=args.temperature, seed=args.seed, block_size=args.block_size)
+                            for _ in reps), key=lambda r: r["tokens_per_s"])
+                hf = max((run_hf(v.model, prompts[0], n, args.mean_len, temperature=args.temperature, seed=args.seed)
+                          for _ in reps), key=lambda r: r["tokens_per_s"])
+                hf_rows.append({"model": v.name, "batch": n, "new_tokens": args.mean_len,
+                                "ours_tokens_per_s": ours["tokens_per_s"], "hf_tokens_per_s": hf["tokens_per_s"],
+                                "ratio": ours["tokens_per_s"] / hf["tokens_per_s"]})
+
+    summary = {
+        "device": str(dev), "device_name": _device_name(dev), "dtype": str(dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(), "shape": shape, "shape_overrides": over, "kv_mode": args.kv_mode,
+        "repeats": args.repeats,
+        "mean_len": args.mean_len, "len_spread": args.len_spread, "requests_per_slot": per_slot,
+        "prompted": bool(args.prompts), "temperature": args.temperature, "vanilla_max_batch": vmax,
+        "kv_budget_mb": args.kv_budget_mb, "rows": rows, "comparisons": [
+            {"model": r["model"], "setting": r["setting"], "schedule": r["schedule"], "batch": r["batch"],
+             "vs": r["vs"], "speedup": r["speedup"], "paper_speedup": r["paper_speedup"]} for r in results],
+        "hf": hf_rows, "wall_s": time.perf_counter() - t_start,
+    }
+    print_report(summary)
+    return summary
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} torch threads)"
+
+
+def print_report(s: dict[str, Any]) -> None:
+    print(f"mor bench infer: {s['shape']} {s['dtype']} on {s['device_name']}; mean length {s['mean_len']} "
+          f"(+-{s['len_spread']:.0%}), {'prompted' if s['prompted'] else 'unprompted'}, "
+          f"temperature {s['temperature']}, KV {s['kv_mode']}")
+    hdr = (f"{'model':<14}{'setting':<8}{'sched':<9}{'batch':>6}{'tok/s':>10}{'x van':>7}{'paper':>7}"
+           f"{'KV peak MB':>11}{'KV pool MB':>11}{'preempt':>8}{'depth':>7}  occupancy by depth")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in s["rows"]:
+        sp = f"{r['speedup']:.2f}" if "speedup" in r else ""
+        pp = f"{r['paper_speedup']:.2f}" if r.get("paper_speedup") else ""
+        occ = " ".join(f"{o:.2f}" for o in r["occupancy"]) if r["kind"] == "mor" else ""
+        print(f"{r['model']:<14}{r['setting']:<8}{r['schedule']:<9}{r['batch']:>6}{r['tokens_per_s']:>10.1f}"
+              f"{sp:>7}{pp:>7}{r['kv_peak_mb']:>11.1f}{r['kv_pool_mb']:>11.1f}{r['preemptions']:>8}"
+              f"{r['mean_depth']:>7.2f}  {occ}")
+    if s["hf"]:
+        print("\nvanilla in this engine vs transformers.generate (same weights, fixed lengths):")
+        for h in s["hf"]:
+            print(f"  {h['model']:<14} batch {h['batch']:>4}: ours {h['ours_tokens_per_s']:.1f} tok/s, "
+                  f"HF {h['hf_tokens_per_s']:.1f} tok/s, ratio {h['ratio']:.2f}")
+    print(f"(total {s['wall_s']:.0f} s)")

@@ -1,0 +1,432 @@
+"""The runner: builds batch tensors and runs the model's modules against the KV pool.
+
+It never calls ``MoRForCausalLM.forward``; it calls the model's submodules (embedding,
+decoder layers' norms / projections / MLPs, routers, final norm, LM head) and
+``mor.model.apply_rope`` / ``rope_cos_sin``, so the math is the model's own. Routing
+follows the causal rule of ``model(ids, routing="threshold")`` (SPEC.md sections 3-5):
+
+* expert-choice: a token runs recursion r iff it ran r-1 (all tokens at r=0) and either
+  the capacity c_r is 1 or its router logit (auxiliary router's with ``use_aux_router``)
+  is > 0; a selected token becomes H + g * block(H), g = alpha * act(main router logit);
+* token-choice: the router on the first recursion's input fixes the depth (argmax of
+  probabilities + loss-free bias); the last recursion ends with H^1 + g * block(H);
+* recursive: every recursion; vanilla: no recursions.
+
+Work comes in four kinds of calls, each on a batch of sequence slots:
+
+* ``prefill``  - prompt tokens (all but the last) through the whole model at once, the
+  compacted computation of the model's forward, writing every cache it touches;
+* ``enter``    - the newest token of each slot: embedding + prefix layers (+ token-choice
+  routing); its hidden state stays in ``self.h`` between steps;
+* ``recurse``  - ONE recursion for tokens that sit at different depths (the shared block
+  runs once on the whole batch when the sharing scheme is Cycle / Middle-Cycle);
+* ``finish``   - suffix layers, final norm and LM head for tokens that leave the recursions.
+
+Attention always reads the pool: K/V of the new tokens are written first, then each
+query attends to the cache entries of its group with index <= its own (``qidx``), which
+is causal attention among the tokens present at that depth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import routing as R
+from ..cache import KVPool
+from ..model import MoRForCausalLM, apply_rope, rope_cos_sin
+
+
+@dataclass
+class _Segment:
+    """Rows [a, b) of a batch that attend to the same cache group."""
+
+    a: int
+    b: int
+    blocks: torch.Tensor  # (b - a, nb, layers) physical block ids
+    mask: torch.Tensor  # (b - a, 1, Q, nb * block_size): key index <= the query's cache index
+
+
+def _gather(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return h.gather(1, idx[..., None].expand(-1, -1, h.size(-1)))
+
+
+def _scatter(h: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    return h.scatter(1, idx[..., None].expand(-1, -1, h.size(-1)), src)
+
+
+class ModelRunner:
+    """Executes prefill / enter / recurse / finish for one model and one KV pool."""
+
+    def __init__(self, model: MoRForCausalLM, pool: KVPool, max_seqs: int, merge_ratio: float = 1.5):
+        self.model = model
+        self.cfg = cfg = model.config
+        self.core = model.model
+        self.pool = pool
+        self.layout = pool.layout
+        p = model.model.embed_tokens.weight
+        self.device, self.dtype = p.device, p.dtype
+        self.prefix, self.chunks, self.suffix = cfg.structure()
+        self.num_recursions = len(self.chunks)
+        self.merge_ratio = merge_ratio
+        if cfg.architecture == "vanilla":
+            self.kind = "vanilla"
+        elif cfg.architecture == "recursive":
+            self.kind = "recursive"
+        else:
+            self.kind = cfg.router_type  # "expert" | "token"
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        cos, sin = rope_cos_sin(torch.arange(pool.max_len + 1, device=self.device), self.hd, cfg.rope_theta,
+                                self.dtype)
+        self._cos, self._sin = cos[0, 0], sin[0, 0]  # (max_len + 1, head_dim)
+        d = cfg.hidden_size
+        self.h = torch.zeros(max_seqs, d, dtype=self.dtype, device=self.device)  # in-flight residual stream
+        if self.kind == "token":
+            self.h1 = torch.zeros(max_seqs, d, dtype=self.dtype, device=self.device)  # first recursion's input
+            self.tc_gate = torch.zeros(max_seqs, 1, dtype=self.dtype, device=self.device)
+            self.tc_depth = torch.zeros(max_seqs, dtype=torch.long, device=self.device)
+
+    # .................................................................. small helpers
+    def capacity(self, r: int) -> float:
+        """Capacity of recursion r as the model's threshold forward sees it (the final capacities:
+        the training-time warm-up does not apply to the causal rule)."""
+        return self.cfg.resolved_capacities()[r]
+
+    def first_recursion_is_certain(self) -> bool:
+        """Whether every entering token surely runs recursion 1 (no router decision needed)."""
+        if self.num_recursions == 0:
+            return False
+        return self.kind != "expert" or self.capacity(0) >= 1.0
+
+    def _long(self, a) -> torch.Tensor:
+        return torch.from_numpy(np.array(a, dtype=np.int64)).to(self.device)
+
+    def _rope(self, positions: np.ndarray):
+        """cos/sin (n, 1, Q, head_dim) for positions (n, Q), looked up in a table computed once
+        with the model's ``rope_cos_sin``."""
+        p = self._long(positions)
+        return self._cos[p][:, None], self._sin[p][:, None]
+
+    def _segment(self, group: int, slots: np.ndarray, qidx: np.ndarray, a: int, b: int) -> _Segment:
+        qidx = np.asarray(qidx, dtype=np.int64).reshape(len(slots), -1)
+        nb = int(qidx.max()) // self.pool.block_size + 1
+        return self._make_segment(self.pool.block_table(group, slots, nb), qidx, a, b)
+
+    def _make_segment(self, blocks: np.ndarray, qidx: np.ndarray, a: int, b: int) -> _Segment:
+        nb = blocks.shape[1]
+        keys = torch.arange(nb * self.pool.block_size, device=self.device)
+        mask = keys[None, None, None, :] <= self._long(qidx)[:, None, :, None]
+        return _Segment(a, b, self._long(blocks), mask)
+
+    @staticmethod
+    def _clip(segs: list[_Segment], a: int, b: int) -> list[_Segment]:
+        out = []
+        for s in segs:
+            lo, hi = max(s.a, a), min(s.b, b)
+            if lo < hi:
+                out.append(_Segment(lo - a, hi - a, s.blocks[lo - s.a:hi - s.a], s.mask[lo - s.a:hi - s.a]))
+        return out
+
+    # .................................................................. one layer
+    def _attend(self, q: torch.Tensor, seg: _Segment, j: int) -> torch.Tensor:
+        k, v = self.pool.gather(seg.blocks[..., j])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=seg.mask, enable_gqa=self.n_kv != self.n_heads)
+
+    def _layer(self, u: int, x: torch.Tensor, cos, sin, n_write: int, rows: torch.Tensor | None,
+               segs: list[_Segment], j: int) -> torch.Tensor:
+        """Decoder layer ``u`` on x (n, Q, d). The first ``n_write`` rows compute K/V and store
+        them at physical ``rows`` (n_write * Q,); every row attends through ``segs``; ``j`` is
+        the layer's index within its cache group."""
+        L = self.core.layers[u]
+        at = L.self_attn
+        n, Q, _ = x.shape
+        a = L.input_layernorm(x)
+        q = apply_rope(at.q_proj(a).view(n, Q, self.n_heads, self.hd).transpose(1, 2), cos, sin)
+        if n_write:
+            aw = a[:n_write]
+            k = apply_rope(at.k_proj(aw).view(n_write, Q, self.n_kv, self.hd).transpose(1, 2),
+                           cos[:n_write], sin[:n_write])
+            v = at.v_proj(aw).view(n_write * Q, self.n_kv, self.hd)
+            self.pool.write(rows, k.transpose(1, 2).reshape(n_write * Q, self.n_kv, self.hd), v)
+        outs = [self._attend(q[s.a:s.b], s, j) for s in segs]
+        o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+        hh = x + at.o_proj(o.transpose(1, 2).reshape(n, Q, self.n_heads * self.hd))
+        return hh + L.mlp(L.post_attention_layernorm(hh))
+
+    def _full_layers(self, layers: list[int], j0: int, x: torch.Tensor, slots: np.ndarray,
+                     positions: np.ndarray, valid: np.ndarray | None = None) -> torch.Tensor:
+        """Unique prefix/suffix layers (cache group ``full``, layer index j0 + i) on x (n, Q, d)
+        whose tokens sit at ``positions`` (n, Q); the cache index of a token is its position."""
+        if not layers:
+            return x
+        g = self.layout.full
+        n, Q = positions.shape
+        widx = positions if valid is None else np.where(valid, positions, -1)
+        rows = self._long(self.pool.row_index(g, slots, widx))  # (n, Q, layers)
+        qidx = positions if valid is None else np.where(valid, positions, 0)
+        seg = self._segment(g, slots, qidx, 0, n)
+        cos, sin = self._rope(positions)
+        for i, u in enumerate(layers):
+            j = j0 + i
+            x = self._layer(u, x, cos, sin, n, rows[..., j].reshape(-1), [seg], j)
+        return x
+
+    # .................................................................. prefill
+    @torch.no_grad()
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> np.ndarray:
+        """Run whole prompts (fresh slots; the caller reserved worst-case blocks) through the
+        model, writing every cache. Returns per-prompt-token depths (n, T) (-1 = padding)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        n, T = len(prompts), max(len(p) for p in prompts)
+        lens = np.array([len(p) for p in prompts], dtype=np.int64)
+        ids = torch.zeros(n, T, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        ids = ids.to(self.device)
+        valid_np = np.arange(T)[None, :] < lens[:, None]
+        pos_np = np.broadcast_to(np.arange(T), (n, T))
+        h = self.core.embed_tokens(ids)
+        h = self._full_layers(self.prefix, 0, h, slots, pos_np, valid_np)
+        if self.layout.full is not None:
+            self.pool.lens[self.layout.full, slots] = lens
+        valid = torch.as_tensor(valid_np, device=self.device)
+        depth = torch.zeros(n, T + 1, dtype=torch.long, device=self.device)
+        if self.num_recursions:
+            h = self._prefill_recursions(h, valid, slots, depth)
+        h = self._full_layers(self.suffix, self.layout.num_prefix, h, slots, pos_np, valid_np)
+        d = depth[:, :T].cpu().numpy()
+        d[~valid_np] = -1
+        return d
+
+    def _prefill_chunk(self, r: int, x: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor,
+                       slots: np.ndarray) -> torch.Tensor:
+        """Recursion r on packed tokens x (n, K, d) at positions ``idx`` (n, K; padding = T)."""
+        n, K = idx.shape
+        valid_np = valid.cpu().numpy()
+        pos_np = idx.cpu().numpy()
+        gw, gr = self.layout.rec_write[r], self.layout.rec_read[r]
+        rows, n_write = None, 0
+        if gw is not None:  # this recursion stores K/V: entries follow the group's count
+            cidx = self.pool.lens[gw, slots][:, None] + np.arange(K)[None, :]
+            rows = self._long(self.pool.row_index(gw, slots, np.where(valid_np, cidx, -1)))
+            qidx = np.where(valid_np, cidx, 0)
+            n_write = n
+        else:  # recursive KV sharing: read recursion 1's cache, indexed by position
+            qidx = np.where(valid_np, pos_np, 0)
+        seg = self._segment(gr, slots, qidx, 0, n)
+        cos, sin = self._rope(np.where(valid_np, pos_np, 0))
+        for j, u in enumerate(self.chunks[r]):
+            x = self._layer(u, x, cos, sin, n_write, None if rows is None else rows[..., j].reshape(-1), [seg], j)
+        if gw is not None:
+            self.pool.lens[gw, slots] += valid_np.sum(axis=1)
+        return x
+
+    def _prefill_recursions(self, h: torch.Tensor, valid: torch.Tensor, slots: np.ndarray,
+                            depth: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        n, T, _ = h.shape
+        hp = F.pad(h, (0, 0, 0, 1))  # row T absorbs the padding of packed rows
+        arange = torch.arange(T, device=h.device).expand(n, T)
+        if self.kind == "token":
+            logits = self.core.router(h).float()
+            probs = R.router_probs(logits, c.router_func)
+            gates = R.gate_scores(logits, c.router_func, c.router_alpha)
+            choice = torch.argmax(probs + self.core.balance_bias, dim=-1)
+            g_ext = F.pad(gates.gather(-1, choice[..., None]).to(h.dtype), (0, 0, 0, 1))
+            d_ext = F.pad(choice + 1, (0, 1))
+            h1_ext = hp
+        cand_idx, cand_valid = arange, valid
+        for r in range(self.num_recursions):
+            gate = None
+            if self.kind == "expert":
+                x_c = _gather(hp, cand_idx)
+                logits = self.core.routers[r](x_c).squeeze(-1).float()
+                dec = self.core.aux_routers[r](x_c).squeeze(-1).float() if c.use_aux_router else logits
+                sel_c = cand_valid & (dec > 0) if self.capacity(r) < 1.0 else cand_valid
+                top, sel_valid = R.pack_mask(sel_c, pad_index=0)
+                sel_idx = torch.where(sel_valid, cand_idx.gather(1, top), T)
+                gate = R.gate_scores(logits.gather(1, top), c.router_func, c.router_alpha)[..., None]
+            elif self.kind == "token":
+                sel_idx, sel_valid = R.pack_mask(valid & (d_ext[:, :T] >= r + 1), pad_index=T)
+            else:
+                sel_idx, sel_valid = arange, valid
+            if sel_idx.size(1) == 0:
+                break
+            x = _gather(hp, sel_idx)
+            y = self._prefill_chunk(r, x, sel_idx, sel_valid, slots)
+            if c.gate_combine == "pass_through" or self.kind == "recursive":
+                new = y
+            elif self.kind == "expert":
+                new = x + gate.to(y.dtype) * y
+            else:
+                gs = _gather(g_ext, sel_idx)
+                last = _gather(d_ext[..., None], sel_idx) == r + 1
+                cont = x + gs * y if c.gate_every_recursion else y
+                new = torch.where(last, _gather(h1_ext, sel_idx) + gs * y, cont)
+            hp = _scatter(hp, sel_idx, new)
+            depth.scatter_add_(1, sel_idx, sel_valid.long())
+            cand_idx, cand_valid = sel_idx, sel_valid
+        return hp[:, :T]
+
+    # .................................................................. decode
+    @torch.no_grad()
+    def enter(self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray | None:
+        """Embedding + prefix layers for each slot's newest token; the result becomes the
+        slot's in-flight hidden state. Token-choice: returns the routed depths (host)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        positions = np.asarray(positions, dtype=np.int64)
+        x = self.core.embed_tokens(self._long(tokens))[:, None, :]
+        x = self._full_layers(self.prefix, 0, x, slots, positions[:, None])
+        if self.layout.full is not None:
+            self.pool.lens[self.layout.full, slots] = positions + 1
+        st = self._long(slots)
+        self.h.index_copy_(0, st, x[:, 0])
+        if self.kind != "token":
+            return None
+        c = self.cfg
+        logits = self.core.router(x[:, 0]).float()
+        probs = R.router_probs(logits, c.router_func)
+        choice = torch.argmax(probs + self.core.balance_bias, dim=-1)
+        gate = R.gate_scores(logits, c.router_func, c.router_alpha).gather(-1, choice[:, None])
+        self.h1.index_copy_(0, st, x[:, 0])
+        self.tc_gate.index_copy_(0, st, gate.to(self.dtype))
+        self.tc_depth.index_copy_(0, st, choice + 1)
+        return (choice + 1).cpu().numpy()
+
+    @torch.no_grad()
+    def decide(self, slots: np.ndarray, recs: np.ndarray, token_depths: np.ndarray | None = None) -> np.ndarray:
+        """Whether each in-flight token (having run ``recs`` recursions) runs one more.
+        ``slots`` sorted by ``recs``. One host sync at most (expert-choice with c_r < 1)."""
+        recs = np.asarray(recs, dtype=np.int64)
+        go = recs < self.num_recursions
+        if self.kind == "token":
+            go &= recs < np.asarray(token_depths)
+        elif self.kind == "expert":
+            certain = np.array([self.capacity(r) >= 1.0 for r in range(self.num_recursions)] + [True])
+            rows = np.nonzero(go & ~certain[recs])[0]
+            if rows.size:
+                routers = self.core.aux_routers if self.cfg.use_aux_router else self.core.routers
+                x = self.h.index_select(0, self._long(np.asarray(slots)[rows]))
+                go[rows] = (self._router_logits(routers, x, recs[rows]) > 0).cpu().numpy()
+        return go
+
+    def _router_logits(self, routers, x: torch.Tensor, recs: np.ndarray) -> torch.Tensor:
+        """``routers[recs[i]](x[i])`` (fp32) for every row. Linear routers run as one matmul
+        over their stacked weights; MLP routers run once per recursion present."""
+        nets = [r.net for r in routers]
+        if all(isinstance(n, nn.Linear) for n in nets):
+            W = torch.cat([n.weight for n in nets])  # (N_r, d)
+            out = F.linear(x, W)
+            if any(n.bias is not None for n in nets):
+                out = out + torch.cat([n.bias if n.bias is not None else torch.zeros_like(n.weight[:, 0])
+                                       for n in nets])
+            return out.gather(1, self._long(recs)[:, None]).squeeze(1).float()
+        out = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
+        for r in np.unique(recs):
+            rows = self._long(np.nonzero(recs == r)[0])
+            out[rows] = routers[int(r)](x.index_select(0, rows)).squeeze(-1).float()
+        return out
+
+    def _plan_attention(self, segs: list[tuple], recs: np.ndarray, slots: np.ndarray) -> list[_Segment]:
+        """One attention call per cache group read, or a single call for the whole batch (each
+        row reading its own group's blocks, padded to the longest) when padding costs less than
+        ``merge_ratio`` times the split's reads: fewer, larger calls for short contexts."""
+        bs = self.pool.block_size
+        nbs = [int(np.max(q)) // bs + 1 for _, _, q in segs]
+        groups = [self.layout.rec_read[int(recs[a])] for a, _, _ in segs]
+        n = segs[-1][1]
+        split = sum((b - a) * nb for (a, b, _), nb in zip(segs, nbs))
+        if len(segs) == 1 or n * max(nbs) > self.merge_ratio * split:
+            return [self._segment(g, slots[a:b], q, a, b) for g, (a, b, q) in zip(groups, segs)]
+        nb = max(nbs)
+        blocks = np.concatenate([self.pool.block_table(g, slots[a:b], nb) for g, (a, b, _) in zip(groups, segs)])
+        qidx = np.concatenate([np.asarray(q, dtype=np.int64).reshape(-1, 1) for _, _, q in segs])
+        return [self._make_segment(blocks, qidx, 0, n)]
+
+    @torch.no_grad()
+    def recurse(self, slots: np.ndarray, recs: np.ndarray, positions: np.ndarray) -> None:
+        """One recursion (index ``recs[i]``) for each slot's in-flight token. ``slots`` must be
+        sorted by ``recs``; the caller reserved room for one entry in each written group."""
+        c = self.cfg
+        slots = np.asarray(slots, dtype=np.int64)
+        recs = np.asarray(recs, dtype=np.int64)
+        positions = np.asarray(positions, dtype=np.int64)
+        n = len(slots)
+        st = self._long(slots)
+        x_in = self.h.index_select(0, st)
+        cos, sin = self._rope(positions[:, None])
+        bounds = np.flatnonzero(np.diff(recs)) + 1
+        ranges = list(zip(np.r_[0, bounds], np.r_[bounds, n]))  # rows of each recursion
+        # cache plan: writes (rows with a write group come first: r=0 in shared mode)
+        n_write = 0
+        rows_parts, segs = [], []
+        for a, b in ranges:
+            r = int(recs[a])
+            gw, gr = self.layout.rec_write[r], self.layout.rec_read[r]
+            sl = slots[a:b]
+            if gw is not None:
+                cidx = self.pool.lens[gw, sl]
+                rows_parts.append(self.pool.row_index(gw, sl, cidx))
+                n_write = b
+                qidx = cidx
+            else:
+                qidx = positions[a:b]
+            if segs and self.layout.rec_read[int(recs[segs[-1][0]])] == gr:
+                segs[-1] = (segs[-1][0], b, np.r_[segs[-1][2], qidx])
+            else:
+                segs.append((a, b, qidx))
+        rows_all = self._long(np.concatenate(rows_parts)) if rows_parts else None
+        segments = self._plan_attention(segs, recs, slots)
+        # the shared block: for each layer position j, one call per run of rows that use the
+        # same unique layer (one run under Cycle / Middle-Cycle sharing)
+        x = x_in[:, None, :]
+        B = len(self.chunks[0])
+        for j in range(B):
+            runs: list[list[int]] = []
+            for a, b in ranges:
+                u = self.chunks[int(recs[a])][j]
+                if runs and runs[-1][2] == u:
+                    runs[-1][1] = b
+                else:
+                    runs.append([a, b, u])
+            if len(runs) == 1:
+                x = self._layer(runs[0][2], x, cos, sin, n_write, None if rows_all is None else rows_all[:, j],
+                                segments, j)
+                continue
+            parts = []
+            for a, b, u in runs:
+                nw = max(0, min(b, n_write) - a)
+                rw = rows_all[a:a + nw, j] if nw else None
+                parts.append(self._layer(u, x[a:b], cos[a:b], sin[a:b], nw, rw, self._clip(segments, a, b), j))
+            x = torch.cat(parts, dim=0)
+        y = x[:, 0]
+        # combine (SPEC sections 3-4)
+        if self.kind == "recursive" or c.gate_combine == "pass_through":
+            new = y
+        elif self.kind == "expert":
+            logits = self._router_logits(self.core.routers, x_in, recs)
+            g = R.gate_scores(logits, c.router_func, c.router_alpha)[:, None].to(y.dtype)
+            new = x_in + g * y
+        else:
+            g = self.tc_gate.index_select(0, st)
+            last = (self.tc_depth.index_select(0, st) == self._long(recs) + 1)[:, None]
+            cont = x_in + g * y if c.gate_every_recursion else y
+            new = torch.where(last, self.h1.index_select(0, st) + g * y, cont)
+        self.h.index_copy_(0, st, new)
+        for a, b in ranges:
+            gw = self.layout.rec_write[int(recs[a])]
+            if gw is not None:
+                self.pool.lens[gw, slots[a:b]] += 1
+
+    @torch.no_grad()
+    def finish(self, slots: np.ndarray, positions: np.ndarray) -> torch.Tensor:
+        """Suffix layers, final norm and LM head for tokens leaving the recursions: (n, V) fp32."""
+        slots = np.asarray(slots, dtype=np.int64)
+        positions = np.asarray(positions, dtype=np.int64)
+        x = self.h.index_select(0, self._long(slots))[:, None, :]
+        x = self._full_layers(self.suffix, self.layout.num_prefix, x, slots, positions[:, None])
+        return self.model.lm_head(self.core.norm(x[:, 0])).float()

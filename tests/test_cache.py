@@ -1,0 +1,180 @@
+"""KV pool and recursion-aware caches (SPEC.md section 5)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mor import MoRForCausalLM, preset
+from mor.cache import CacheLayout, KVPool, PoolExhausted, expected_kv_layers_per_token, make_pool
+from mor.engine.runner import ModelRunner
+
+V = 97
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(arch="mor", **kw):
+    kw.setdefault("vocab_size", V)
+    kw.setdefault("tie_word_embeddings", False)
+    return preset("tiny", arch, **kw)
+
+
+def build(cfg, seed=0):
+    torch.manual_seed(seed)
+    m = MoRForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "router" in n:
+                p.normal_(0, 0.5)
+    return m
+
+
+# ---------------------------------------------------------------------- layout and formulas
+def test_layouts():
+    v = CacheLayout.for_config(tiny("vanilla"))
+    assert v.names == ("full",) and v.layers == (8,) and v.rec_write == ()
+    m = CacheLayout.for_config(tiny("mor"))  # middle-cycle, 8 layers, N_r=3: 1 + 3*2 + 1
+    assert m.names == ("full", "rec0", "rec1", "rec2") and m.layers == (2, 2, 2, 2)
+    assert m.rec_write == (1, 2, 3) and m.rec_read == (1, 2, 3) and m.num_prefix == 1
+    s = CacheLayout.for_config(tiny("recursive", kv_mode="shared"))
+    assert s.names == ("full", "rec0") and s.rec_write == (1, None, None) and s.rec_read == (1, 1, 1)
+    c = CacheLayout.for_config(tiny("mor", sharing="cycle", num_hidden_layers=9))
+    assert c.full is None and c.names == ("rec0", "rec1", "rec2") and c.layers == (3, 3, 3)
+
+
+def test_memory_formulas_match_spec():
+    # SPEC section 5: recursion-wise ~ (N_r+1)/(2 N_r) of a full cache, sharing 1/N_r
+    for nr in (2, 3, 4):
+        cfg = preset("tiny", "mor", nr, sharing="cycle", num_hidden_layers=3 * nr)
+        full = cfg.num_hidden_layers
+        assert expected_kv_layers_per_token(cfg) == pytest.approx(full * (nr + 1) / (2 * nr))
+        shared = cfg.replace(kv_mode="shared")
+        assert expected_kv_layers_per_token(shared) == pytest.approx(full / nr)
+    mor4 = preset("smollm-360m", "mor", 4)  # 34 layers: 1 + 4 * 8 + 1
+    assert expected_kv_layers_per_token(mor4) == pytest.approx(2 + 8 * (1 + 0.75 + 0.5 + 0.25))
+    assert expected_kv_layers_per_token(preset("smollm-360m", "vanilla")) == 32
+    assert expected_kv_layers_per_token(mor4, [1.0, 0.5, 0.5, 0.0]) == pytest.approx(2 + 8 * 2.0)
+
+
+# ---------------------------------------------------------------------- the pool
+def small_pool(num_blocks=12, block_size=4, max_seqs=3, max_len=16):
+    layout = CacheLayout.for_config(tiny("mor"))
+    return KVPool(layout, num_blocks=num_blocks, block_size=block_size, max_seqs=max_seqs, max_len=max_len,
+                  num_kv_heads=2, head_dim=4, dtype=torch.float32, device="cpu")
+
+
+def test_pool_allocates_frees_and_trims():
+    pool = small_pool()
+    assert pool.free_blocks == 11 and pool.used_blocks == 0  # block 0 is reserved
+    pool.ensure(1, np.array([0, 2]), np.array([5, 3]))  # group rec0 (2 layers): 2 + 1 logical blocks
+    assert pool.used_blocks == 6 and pool.nblocks[1].tolist() == [2, 0, 1]
+    assert 0 not in pool.tables[1][0, :2] and 0 not in pool.tables[1][2, :1]
+    ids = set(pool.tables[1][0, :2].ravel()) | set(pool.tables[1][2, :1].ravel())
+    assert len(ids) == 6  # each layer gets its own physical block
+    pool.ensure(1, np.array([0]), np.array([8]))  # still 2 blocks: nothing new
+    assert pool.used_blocks == 6
+    with pytest.raises(PoolExhausted):  # all or nothing
+        pool.ensure(2, np.array([0, 1]), np.array([8, 8]))
+    assert pool.used_blocks == 6
+    with pytest.raises(ValueError, match="max_len"):
+        pool.ensure(0, np.array([1]), np.array([17]))
+    pool.lens[1, 0] = 3
+    pool.trim(0)
+    assert pool.nblocks[1, 0] == 1 and pool.used_blocks == 4
+    assert pool.peak_used == 6
+    pool.free_seq(0)
+    pool.free_seq(2)
+    assert pool.used_blocks == 0 and pool.free_blocks == 11 and pool.lens.sum() == 0
+    st = pool.stats()
+    assert st["kv_used_bytes"] == 0 and st["kv_peak_bytes"] == 6 * pool.block_bytes
+    assert pool.block_bytes == 2 * 4 * 2 * 4 * 4  # K and V, 4 tokens, 2 heads, dim 4, fp32
+
+
+def test_pool_write_and_gather_roundtrip():
+    pool = small_pool()
+    pool.ensure(2, np.array([1]), np.array([6]))
+    rows = pool.row_index(2, np.array([1]), np.array([[0, 1, 2, 3, 4, 5]]))  # (1, 6, layers=2)
+    k = torch.arange(6 * 8, dtype=torch.float32).view(6, 2, 4)
+    pool.write(torch.as_tensor(rows[0, :, 1]), k, -k)  # layer 1 of the group
+    blocks = torch.as_tensor(pool.block_table(2, np.array([1]), 2)[..., 1])
+    kk, vv = pool.gather(blocks)  # (1, heads, 8, dim)
+    assert torch.equal(kk[0, :, :6].transpose(0, 1), k) and torch.equal(vv[0, :, :6].transpose(0, 1), -k)
+    assert pool.row_index(2, np.array([1]), np.array([-1]))[0, 0] == 0  # padding goes to the reserved block
+    with pytest.raises(RuntimeError, match="ensure"):
+        pool.row_index(2, np.array([1]), np.array([8]))  # beyond the owned blocks
+
+
+def test_default_pool_holds_worst_case():
+    cfg = tiny("mor")
+    pool = make_pool(cfg, max_seqs=3, max_len=20, dtype=torch.float32, device="cpu", block_size=4)
+    assert pool.num_blocks - 1 == 3 * pool.worst_case_blocks(20)
+    sized = make_pool(cfg, max_seqs=3, max_len=20, dtype=torch.float32, device="cpu", block_size=4,
+                      memory_bytes=10 * pool.block_bytes)
+    assert sized.capacity_bytes == 10 * pool.block_bytes
+
+
+# ---------------------------------------------------------------------- cache contents
+def _decode_token(runner, slot, tok, pos):
+    """One token through enter / (decide, recurse)* / finish, reserving blocks as the engine does."""
+    pool, lay = runner.pool, runner.layout
+    s = np.array([slot])
+    if lay.full is not None:
+        pool.ensure(lay.full, s, np.array([pos + 1]))
+    depth = runner.enter(s, np.array([tok]), np.array([pos]))
+    rec = 0
+    while runner.decide(s, np.array([rec]), depth)[0]:
+        g = lay.rec_write[rec]
+        if g is not None:
+            pool.ensure(g, s, pool.lens[g, s] + 1)
+        runner.recurse(s, np.array([rec]), np.array([pos]))
+        rec += 1
+    return runner.finish(s, np.array([pos]))[0], rec
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(kv_mode="shared"), dict(router_type="token"),
+                                dict(use_aux_router=True, kv_mode="shared")],
+                         ids=["expert", "expert-shared", "token", "aux-shared"])
+def test_prefill_and_token_by_token_write_identical_caches(kw):
+    """Slot 0: the prompt in one compacted forward (prefill). Slot 1: the same tokens one at a
+    time. Same logits, same per-recursion token counts, same cached K/V; recursion-wise slots
+    hold exactly the tokens that entered each recursion."""
+    model = build(tiny("mor", **kw), seed=3)
+    cfg = model.config
+    ids = torch.randint(1, V, (14,), generator=torch.Generator().manual_seed(2)).tolist()
+    pool = make_pool(cfg, max_seqs=2, max_len=32, dtype=torch.float32, device="cpu", block_size=4)
+    runner = ModelRunner(model, pool, 2)
+    P = len(ids) - 1
+    for g in range(pool.layout.num_groups):
+        pool.ensure(g, np.array([0]), np.array([P]))
+    prompt_depth = runner.prefill([0], [ids[:-1]])[0]
+    pool.trim(0)
+    last0, _ = _decode_token(runner, 0, ids[-1], P)
+    steps = [_decode_token(runner, 1, t, i) for i, t in enumerate(ids)]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]), routing="threshold")
+    torch.testing.assert_close(last0, ref.logits[0, -1], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.stack([s[0] for s in steps]), ref.logits[0], atol=2e-5, rtol=1e-4)
+    assert [s[1] for s in steps] == ref.depth[0].tolist()
+    assert prompt_depth.tolist() == ref.depth[0, :-1].tolist()
+    assert np.array_equal(pool.lens[:, 0], pool.lens[:, 1])
+    depth = ref.depth[0]
+    for r, g in enumerate(pool.layout.rec_write):
+        if g is not None:  # written only by the tokens that entered recursion r
+            assert pool.lens[g, 1] == int((depth > r).sum())
+    assert len(set(depth.tolist())) > 1
+    for g, n_layers in enumerate(pool.layout.layers):
+        n = int(pool.lens[g, 0])
+        nb = -(-n // pool.block_size)
+        for j in range(n_layers):
+            k0, v0 = pool.gather(torch.as_tensor(pool.block_table(g, np.array([0]), nb)[..., j]))
+            k1, v1 = pool.gather(torch.as_tensor(pool.block_table(g, np.array([1]), nb)[..., j]))
+            torch.testing.assert_close(k0[..., :n, :], k1[..., :n, :], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(v0[..., :n, :], v1[..., :n, :], atol=1e-5, rtol=1e-4)

@@ -1,0 +1,73 @@
+"""`mor bench infer` plumbing on tiny shapes (no wall-clock assertions)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mor import MoRForCausalLM, preset
+from mor.bench.infer import calibrate_expert_routers, hf_llama
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_router_calibration_matches_capacities():
+    cfg = preset("tiny", "mor", 4, vocab_size=97, num_hidden_layers=10)
+    torch.manual_seed(0)
+    model = MoRForCausalLM(cfg).eval()
+    with torch.no_grad():  # start far from the capacities: routers that let almost everyone continue
+        for r in model.model.routers:
+            r.net.weight.normal_(0, 0.5)
+    measured = calibrate_expert_routers(model, num_seqs=8, seq_len=64, seed=1)
+    assert measured == pytest.approx([1.0, 0.75, 0.5, 0.25], abs=0.03)
+    ids = torch.randint(0, 97, (8, 64), generator=torch.Generator().manual_seed(7))  # fresh data
+    with torch.no_grad():
+        depth = model(ids, routing="threshold").depth
+    fresh = [float((depth > r).float().mean()) for r in range(4)]
+    assert fresh == pytest.approx([1.0, 0.75, 0.5, 0.25], abs=0.08)
+
+
+def test_hf_llama_holds_the_vanilla_weights():
+    pytest.importorskip("transformers")
+    cfg = preset("tiny", "vanilla", vocab_size=97, num_hidden_layers=3)
+    torch.manual_seed(0)
+    m = MoRForCausalLM(cfg).eval()
+    x = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_llama(m)(x).logits, m(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_bench_infer_cli_reports_rows_and_json(capsys):
+    pytest.importorskip("transformers")
+    from mor.cli import main
+
+    rc = main(["bench", "infer", "--preset", "tiny", "--recursions", "2", "--mean-len", "10", "--batch", "4",
+               "--vanilla-max-batch", "6", "--requests-per-slot", "1.5", "--calib-seqs", "4", "--threads", "1"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0
+    s = json.loads(out[-1])
+    assert s["status"] == "ok" and s["bench"] == "infer"
+    assert any("tok/s" in line for line in out[:-1])  # the human table came first
+    rows = {(r["model"], r["setting"]): r for r in s["rows"]}
+    assert set(rows) == {("vanilla-8L", "batch"), ("MoR-2", "batch"), ("vanilla-8L", "max"), ("MoR-2", "max")}
+    v, m = rows[("vanilla-8L", "max")], rows[("MoR-2", "max")]
+    assert v["batch"] == 6 and m["batch"] > v["batch"]  # smaller KV per sequence -> larger batch
+    assert m["kv_pool_mb"] == pytest.approx(v["kv_pool_mb"], rel=0.02)  # same memory budget
+    assert m["kv_bytes_per_token"] < v["kv_bytes_per_token"]
+    assert rows[("MoR-2", "batch")]["schedule"] == "depth" and v["schedule"] == "sequence"
+    for r in s["rows"]:
+        assert r["tokens"] == r["workload_tokens"] > 0  # every request ran to its drawn length
+        assert r["tokens_per_s"] > 0
+    assert sum(m["occupancy"]) == pytest.approx(1.0) and len(m["occupancy"]) == 2
+    assert m["calibrated_enter_fractions"] == pytest.approx([1.0, 0.5], abs=0.05)
+    assert {c["setting"] for c in s["comparisons"]} == {"batch", "max"}
+    assert all(c["speedup"] > 0 for c in s["comparisons"])
+    assert s["hf"] and s["hf"][0]["hf_tokens_per_s"] > 0 and s["hf"][0]["ratio"] > 0
