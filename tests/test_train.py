@@ -84,7 +84,8 @@ def test_wsd_and_cosine_schedules():
     m = [lr_multiplier(s, 100, c) for s in range(100)]
     assert m[0] == pytest.approx(0.1) and m[9] == pytest.approx(1.0)
     assert all(v == 1.0 for v in m[10:80])
-    assert m[80] == pytest.approx(1 - 1 / 20) and m[99] == pytest.approx(0.0)
+    assert m[80] == pytest.approx(1.0) and m[81] == pytest.approx(19 / 20) and m[99] == pytest.approx(1 / 20)
+    assert lr_multiplier(100, 100, c) >= 0.0
     assert all(a >= b for a, b in zip(m[80:], m[81:]))
     c = TrainConfig(max_steps=100, warmup_steps=0, schedule="cosine", min_lr_ratio=0.1)
     assert lr_multiplier(0, 100, c) == pytest.approx(1.0)
@@ -112,8 +113,8 @@ def test_lr_schedule_advances_per_optimizer_step(data_dir, tmp_path):
     train(c)
     recs = losses(tmp_path / "r")
     for step in range(1, 9):
-        # the lr logged after optimizer step k is the multiplier of step k (0-based)
-        assert recs[step]["lr"] == pytest.approx(c.lr * lr_multiplier(step, 8, c)), step
+        # the lr logged for optimizer step k (1-based) is the one it used: multiplier of k-1
+        assert recs[step]["lr"] == pytest.approx(c.lr * lr_multiplier(step - 1, 8, c)), step
         assert recs[step]["tokens"] == step * 3 * 4 * 32
 
 

@@ -326,7 +326,9 @@ def make_pool(cfg: ModelConfig, *, max_seqs: int, max_len: int, dtype: torch.dty
         if memory_bytes is not None:
             num_blocks = int(memory_bytes // block_bytes) + 1
         else:
-            per_seq = sum(math.ceil(max_len / block_size) * n for n in layout.layers)
+            # the engine admits a request when its worst case plus one block per layer of
+            # slack fits (Engine._add): size the default pool for exactly that
+            per_seq = sum(math.ceil(max_len / block_size) * n for n in layout.layers) + layout.total_layers
             num_blocks = max_seqs * per_seq + 1
     return KVPool(layout, num_blocks=max(int(num_blocks), 2), block_size=block_size, max_seqs=max_seqs,
                   max_len=max_len, num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=dtype,

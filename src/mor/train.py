@@ -186,7 +186,7 @@ def lr_multiplier(step: int, total: int, cfg: TrainConfig) -> float:
     start = total - decay
     if decay <= 0 or step < start:
         return 1.0
-    return lo + (1 - lo) * (1 - (step - start + 1) / decay)
+    return lo + (1 - lo) * max(0.0, (total - step) / decay)  # 1 at the decay's first step, 1/decay at the last
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
@@ -473,6 +473,7 @@ def _train(cfg: TrainConfig, dist, *, resume: bool, init_from: str | None) -> di
                              f"step. Checkpoints already in {out_dir / 'checkpoints'} are intact (try a lower lr)")
         grad_norm = dist_util.clip_grad_norm(model, cfg.grad_clip) if cfg.grad_clip > 0 else None
         opt.step()
+        step_lr = sched.get_last_lr()[0]  # the lr this optimizer step used
         sched.step()
         opt.zero_grad(set_to_none=True)
         dist_util.reduce_balance_load(model, dist)
@@ -486,7 +487,7 @@ def _train(cfg: TrainConfig, dist, *, resume: bool, init_from: str | None) -> di
             tps = (tokens_seen - tok_last) / max(now - t_last, 1e-9)
             mfu = tps * exec_fpt / (peak * dist.world_size) if peak > 0 else 0.0
             t_last, tok_last = now, tokens_seen
-            rec = {"loss": last_loss, "aux_loss": aux_sum.item(), "lr": sched.get_last_lr()[0],
+            rec = {"loss": last_loss, "aux_loss": aux_sum.item(), "lr": step_lr,
                    "tokens": tokens_seen, "tok_per_s": tps, "mfu": mfu,
                    "flops": fpt_paper * tokens_seen}
             if grad_norm is not None:

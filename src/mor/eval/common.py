@@ -1,0 +1,146 @@
+"""Helpers shared by ``mor eval`` and ``mor analyze``: loading, routing modes, results.json."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import CheckpointError, load_model, load_tokenizer, resolve_checkpoint
+from ..config import ModelConfig, atomic_write_text
+
+#: Names tried, in order, for the end-of-document token of a tokenizer.
+EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
+RESULTS_FILE = "results.json"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> cuda when available, else cpu; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"device={name!r} but CUDA is not available; use --device cpu or auto")
+    return dev
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
+    if name is None or name == "auto":
+        return torch.float32
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[str(name)]
+    except KeyError:
+        raise CheckpointError(f"dtype={name!r} is not valid; choose one of: {', '.join(DTYPES)}") from None
+
+
+def load_for_eval(checkpoint: str | os.PathLike, device: str | torch.device = "cpu",
+                  dtype: str | torch.dtype | None = None, need_tokenizer: bool = True):
+    """(model in eval mode, tokenizer or None, checkpoint directory).
+
+    ``checkpoint`` is a checkpoint directory or a run directory (its latest checkpoint)."""
+    ckpt_dir = resolve_checkpoint(checkpoint)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    model = load_model(ckpt_dir, device=dev, dtype=resolve_dtype(dtype))
+    tok = load_tokenizer(ckpt_dir, vocab_size=model.config.vocab_size)
+    if tok is None and need_tokenizer:
+        raise CheckpointError(f"checkpoint {ckpt_dir} has no tokenizer.json; evaluation needs the tokenizer "
+                              "the model was trained with")
+    return model, tok, ckpt_dir
+
+
+def eos_id(tokenizer) -> int:
+    """Id of the tokenizer's end-of-document token (appended after every document in training)."""
+    for t in EOS_CANDIDATES:
+        i = tokenizer.token_to_id(t)
+        if i is not None:
+            return int(i)
+    raise CheckpointError(f"the tokenizer has no end-of-text token (looked for {', '.join(EOS_CANDIDATES)})")
+
+
+def is_expert_choice(cfg: ModelConfig) -> bool:
+    return cfg.architecture == "mor" and cfg.router_type == "expert"
+
+
+def routing_modes(cfg: ModelConfig) -> list[str]:
+    """Routing modes that give different results for this model: both expert-choice rules,
+    otherwise one (vanilla, recursive and token-choice models ignore ``routing``)."""
+    return ["topk", "threshold"] if is_expert_choice(cfg) else ["default"]
+
+
+def model_routing(mode: str) -> str:
+    """The ``routing=`` argument of ``MoRForCausalLM.forward`` for a mode name."""
+    return "topk" if mode == "default" else mode
+
+
+def describe(cfg: ModelConfig) -> str:
+    if cfg.architecture == "vanilla":
+        return f"vanilla ({cfg.num_hidden_layers} layers)"
+    if cfg.architecture == "recursive":
+        return f"recursive (N_r={cfg.num_recursions}, {cfg.sharing})"
+    return f"MoR {cfg.router_type}-choice (N_r={cfg.num_recursions}, {cfg.sharing}, kv={cfg.kv_mode})"
+
+
+# ---------------------------------------------------------------------- results.json
+def _deep_merge(base: dict, new: dict) -> dict:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def update_results(ckpt_dir: str | os.PathLike, updates: dict[str, Any]) -> Path:
+    """Merge ``updates`` into ``<ckpt_dir>/results.json`` (nested dicts merged key by key,
+    other values replaced) and write it atomically. A lock file serialises concurrent
+    writers (``mor eval`` and ``mor analyze`` running at once). Returns the file's path."""
+    path = Path(ckpt_dir) / RESULTS_FILE
+    lock = Path(ckpt_dir) / f".{RESULTS_FILE}.lock"
+    with open(lock, "a") as lf:
+        try:
+            import fcntl
+
+            fcntl.flock(lf.fileno(), fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - non-POSIX
+            pass
+        current: dict = {}
+        if path.exists():
+            try:
+                current = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                bad = path.with_suffix(".json.corrupt")
+                os.replace(path, bad)  # keep the unreadable file for inspection, start afresh
+                current = {}
+            if not isinstance(current, dict):
+                current = {}
+        _deep_merge(current, json.loads(json.dumps(updates, default=_jsonable)))
+        write_atomic(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` atomically (temp file + rename) with the usual permissions
+    (0666 minus the umask; the temp file alone would be private)."""
+    atomic_write_text(os.fspath(path), text)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def _jsonable(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if hasattr(o, "__fspath__"):
+        return os.fspath(o)
+    if hasattr(o, "item"):
+        return o.item()
+    return repr(o)
