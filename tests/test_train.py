@@ -157,11 +157,11 @@ def test_init_from_checkpoint_starts_fresh(data_dir, tmp_path):
 def test_flops_budget_sets_run_length(data_dir, tmp_path):
     from mor.flops import paper_flops_per_token
 
-    c = cfg(data_dir, tmp_path / "f", max_steps=None, flops_budget=2e10)
+    c = cfg(data_dir, tmp_path / "f", max_steps=None, flops_budget=2e9)
     fpt = paper_flops_per_token(c.model_config(300), 32)
     s = train(c)
-    assert s["steps"] == round(2e10 / (fpt * 128))
-    assert s["flops"] == pytest.approx(2e10, rel=0.1)
+    assert s["steps"] == round(2e9 / (fpt * 128)) and s["steps"] > 3
+    assert s["flops"] == pytest.approx(2e9, rel=0.1)
 
 
 def test_fresh_run_does_not_clobber_checkpoints(data_dir, tmp_path):
