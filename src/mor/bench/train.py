@@ -59,7 +59,7 @@ class Runner:
         with torch.device(device):
             self.model = MoRForCausalLM(cfg).train()
         self.cfg = cfg
-        self.opt = build_optimizer(self.model, tcfg, fused=device.type == "cuda")
+        self.opt = build_optimizer(self.model, tcfg, fused=True)
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randint(0, cfg.vocab_size, (tcfg.batch_size, tcfg.seq_len), generator=g).to(device)
         self.y = torch.roll(self.x, -1, 1)
