@@ -1,0 +1,245 @@
+"""`mor experiment isoflop`: model lists, recipes, equal-FLOPs plan, end-to-end run, resume."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mor import checkpoint as ckpt
+from mor import experiment as E
+from mor.flops import paper_flops_per_token
+from mor.train import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_NAMES = ["vanilla", "recursive-nr2", "recursive-nr3", "mor-expert-nr2", "mor-expert-nr3",
+                 "mor-token-nr3", "mor-expert-kvshare-nr3", "mor-expert-cycle-nr2"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small text corpus (raw files) the experiment prepares itself, like tests/test_train.py's."""
+    d = tmp_path_factory.mktemp("exp-corpus")
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hum".split()
+    g = torch.Generator().manual_seed(0)
+    for i in range(6):
+        idx = torch.randint(0, len(words), (2500,), generator=g).tolist()
+        (d / f"doc{i}.txt").write_text(" ".join(words[j] for j in idx))
+    return d
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    E.add_arguments(p)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------- model lists
+def test_default_models_are_the_papers_table_plus_a_sharing_ablation():
+    specs = E.parse_models()
+    assert [s.name for s in specs] == DEFAULT_NAMES
+    by = {s.name: s for s in specs}
+    assert by["mor-expert-kvshare-nr3"].model_overrides()["kv_mode"] == "shared"
+    assert by["mor-expert-cycle-nr2"].model_overrides()["sharing"] == "cycle"
+    tok = by["mor-token-nr3"].model_overrides()
+    assert tok["router_type"] == "token" and tok["router_func"] == "softmax" and tok["balancing"] == "loss"
+    assert by["vanilla"].model_overrides() == {"architecture": "vanilla", "num_recursions": 1}
+    assert by["recursive-nr2"].label == "Recursive (Middle-Cycle)"
+
+
+def test_model_axes_cross_and_errors():
+    specs = E.parse_models("vanilla,recursive,mor-expert,mor-token", nr="2,3", kv="recursion_wise,shared")
+    names = [s.name for s in specs]
+    assert names == ["vanilla", "recursive-nr2", "recursive-nr3", "mor-expert-nr2", "mor-expert-kvshare-nr2",
+                     "mor-expert-nr3", "mor-expert-kvshare-nr3", "mor-token-nr2", "mor-token-kvshare-nr2",
+                     "mor-token-nr3", "mor-token-kvshare-nr3"]
+    assert [s.name for s in E.parse_models("recursive-middle-sequence:4,mor-expert-kvshare-cycle:2")] == [
+        "recursive-middle-sequence-nr4", "mor-expert-kvshare-cycle-nr2"]
+    # duplicates collapse
+    assert len(E.parse_models("mor-expert:3,mor-expert", nr="3")) == 1
+    for bad, match in [("transformer", "unknown model"), ("vanilla:2", "no recursions"),
+                       ("mor-expert-wide", "unknown modifier"), ("recursive-kvshare", "MoR option"),
+                       ("mor-expert:1", "N_r >= 2")]:
+        with pytest.raises(E.ExperimentError, match=match):
+            E.parse_models(bad)
+    with pytest.raises(E.ExperimentError, match="--kv"):
+        E.parse_models("mor-expert", kv="paged")
+
+
+# ---------------------------------------------------------------------- recipes and the plan
+def test_micro_recipe_is_a_valid_training_recipe():
+    r = load_recipe(str(ROOT / "configs/experiment/micro.yaml"))
+    assert r.flops_budget is not None and r.schedule == "wsd"
+
+
+def test_paper_shapes_use_the_paper_recipe_and_counts(corpus, tmp_path):
+    """360M recipes: the paper's parameter counts (SPEC section 1) and warm-up rule (section 7)."""
+    shape = E.load_shape("360m")
+    want = {"vanilla": 315e6, "mor-expert-nr2": 167e6, "mor-expert-nr3": 118e6}
+    for spec in E.parse_models("vanilla,mor-expert", nr="2,3"):
+        r = E.model_recipe(shape, spec, 16.5e18, "data/x", tmp_path / spec.name, vocab_size=49152)
+        run = E.plan_run(E.Run(shape, spec, 16.5e18, r, tmp_path / spec.name), 49152)
+        assert abs(run.unique_params / want[spec.name] - 1) < 0.01, (spec.name, run.unique_params)
+        assert r["seq_len"] == 2048 and r["batch_size"] * r["grad_accum"] == 1024 and r["lr"] == 3e-3
+        # warm-up: 5% of the steps the 2e18 budget would take (configs/paper/generate.py)
+        paper_name = "vanilla-360m" if spec.kind == "vanilla" else spec.name.replace("-nr", "-360m-nr")
+        paper = load_recipe(str(ROOT / "configs" / "paper" / f"{paper_name}.yaml"))
+        assert r["warmup_steps"] == paper.warmup_steps
+        assert abs(run.flops_error) < 0.02
+    # a shape's layer count is raised to fit the sharing scheme (SPEC: layers are added)
+    r = E.model_recipe(shape, E.ModelSpec("mor-expert", 4), 16.5e18, "d", tmp_path / "x", vocab_size=49152)
+    assert E.plan_run(E.Run(shape, E.ModelSpec("mor-expert", 4), 16.5e18, r, tmp_path), 49152).config.num_hidden_layers == 34
+
+
+def test_micro_shape_fits_the_sharing_schemes(tmp_path):
+    shape = E.load_shape("micro")
+    budget = float(shape.recipe["flops_budget"])
+    runs = [E.plan_run(E.Run(shape, s, budget, E.model_recipe(shape, s, budget, "d", tmp_path / s.name,
+                                                              vocab_size=8192), tmp_path / s.name), 8192)
+            for s in E.parse_models()]
+    E.check_tolerance(runs, 0.003)  # the default budget rounds to within 0.3%
+    by = {r.spec.name: r for r in runs}
+    # same unrolled depth for Middle-Cycle and Cycle at N_r=2; MoR trains on more tokens at equal FLOPs
+    assert by["mor-expert-cycle-nr2"].config.num_hidden_layers == by["vanilla"].config.num_hidden_layers
+    assert by["mor-expert-nr3"].tokens > by["mor-expert-nr2"].tokens > by["recursive-nr2"].tokens
+    assert by["recursive-nr2"].tokens == by["vanilla"].tokens
+    assert by["mor-expert-nr3"].unique_params < 0.55 * by["vanilla"].unique_params
+
+
+def test_plan_rejects_budgets_that_round_badly(corpus, tmp_path):
+    """A budget that buys only a few steps cannot keep every model within 2%: stop before training."""
+    args = parse(["isoflop", "--shapes", "tiny", "--budget", "2.6e8", "--models", "vanilla,mor-expert:3",
+                  "--corpus", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "exp")])
+    with pytest.raises(E.ExperimentError, match="more than 2% off the budget"):
+        E.run(args)
+    assert not (tmp_path / "exp" / "data").exists()  # nothing was prepared or trained
+
+
+# ---------------------------------------------------------------------- end to end, with resume
+def _records(out: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/*/experiment.json"))}
+
+
+def _argv(corpus, out, report, models, *extra):
+    return ["isoflop", "--shapes", "tiny", "--budget", "3e9", "--models", models, "--corpus", str(corpus),
+            "--vocab-size", "300", "--val-fraction", "0.15", "--out", str(out), "--report-dir", str(report),
+            "--set", "eval_every=8", "ckpt_every=8", *extra]
+
+
+def _spy_train(monkeypatch) -> list[tuple[str, bool]]:
+    """Record every (model directory, resume) the experiment hands to the trainer."""
+    calls: list[tuple[str, bool]] = []
+    real_train = E.train
+
+    def spy(cfg, resume=False, **kw):
+        calls.append((Path(cfg.out_dir).name, resume))
+        return real_train(cfg, resume=resume, **kw)
+
+    monkeypatch.setattr(E, "train", spy)
+    return calls
+
+
+def test_isoflop_end_to_end_and_resume(corpus, tmp_path, monkeypatch):
+    out, report = tmp_path / "exp", tmp_path / "report"
+    argv = _argv(corpus, out, report, "vanilla,mor-expert:3", "--no-throughput")
+
+    # 1. interrupt the MoR model right after its first periodic checkpoint (step 8)
+    real_save = ckpt.save_checkpoint
+
+    def save_then_stop(path, model, **kw):
+        p = real_save(path, model, **kw)
+        if model.config.architecture == "mor" and kw["meta"]["step"] == 8:
+            raise KeyboardInterrupt
+        return p
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        E.run(parse(argv))
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    recs = _records(out)
+    assert recs["vanilla"]["status"] == "done" and recs["mor-expert-nr3"]["status"] == "running"
+    assert [p.name for p in ckpt.list_checkpoints(out / "tiny-3e9" / "mor-expert-nr3")] == ["step_000008"]
+
+    # 2. rerun: the finished model is not trained again, the interrupted one resumes from step 8
+    calls = _spy_train(monkeypatch)
+    res = E.run(parse(argv))
+    assert calls == [("mor-expert-nr3", True)]
+    assert res["actions"] == {"tiny-3e9/vanilla": "skipped", "tiny-3e9/mor-expert-nr3": "resumed"}
+    recs2 = _records(out)
+    assert recs2["vanilla"]["summary"] == recs["vanilla"]["summary"]
+    assert recs2["vanilla"]["finished_at"] == recs["vanilla"]["finished_at"]
+    mor = recs2["mor-expert-nr3"]
+    assert mor["status"] == "done" and len(mor["segments"]) == 2
+    assert mor["segments"][0]["interrupted"] and mor["segments"][1]["resume"]
+    # the resumed run finished the planned schedule, every step logged once
+    train_recs, _ = E.read_metrics(out / "tiny-3e9" / "mor-expert-nr3")
+    assert [r["step"] for r in train_recs] == list(range(1, mor["summary"]["steps"] + 1))
+    assert mor["summary"]["steps"] == res_plan_steps(argv, "mor-expert-nr3")
+
+    # 3. the report: table, JSON, plots
+    for f in ("results.md", "results.json", "nll_vs_params.png", "nll_vs_flops.png", "loss_curves.png",
+              "depth_scaling.png"):
+        assert (report / f).is_file() and (report / f).stat().st_size > 0, f
+    result = json.loads((report / "results.json").read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == {"vanilla", "mor-expert-nr3"}
+    md = (report / "results.md").read_text()
+    for r in rows.values():
+        assert r["status"] == "done"
+        # equal compute: every model within 2% of the budget, counted as the trainer counts
+        assert abs(r["flops"] / 3e9 - 1) <= 0.02
+        model = ckpt.load_model(r["checkpoint"])
+        assert r["flops"] == pytest.approx(paper_flops_per_token(model.config, 32) * r["tokens"])
+        # the table's parameter counts are the models' own counts
+        assert r["unique_params"] == model.num_parameters() == r["planned_unique_params"]
+        assert f"| {r['unique_params'] / 1e6:.2f}M |" in md
+        assert r["nll"] > 0 and r["causal_nll"] > 0
+    assert rows["vanilla"]["depth_scaling"] in (None, {})
+    assert set(rows["mor-expert-nr3"]["depth_scaling"]) == {"1", "2", "3", "4"}
+    assert rows["mor-expert-nr3"]["tokens"] > rows["vanilla"]["tokens"]
+    assert "| MoR expert-choice | 3 |" in md and "| Vanilla | - |" in md
+
+    # 4. nothing left to do: a third invocation trains nothing
+    calls.clear()
+    res = E.run(parse(argv))
+    assert calls == [] and set(res["actions"].values()) == {"skipped"}
+
+
+def res_plan_steps(argv, name) -> int:
+    """The step count the plan computes for ``name`` (without training anything)."""
+    plan = E.run(parse(argv + ["--plan"]))["plan"]
+    return next(p["steps"] for p in plan if p["key"].endswith("/" + name))
+
+
+@pytest.mark.slow
+def test_isoflop_token_choice_recipe_change_and_throughput(corpus, tmp_path, monkeypatch):
+    """Token-choice depth scaling, retraining a model whose recipe changed, and the throughput plot
+    through `mor bench infer` when that benchmark is installed."""
+    out, report = tmp_path / "exp", tmp_path / "report"
+    argv = _argv(corpus, out, report, "vanilla,mor-token:2", "--no-throughput")
+    E.run(parse(argv))
+    rows = {r["name"]: r for r in json.loads((report / "results.json").read_text())["rows"]}
+    tok = rows["mor-token-nr2"]
+    assert set(tok["depth_scaling"]) == {"1", "2"}
+    # depth N_r through forward_depth is the model's own forward (token-choice is causal)
+    assert tok["depth_scaling"]["2"] == pytest.approx(tok["causal_nll"], rel=1e-5)
+
+    calls = _spy_train(monkeypatch)
+    i = argv.index("ckpt_every=8") + 1
+    res = E.run(parse(argv[:i] + ["lr=1e-3"] + argv[i:]))
+    assert calls == [("vanilla", False), ("mor-token-nr2", False)]
+    assert set(res["actions"].values()) == {"restarted"}
+    assert json.loads((out / "tiny-3e9" / "vanilla" / "experiment.json").read_text())["recipe"]["lr"] == 1e-3
+
+    if E.bench_infer_module() is None:
+        pytest.skip("mor bench infer is not installed")
+    calls.clear()
+    E.run(parse(argv[:i] + ["lr=1e-3"] + argv[i:-1] + ["--throughput", "--bench-args",
+                                                      "--mean-len 8 --batch 2 --requests-per-slot 1"]))
+    assert calls == []
+    rows = {r["name"]: r for r in json.loads((report / "results.json").read_text())["rows"]}
+    assert rows["mor-token-nr2"]["infer_tok_per_s"] > 0 and rows["vanilla"]["infer_speedup"] == 1.0
+    assert (report / "throughput_vs_nll.png").is_file()
