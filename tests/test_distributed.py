@@ -152,23 +152,6 @@ WORKER = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from mor.data import prepare
-
-    d = tmp_path_factory.mktemp("corpus")
-    src = d / "src"
-    src.mkdir()
-    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hum".split()
-    g = torch.Generator().manual_seed(0)
-    for i in range(6):
-        idx = torch.randint(0, len(words), (3000,), generator=g).tolist()
-        (src / f"doc{i}.txt").write_text(" ".join(words[j] for j in idx))
-    out = d / "prepared"
-    prepare([str(src)], str(out), vocab_size=300, val_fraction=0.15)
-    return str(out)
-
-
-@pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
     """Lazily run and cache: ("single", router) one process with the global batch, and
     (parallel, router) a 2-process torchrun job."""

@@ -19,23 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = dict(preset="tiny", architecture="mor", num_recursions=3, max_position_embeddings=64)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from mor.data import prepare
-
-    d = tmp_path_factory.mktemp("corpus")
-    src = d / "src"
-    src.mkdir()
-    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hum".split()
-    g = torch.Generator().manual_seed(0)
-    for i in range(6):
-        idx = torch.randint(0, len(words), (3000,), generator=g).tolist()
-        (src / f"doc{i}.txt").write_text(" ".join(words[j] for j in idx))
-    out = d / "prepared"
-    prepare([str(src)], str(out), vocab_size=300, val_fraction=0.15)
-    return str(out)
-
-
 def cfg(data_dir, out_dir, **kw):
     base = dict(model=dict(TINY_MODEL), data=data_dir, out_dir=str(out_dir), seq_len=32, batch_size=4,
                 max_steps=6, lr=3e-3, eval_every=0, eval_batches=2, log_every=1, tensorboard=False,
