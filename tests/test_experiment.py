@@ -243,3 +243,54 @@ def test_isoflop_token_choice_recipe_change_and_throughput(corpus, tmp_path, mon
     rows = {r["name"]: r for r in json.loads((report / "results.json").read_text())["rows"]}
     assert rows["mor-token-nr2"]["infer_tok_per_s"] > 0 and rows["vanilla"]["infer_speedup"] == 1.0
     assert (report / "throughput_vs_nll.png").is_file()
+
+
+def test_combine_replicates(corpus, tmp_path):
+    """Two seeds of the same plan: per-model mean/std and paired differences, checked against the
+    replicates' own results.json; non-replicates are refused."""
+    import numpy as np
+
+    dirs = []
+    for seed in (0, 1):
+        out = tmp_path / f"s{seed}"
+        argv = _argv(corpus, out, out, "vanilla,recursive:2,mor-expert:2", "--no-analysis", "--no-throughput")
+        argv.insert(argv.index("ckpt_every=8") + 1, f"seed={seed}")
+        E.run(parse(argv))
+        dirs.append(out)
+    rows = [{r["name"]: r for r in json.loads((d / "results.json").read_text())["rows"]} for d in dirs]
+    assert rows[0]["vanilla"]["nll"] != rows[1]["vanilla"]["nll"]  # the seed really changed the run
+
+    report = tmp_path / "seeds"
+    res = E.run(parse(["combine", *map(str, dirs), "--report-dir", str(report)]))
+    assert res["seeds"] == [0, 1]
+    for name in ("vanilla", "recursive-nr2", "mor-expert-nr2"):
+        vals = [r[name]["nll"] for r in rows]
+        m = res["models"][f"tiny-3e9/{name}"]
+        assert m["nll_mean"] == pytest.approx(np.mean(vals)) and m["nll_std"] == pytest.approx(np.std(vals, ddof=1))
+    comps = {(c["a"], c["b"]): c for c in res["comparisons"]}
+    assert set(comps) == {("mor-expert-nr2", "vanilla"), ("recursive-nr2", "vanilla"),
+                          ("mor-expert-nr2", "recursive-nr2")}
+    c = comps[("mor-expert-nr2", "vanilla")]
+    diffs = [r["mor-expert-nr2"]["nll"] - r["vanilla"]["nll"] for r in rows]
+    assert c["diff_mean"] == pytest.approx(np.mean(diffs))
+    assert c["paper_diff"] == pytest.approx(2.7511 - 2.7824)
+    assert c["a_better"] == sum(d < 0 for d in diffs) == c["seeds_agreeing_with_paper"]
+    md = (report / "results.md").read_text()
+    assert "| seed 0 | seed 1 | mean | std |" in md and (report / "seeds.png").stat().st_size > 0
+    assert f"{rows[1]['vanilla']['nll']:.4f}" in md
+
+    # not replicates: one directory, the same seed twice, a different plan
+    with pytest.raises(E.ExperimentError, match="at least two"):
+        E.run(parse(["combine", str(dirs[0])]))
+    with pytest.raises(E.ExperimentError, match="seed 0"):
+        E.run(parse(["combine", str(dirs[0]), str(dirs[0])]))
+    other = tmp_path / "other"
+    other.mkdir()
+    bad = json.loads((dirs[1] / "results.json").read_text())
+    for r in bad["rows"]:
+        r["tokens"] *= 2
+    (other / "results.json").write_text(json.dumps(bad))
+    with pytest.raises(E.ExperimentError, match="tokens differs"):
+        E.run(parse(["combine", str(dirs[0]), str(other)]))
+    with pytest.raises(E.ExperimentError, match="no results.json"):
+        E.run(parse(["combine", str(dirs[0]), str(tmp_path / "missing")]))

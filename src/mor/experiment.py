@@ -9,6 +9,8 @@ and few-shot accuracy. This module does the same at any scale the library can ru
     mor experiment isoflop                                   # micro shape, 8 models, ~1 h on 2 CPU cores
     mor experiment isoflop --shapes 360m --data data/fineweb-edu --budget 16.5e18   # the paper, on a GPU
     mor experiment isoflop --models vanilla,mor-expert --nr 2,3 --kv recursion_wise,shared
+    mor experiment isoflop --out runs/experiment-micro-s1 --set seed=1      # a replicate
+    mor experiment combine runs/experiment-micro runs/experiment-micro-s1   # mean, spread, paired diffs
 
 **Models.** ``--models`` is a comma list of *kinds*, each optionally with ``:N_r``:
 ``vanilla``, ``recursive``, ``mor-expert``, ``mor-token``, with optional modifiers appended
@@ -61,6 +63,15 @@ layout: model, N_r, unique params, FLOPs, tokens, NLL, accuracy), ``results.json
 plots (matplotlib, Agg): NLL vs unique parameters and NLL vs FLOPs (with Pareto frontiers),
 training/validation loss curves from every run's ``metrics.jsonl``, test-time depth scaling,
 and throughput vs NLL when throughput was measured.
+
+**Seeds.** At small scale the seed (initialisation and batch order) moves a model's NLL by as
+much as the differences being measured, so one run decides little. Replicates are the same
+command with ``--set seed=N`` and their own ``--out``; ``mor experiment combine DIR DIR ...``
+reads their ``results.json``, checks that they trained the same plan with different seeds,
+and reports each model's NLL per seed with mean and standard deviation, and the paper's
+comparisons (MoR vs vanilla, MoR vs recursive, expert vs token choice, KV sharing, N_r, sharing
+scheme) as paired differences within each seed, with how many seeds agree with the sign of
+the paper's Table 3 difference (``seeds.png`` plots both).
 """
 
 from __future__ import annotations
@@ -1155,6 +1166,247 @@ def write_report(runs: list[Run], report_dir: Path, header: dict, notes: set[str
     return result
 
 
+# ====================================================================== replicates
+#: Paired comparisons checked across replicates (A, B): "A - B" in validation NLL, per seed; the paper's
+#: difference comes from PAPER_TABLE3 where it has both models.
+COMPARISONS = (
+    ("mor-expert-nr2", "vanilla", "MoR expert N_r=2 vs vanilla (equal FLOPs, 0.6x params)"),
+    ("mor-expert-nr3", "vanilla", "MoR expert N_r=3 vs vanilla (equal FLOPs, 0.5x params)"),
+    ("mor-token-nr3", "vanilla", "MoR token N_r=3 vs vanilla"),
+    ("mor-expert-kvshare-nr3", "vanilla", "MoR expert N_r=3, KV sharing vs vanilla"),
+    ("recursive-nr2", "vanilla", "recursive N_r=2 vs vanilla"),
+    ("recursive-nr3", "vanilla", "recursive N_r=3 vs vanilla"),
+    ("mor-expert-nr2", "recursive-nr2", "MoR expert vs recursive, N_r=2 (same unique params)"),
+    ("mor-expert-nr3", "recursive-nr3", "MoR expert vs recursive, N_r=3 (same unique params)"),
+    ("mor-expert-nr3", "mor-token-nr3", "expert-choice vs token-choice, N_r=3"),
+    ("mor-expert-kvshare-nr3", "mor-expert-nr3", "KV sharing vs recursion-wise KV, N_r=3"),
+    ("mor-expert-nr2", "mor-expert-nr3", "MoR expert N_r=2 vs N_r=3"),
+    ("mor-expert-nr3", "mor-expert-cycle-nr2",
+     "Middle-Cycle N_r=3 vs Cycle N_r=2 (same unique params)"),
+)
+
+
+def _replicate_seed(row: dict, source: Path) -> int:
+    """The seed a finished model was trained with, from its recorded recipe."""
+    rec = read_json(Path(row["run_dir"]) / RECORD)
+    recipe = (rec or {}).get("recipe")
+    if recipe is None:
+        f = Path(row["run_dir"]) / "recipe.yaml"
+        if not f.is_file():
+            raise ExperimentError(f"{source}: model {row['key']} has no record or recipe.yaml under "
+                                  f"{row['run_dir']}; cannot tell its seed")
+        recipe = yaml.safe_load(f.read_text()) or {}
+    return int(recipe.get("seed", 0))
+
+
+def load_replicates(dirs: list[str]) -> list[dict]:
+    """Read the results.json of every experiment directory and check that they are replicates:
+    the same models, the same planned FLOPs and unique parameters, different seeds."""
+    if len(dirs) < 2:
+        raise ExperimentError(f"combine needs at least two experiment directories (got {len(dirs)})")
+    reps = []
+    for d in dirs:
+        f = Path(d) / "results.json"
+        if not f.is_file():
+            f = Path(d)
+        res = read_json(f) if f.is_file() else None
+        if not res or "rows" not in res:
+            raise ExperimentError(f"{d}: no results.json from `mor experiment isoflop` (run it, or "
+                                  "`--report-only` to rebuild the report)")
+        rows = {r["key"]: r for r in res["rows"] if r.get("status") == "done" and r.get("nll") is not None}
+        if not rows:
+            raise ExperimentError(f"{d}: no finished model in {f}")
+        seeds = {_replicate_seed(r, Path(d)) for r in rows.values()}
+        if len(seeds) != 1:
+            raise ExperimentError(f"{d}: models were trained with different seeds {sorted(seeds)}")
+        reps.append({"dir": str(d), "seed": seeds.pop(), "rows": rows,
+                     "command": (res.get("experiment") or {}).get("command")})
+    by_seed: dict[int, str] = {}
+    for rep in reps:
+        if rep["seed"] in by_seed:
+            raise ExperimentError(f"{rep['dir']} and {by_seed[rep['seed']]} both used seed {rep['seed']}: "
+                                  "they are not independent replicates (rerun with --set seed=N)")
+        by_seed[rep["seed"]] = rep["dir"]
+    common = set(reps[0]["rows"]).intersection(*(set(r["rows"]) for r in reps[1:]))
+    if not common:
+        raise ExperimentError("the experiment directories share no finished model: "
+                              + "; ".join(f"{r['dir']}: {sorted(r['rows'])}" for r in reps))
+    for key in sorted(common):
+        ref = reps[0]["rows"][key]
+        for rep in reps[1:]:
+            r = rep["rows"][key]
+            for field in ("planned_flops", "planned_unique_params", "tokens"):
+                a, b = ref.get(field), r.get(field)
+                if a is None or b is None or not math.isclose(a, b, rel_tol=1e-9):
+                    raise ExperimentError(f"{key}: {field} differs between {reps[0]['dir']} ({a}) and "
+                                          f"{rep['dir']} ({b}); replicates must train the same plan")
+    for rep in reps:
+        rep["rows"] = {k: v for k, v in rep["rows"].items() if k in common}
+    return sorted(reps, key=lambda r: r["seed"])
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    a = np.asarray(xs, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def combine_replicates(reps: list[dict]) -> dict:
+    """Per-model mean and spread over seeds, and the paired comparisons (same seed, same data order)."""
+    keys = list(reps[0]["rows"])  # the first replicate's table order
+    seeds = [r["seed"] for r in reps]
+    models = []
+    for k in keys:
+        base = reps[0]["rows"][k]
+        nll = [r["rows"][k]["nll"] for r in reps]
+        cn = [r["rows"][k].get("causal_nll") for r in reps]
+        sp = [r["rows"][k].get("infer_speedup") for r in reps]
+        m, s = _mean_std(nll)
+        models.append({
+            "key": k, "name": base["name"], "model": base["model"], "kind": base["kind"],
+            "num_recursions": base.get("num_recursions"), "sharing": base.get("sharing"),
+            "kv_mode": base.get("kv_mode"), "shape": base["shape"], "budget": base["budget"],
+            "unique_params": base["unique_params"], "flops": base["flops"], "tokens": base["tokens"],
+            "nll_by_seed": dict(zip(map(str, seeds), nll)), "nll_mean": m, "nll_std": s,
+            "causal_nll_mean": _mean_std(cn)[0] if all(c is not None for c in cn) else None,
+            "infer_speedup_mean": _mean_std(sp)[0] if all(x is not None for x in sp) else None,
+        })
+    comparisons = []
+    groups = sorted({k.rsplit("/", 1)[0] for k in keys})
+    for g in groups:
+        for a, b, label in COMPARISONS:
+            ka, kb = f"{g}/{a}", f"{g}/{b}"
+            if ka not in keys or kb not in keys:
+                continue
+            d = [r["rows"][ka]["nll"] - r["rows"][kb]["nll"] for r in reps]
+            m, s = _mean_std(d)
+            paper = (PAPER_TABLE3[a][2] - PAPER_TABLE3[b][2]) if a in PAPER_TABLE3 and b in PAPER_TABLE3 else None
+            first_better = sum(x < 0 for x in d)
+            agree = None if paper is None else sum((x < 0) == (paper < 0) for x in d)
+            comparisons.append({"group": g, "a": a, "b": b, "label": label, "diff_by_seed": dict(zip(map(str, seeds), d)),
+                                "diff_mean": m, "diff_std": s, "a_better": first_better, "paper_diff": paper,
+                                "seeds_agreeing_with_paper": agree, "n": len(d)})
+    return {"seeds": seeds, "dirs": [r["dir"] for r in reps], "commands": [r["command"] for r in reps],
+            "models": models, "comparisons": comparisons}
+
+
+def _verdict(c: dict) -> str:
+    n = c["n"]
+    if c["paper_diff"] is None:
+        return f"first better in {c['a_better']}/{n}"
+    k = c["seeds_agreeing_with_paper"]
+    return f"holds ({k}/{n})" if k == n else (f"reversed (0/{n})" if k == 0 else f"mixed ({k}/{n})")
+
+
+def combined_markdown(res: dict) -> str:
+    seeds = res["seeds"]
+    n = len(seeds)
+    md = [f"# isoFLOP comparison over {n} seeds ({', '.join(map(str, seeds))})\n",
+          "Replicates (one `mor experiment isoflop` run each; same plan, different `seed`, which changes the "
+          "initialisation and the order of training batches):\n"]
+    md += [f"- seed {s}: `{(c or '?').strip()}` ({d})" for s, c, d in zip(seeds, res["commands"], res["dirs"])]
+    md.append("\nValidation NLL per seed, mean and sample standard deviation over seeds:\n")
+    head = ["model", "N_r", "unique params", "FLOPs", "tokens"] + [f"seed {s}" for s in seeds] + [
+        "mean", "std", "causal NLL (mean)"]
+    if any(m["infer_speedup_mean"] is not None for m in res["models"]):
+        head.append("decode speed-up (mean)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    best = min(m["nll_mean"] for m in res["models"])
+    for m in res["models"]:
+        mean = f"{m['nll_mean']:.4f}"
+        cells = [m["model"],
+                 "-" if m["num_recursions"] is None else str(m["num_recursions"]), _fmt_params(m["unique_params"]),
+                 _fmt_flops(m["flops"]), _fmt_num(m["tokens"])]
+        cells += [f"{m['nll_by_seed'][str(s)]:.4f}" for s in seeds]
+        cells += [f"**{mean}**" if m["nll_mean"] == best else mean, f"{m['nll_std']:.4f}",
+                  "-" if m["causal_nll_mean"] is None else f"{m['causal_nll_mean']:.4f}"]
+        if "decode speed-up (mean)" in head:
+            cells.append("-" if m["infer_speedup_mean"] is None else f"{m['infer_speedup_mean']:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    md.append("\n".join(lines) + "\n")
+    md.append("Paired comparisons: NLL(first) - NLL(second) within each seed (negative: the first model is "
+              "better). Paper: the same difference in Table 3 (360M, 16.5e18 FLOPs). Verdict: in how many "
+              "seeds the sign agrees with the paper's.\n")
+    head = ["comparison", "paper"] + [f"seed {s}" for s in seeds] + ["mean", "std", "verdict"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    multi = len({c["group"] for c in res["comparisons"]}) > 1
+    for c in res["comparisons"]:
+        cells = [(f"{c['group']}: " if multi else "") + c["label"],
+                 "-" if c["paper_diff"] is None else f"{c['paper_diff']:+.4f}"]
+        cells += [f"{c['diff_by_seed'][str(s)]:+.4f}" for s in seeds]
+        cells += [f"{c['diff_mean']:+.4f}", f"{c['diff_std']:.4f}", _verdict(c)]
+        lines.append("| " + " | ".join(cells) + " |")
+    md.append("\n".join(lines) + "\n")
+    return "\n".join(md)
+
+
+def combined_plot(res: dict, report_dir: Path) -> str:
+    """NLL vs unique parameters (mean, min-max over seeds) and the paired differences to vanilla."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.6))
+    seen: dict[int, int] = {}
+    for m in res["models"]:
+        st = _style(m)
+        vals = list(m["nll_by_seed"].values())
+        j = seen[m["unique_params"]] = seen.get(m["unique_params"], -1) + 1
+        x = m["unique_params"] / 1e6 * (1 + 0.025 * j)  # models with equal counts side by side
+        ax.errorbar([x], [m["nll_mean"]], yerr=[[m["nll_mean"] - min(vals)], [max(vals) - m["nll_mean"]]],
+                    fmt=st["marker"], color=st["color"], capsize=3, ms=7, label=m["name"])
+        ax.scatter([x] * len(vals), vals, s=10, color=st["color"], alpha=0.5)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.set_xlabel("unique non-embedding parameters (M; equal counts drawn side by side)")
+    ax.set_ylabel("validation NLL (mean; bars: min-max over seeds)")
+    ax.set_title(f"equal training FLOPs, {len(res['seeds'])} seeds", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    comps = [c for c in res["comparisons"] if c["b"] == "vanilla"]
+    for i, c in enumerate(comps):
+        ds = list(c["diff_by_seed"].values())
+        bx.scatter(ds, [i] * len(ds), color="k", s=14, alpha=0.6, label="ours, one seed" if i == 0 else None)
+        bx.plot([c["diff_mean"]], [i], "|", color="k", ms=16, mew=2, label="ours, mean" if i == 0 else None)
+        if c["paper_diff"] is not None:
+            bx.scatter([c["paper_diff"]], [i], marker="x", color="#d62728", s=40,
+                       label="paper (360M)" if i == 0 else None)
+    bx.axvline(0, color="k", alpha=0.3)
+    bx.set_yticks(range(len(comps)))
+    bx.set_yticklabels([c["a"] for c in comps], fontsize=8)
+    bx.set_xlabel("NLL - vanilla NLL (same seed)")
+    bx.set_title("difference to vanilla: left of 0 = better than vanilla", fontsize=9)
+    bx.grid(alpha=0.3)
+    bx.legend(fontsize=7)
+    fig.tight_layout()
+    name = "seeds.png"
+    fig.savefig(report_dir / name, dpi=120)
+    plt.close(fig)
+    return name
+
+
+def run_combine(args: argparse.Namespace) -> dict:
+    reps = load_replicates(list(args.dirs))
+    res = combine_replicates(reps)
+    report_dir = Path(args.report_dir or (str(Path(args.dirs[0])).rstrip("/") + "-seeds"))
+    report_dir.mkdir(parents=True, exist_ok=True)
+    plot = combined_plot(res, report_dir)
+    md = combined_markdown(res) + f"\n![seeds]({plot})\n"
+    res["plots"] = [plot]
+    write_json(report_dir / "results.json", res)
+    atomic_write_text(str(report_dir / "results.md"), md)
+    for f in ("results.md", "results.json"):
+        os.chmod(report_dir / f, 0o644)
+    print(md)
+    print(f"[experiment] combined report: {report_dir / 'results.md'}", file=sys.stderr)
+    return {"experiment": "combine", "report": str(report_dir / "results.md"), "seeds": res["seeds"],
+            "models": {m["key"]: {"nll_mean": m["nll_mean"], "nll_std": m["nll_std"]} for m in res["models"]},
+            "comparisons": [{k: c[k] for k in ("a", "b", "diff_mean", "diff_std", "a_better", "paper_diff",
+                                                "seeds_agreeing_with_paper")} for c in res["comparisons"]]}
+
+
 # ====================================================================== the command
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
@@ -1191,6 +1443,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sp.add_argument("--bench-args", default="", help="extra arguments for `mor bench infer`, one quoted string")
     sp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                     help="trainer progress bars (default: when stderr is a terminal)")
+    cp = sub.add_parser("combine", help="combine isoflop runs that differ only in seed: mean, spread, paired "
+                        "comparisons", description="Combine replicates of `mor experiment isoflop` (the same plan "
+                        "run with different --set seed=N) into one report: NLL per seed, mean and standard "
+                        "deviation per model, and the paper's comparisons as paired differences within each "
+                        "seed, with how many seeds agree with the paper's sign.")
+    cp.add_argument("dirs", nargs="+", metavar="DIR", help="experiment directories (or their results.json)")
+    cp.add_argument("--report-dir", default=None, help="where results.md/json and seeds.png go "
+                    "(default: the first DIR + '-seeds')")
 
 
 def build_runs(args: argparse.Namespace, out: Path, data: str, vocab_size: int | None) -> list[Run]:
@@ -1229,8 +1489,10 @@ def print_plan(runs: list[Run], corpus_tokens: int | None) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.experiment == "combine":
+        return run_combine(args)
     if args.experiment != "isoflop":
-        raise ExperimentError(f"unknown experiment {args.experiment!r}; choose: isoflop")
+        raise ExperimentError(f"unknown experiment {args.experiment!r}; choose: isoflop, combine")
     t_start = time.time()
     shape_names = [Path(s.strip()).stem for s in str(args.shapes).split(",") if s.strip()]
     out = Path(args.out or f"runs/experiment-{'+'.join(shape_names)}")
@@ -1290,7 +1552,7 @@ def run(args: argparse.Namespace) -> dict:
     if not args.fewshot:
         notes.add("accuracy column empty: few-shot tasks are off by default (--fewshot runs the paper's 0-shot "
                   "tasks through lm-eval)")
-    command = "mor experiment isoflop " + " ".join(shlex.quote(a) for a in _argv_of(args))
+    command = " ".join(["mor experiment isoflop", *(shlex.quote(a) for a in _argv_of(args))])
     # the experiment's own record: every invocation that trained or evaluated, for the report
     log = read_json(out / "experiment.json") or {"invocations": []}
     if not args.report_only:
