@@ -67,7 +67,6 @@ def reference_forward(model, ids, routing="topk"):
     for u in prefix:
         h, _ = layer(cfg, m.layers[u], h, causal, everyone)
     depth = torch.zeros(B, T, dtype=torch.long)
-    nr = cfg.num_recursions
     shared = cfg.kv_mode == "shared"
     store = []
     if chunks and cfg.architecture == "mor" and cfg.router_type == "token":

@@ -19,13 +19,6 @@ from mor.model import MoRForCausalLM
 from test_eval import WORDS, run_cli
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 CONFIGS = {
     "expert": dict(),

@@ -6,35 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from mor import MoRForCausalLM, preset
+from mor import preset
 from mor.cache import CacheLayout, KVPool, PoolExhausted, expected_kv_layers_per_token, make_pool
 from mor.engine.runner import ModelRunner
+from test_engine import V, build, tiny
 
-V = 97
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny(arch="mor", **kw):
-    kw.setdefault("vocab_size", V)
-    kw.setdefault("tie_word_embeddings", False)
-    return preset("tiny", arch, **kw)
-
-
-def build(cfg, seed=0):
-    torch.manual_seed(seed)
-    m = MoRForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "router" in n:
-                p.normal_(0, 0.5)
-    return m
 
 
 # ---------------------------------------------------------------------- layout and formulas

@@ -19,14 +19,6 @@ torch.set_default_dtype(torch.float32)
 V = 97
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes run fastest on one thread (and do not suffer from a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny(arch="mor", **kw):
     kw.setdefault("vocab_size", V)

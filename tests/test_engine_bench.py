@@ -11,13 +11,6 @@ from mor import MoRForCausalLM, preset
 from mor.bench.infer import calibrate_expert_routers, hf_llama
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_router_calibration_matches_capacities():
     cfg = preset("tiny", "mor", 4, vocab_size=97, num_hidden_layers=10)

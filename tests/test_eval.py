@@ -42,14 +42,6 @@ def make_checkpoint(path: Path, architecture: str = "mor", seed: int = 0, **over
     return ckpt.save_checkpoint(path, model, tokenizer=tok)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and don't fight other jobs for the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def run_cli(argv, capsys) -> tuple[int, dict, str]:
     rc = main(argv)

@@ -16,13 +16,6 @@ from mor.eval.lm_eval_adapter import MoRLM
 from test_eval import _docs, make_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def ck(tmp_path_factory):

@@ -8,20 +8,12 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from mor import checkpoint as ckpt
 from mor.eval import tasks as T
 from mor.eval.fewshot import EvalDependencyError, chance_table, format_table, paper_table, run_tasks
 from test_eval import make_checkpoint, run_cli
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

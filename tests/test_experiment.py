@@ -279,6 +279,13 @@ def test_combine_replicates(corpus, tmp_path):
     assert "| seed 0 | seed 1 | mean | std |" in md and (report / "seeds.png").stat().st_size > 0
     assert f"{rows[1]['vanilla']['nll']:.4f}" in md
 
+    # results.json's run_dir is relative to where the experiment ran; the directory's own layout wins
+    res1 = json.loads((dirs[1] / "results.json").read_text())
+    for r in res1["rows"]:
+        r["run_dir"] = "somewhere/else/" + r["key"]
+    (dirs[1] / "results.json").write_text(json.dumps(res1))
+    assert E.run(parse(["combine", *map(str, dirs), "--report-dir", str(report)]))["seeds"] == [0, 1]
+
     # not replicates: one directory, the same seed twice, a different plan
     with pytest.raises(E.ExperimentError, match="at least two"):
         E.run(parse(["combine", str(dirs[0])]))
@@ -289,6 +296,7 @@ def test_combine_replicates(corpus, tmp_path):
     bad = json.loads((dirs[1] / "results.json").read_text())
     for r in bad["rows"]:
         r["tokens"] *= 2
+        r["run_dir"] = str(dirs[1] / r["key"])
     (other / "results.json").write_text(json.dumps(bad))
     with pytest.raises(E.ExperimentError, match="tokens differs"):
         E.run(parse(["combine", str(dirs[0]), str(other)]))

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 ARCHITECTURES = ("vanilla", "recursive", "mor")

@@ -115,7 +115,7 @@ def init(device: str = "auto", timeout_s: float | None = None) -> DistInfo:
     if missing:
         raise DistributedError(f"WORLD_SIZE={world} but {', '.join(missing)} not set; launch with torchrun "
                                f"(e.g. torchrun --nproc_per_node={world} -m mor train --config ...)")
-    rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    local = int(os.environ["LOCAL_RANK"])
     timeout = resolve_timeout(timeout_s)
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if use_cuda:

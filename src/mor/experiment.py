@@ -97,7 +97,7 @@ import yaml
 from . import checkpoint as ckpt
 from .config import ConfigError, ModelConfig, atomic_write_text, valid_num_layers
 from .flops import paper_flops_per_token
-from .train import TrainConfig, TrainError, train
+from .train import TrainConfig, TrainError, read_recipe_file, resolve_device, train
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -281,12 +281,7 @@ def load_shape(shape: str) -> Shape:
         known = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml")) + list(PAPER_SHAPES)
         raise ExperimentError(f"--shapes: unknown shape {shape!r}; choose one of {', '.join(known)} "
                               "or give the path of a YAML base recipe")
-    try:
-        recipe = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ExperimentError(f"base recipe {path} is not valid YAML: {e}") from None
-    if not isinstance(recipe, dict):
-        raise ExperimentError(f"base recipe {path} must be a mapping")
+    recipe = read_recipe_file(path, "base recipe")
     name = shape if shape in PAPER_SHAPES or path.parent == CONFIGS / "experiment" else path.stem
     return Shape(name=name, path=path, recipe=recipe, paper=paper)
 
@@ -612,9 +607,7 @@ def depth_range(mcfg: ModelConfig) -> list[int]:
 
 
 def _device_of(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    return resolve_device(cfg.device)
 
 
 def analyze_run(run: Run, rec: dict, data_dir: str, opts: argparse.Namespace, notes: set[str]) -> dict:
@@ -662,7 +655,6 @@ def analyze_run(run: Run, rec: dict, data_dir: str, opts: argparse.Namespace, no
         res = fewshot_scores(model, ckpt_dir, opts, notes)
         if res is not None:
             analysis["fewshot"] = res
-    del model
     rec["analysis"] = analysis
     write_json(run.run_dir / RECORD, rec)
     return analysis
@@ -1187,16 +1179,18 @@ COMPARISONS = (
 
 
 def _replicate_seed(row: dict, source: Path) -> int:
-    """The seed a finished model was trained with, from its recorded recipe."""
-    rec = read_json(Path(row["run_dir"]) / RECORD)
-    recipe = (rec or {}).get("recipe")
-    if recipe is None:
-        f = Path(row["run_dir"]) / "recipe.yaml"
-        if not f.is_file():
-            raise ExperimentError(f"{source}: model {row['key']} has no record or recipe.yaml under "
-                                  f"{row['run_dir']}; cannot tell its seed")
-        recipe = yaml.safe_load(f.read_text()) or {}
-    return int(recipe.get("seed", 0))
+    """The seed a finished model was trained with, from its recorded recipe: in SOURCE/<key>
+    when SOURCE is the experiment directory, else where results.json says the run was (a path
+    relative to the directory the experiment ran from)."""
+    dirs = ([source / row["key"]] if source.is_dir() else []) + [Path(row["run_dir"])]
+    for run_dir in dirs:
+        rec = read_json(run_dir / RECORD)
+        if rec and rec.get("recipe") is not None:
+            return int(rec["recipe"].get("seed", 0))
+        if (run_dir / "recipe.yaml").is_file():
+            return int(read_recipe_file(run_dir / "recipe.yaml").get("seed", 0))
+    raise ExperimentError(f"{source}: model {row['key']} has no record or recipe.yaml in "
+                          f"{' or '.join(map(str, dirs))}; cannot tell its seed")
 
 
 def load_replicates(dirs: list[str]) -> list[dict]:

@@ -200,8 +200,14 @@ class MoRModel(nn.Module):
         return y if self.config.gate_combine == "pass_through" else x + g * y
 
     # .................................................................. forward
-    def forward(self, input_ids: torch.Tensor, routing: str = "topk"):
+    def forward(self, input_ids: torch.Tensor, routing: str = "topk", max_depth: int | None = None,
+                records: list | None = None):
+        """Final-normed hidden states and the routing record. ``max_depth`` caps (or, past N_r,
+        extends) the recursions at test time and ``records`` collects one
+        :class:`mor.routing.RouterRecord` per recursion; both are for analysis
+        (:func:`mor.eval.depth.forward_depth` documents their semantics)."""
         c = self.config
+        depth_cap = c.num_recursions if max_depth is None else max_depth
         if routing not in ROUTING_MODES:
             raise ValueError(f"routing={routing!r}; choose one of: {', '.join(ROUTING_MODES)}")
         B, T = input_ids.shape
@@ -216,17 +222,18 @@ class MoRModel(nn.Module):
         if self.chunks:
             if c.architecture == "recursive":
                 shared_kv: list = []
-                for r in range(c.num_recursions):
-                    h = self._run_chunk(r, h, None, shared_kv, T)
+                for r in range(depth_cap):  # past N_r: the last recursion's block again
+                    h = self._run_chunk(min(r, c.num_recursions - 1), h, None, shared_kv, T)
             elif c.router_type == "expert":
-                h = self._expert_choice(h, routing, aux)
+                h = self._expert_choice(h, routing, aux, depth_cap, records)
             else:
-                h = self._token_choice(h, aux)
+                h = self._token_choice(h, aux, depth_cap, records)
         for u in self.suffix:
             h, _ = self.layers[u](h, cos, sin)
         return self.norm(h), aux
 
-    def _expert_choice(self, h: torch.Tensor, routing: str, aux: dict) -> torch.Tensor:
+    def _expert_choice(self, h: torch.Tensor, routing: str, aux: dict, max_depth: int,
+                       records: list | None) -> torch.Tensor:
         c = self.config
         B, T, _ = h.shape
         nr = c.num_recursions
@@ -238,7 +245,8 @@ class MoRModel(nn.Module):
         shared_kv: list = []
         bce, zl, stats = [], [], {}
         frac, acc, ent, selected_all = [], [], [], []
-        for r in range(nr):
+        completed = 0
+        for r in range(min(nr, max_depth)):
             cap = c.resolved_capacities()[r]
             # the warm-up applies to training-time top-k only (the causal rule uses the final
             # capacities); read the step only when needed (torch.compile guards on it)
@@ -269,6 +277,12 @@ class MoRModel(nn.Module):
                     top, sel_valid = R.pack_mask(sel_c, pad_index=0)
                     base = cand_idx if cand_idx is not None else torch.arange(T, device=h.device).expand(B, T)
                     sel_idx = torch.where(sel_valid, base.gather(1, top), T)
+            if records is not None:
+                records.append(R.RouterRecord(
+                    recursion=r + 1,
+                    positions=(torch.arange(T, device=h.device).expand(B, T) if cand_idx is None else cand_idx),
+                    scores=torch.sigmoid(dec_logits), selected=sel_c,
+                    valid=cand_valid if cand_valid is not None else torch.ones_like(sel_c)))
             if c.z_loss_coeff > 0:
                 zl.append(R.z_loss(logits[..., None], cand_valid))
             ent.append(R.binary_entropy(logits).mean() if cand_valid is None
@@ -289,6 +303,18 @@ class MoRModel(nn.Module):
                 frac.append(ones.sum() / (B * T))
             selected_all.append(sel_idx)
             cand_idx, cand_valid = sel_idx, sel_valid
+            completed = r + 1
+        if completed == nr:  # test-time extra passes of the last recursion for the tokens that reached it
+            for _ in range(max_depth - nr):
+                x = _gather(h[:, :T] if cand_idx is None else h, cand_idx)
+                g = R.gate_scores(self.routers[nr - 1](x).squeeze(-1).float(), c.router_func, c.router_alpha)
+                y = self._run_chunk(nr - 1, x, cand_idx, shared_kv, T)
+                h = _scatter(h, cand_idx, self._combine(x, y, g[..., None].to(y.dtype)))
+                if cand_idx is None:
+                    depth[:, :T] += 1
+                else:
+                    depth.scatter_add_(1, cand_idx, cand_valid.long() if cand_valid is not None
+                                       else torch.ones_like(cand_idx))
         depth = depth[:, :T]
         if bce:
             key = "aux_router_bce" if c.use_aux_router else "router_bce"
@@ -304,7 +330,7 @@ class MoRModel(nn.Module):
         aux["stats"], aux["depth"], aux["selected"] = stats, depth, selected_all
         return h[:, :T]
 
-    def _token_choice(self, h: torch.Tensor, aux: dict) -> torch.Tensor:
+    def _token_choice(self, h: torch.Tensor, aux: dict, max_depth: int, records: list | None) -> torch.Tensor:
         c = self.config
         B, T, _ = h.shape
         nr = c.num_recursions
@@ -312,7 +338,12 @@ class MoRModel(nn.Module):
         probs = R.router_probs(logits, c.router_func)
         gates = R.gate_scores(logits, c.router_func, c.router_alpha)
         choice = torch.argmax(probs + self.balance_bias, dim=-1)  # bias only in the argmax
-        depth = choice + 1
+        depth = (choice + 1).clamp(max=max_depth)  # test-time cap: the final combination at the capped depth
+        if records is not None:  # probability of depth r+1 vs. whether the token was assigned it
+            pos = torch.arange(T, device=h.device).expand(B, T)
+            for r in range(nr):
+                records.append(R.RouterRecord(recursion=r + 1, positions=pos, scores=probs[..., r],
+                                              selected=choice == r, valid=torch.ones_like(choice, dtype=torch.bool)))
         g = gates.gather(-1, choice[..., None]).to(h.dtype)  # (B, T, 1)
         load = torch.bincount(choice.reshape(-1), minlength=nr).float()
         if self.training and c.balancing == "loss_free":
@@ -324,7 +355,7 @@ class MoRModel(nn.Module):
         depth_ext = F.pad(depth, (0, 1))
         shared_kv: list = []
         frac, selected_all = [], []
-        for r in range(nr):
+        for r in range(min(nr, max_depth)):
             if r == 0:  # every token runs recursion 1
                 idx = None
             else:

@@ -7,10 +7,27 @@ hand-computed values.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+@dataclass
+class RouterRecord:
+    """One recursion's routing, collected by the model's forward when asked (``records=``):
+    per batch row, candidate positions, their router scores and which were selected (all
+    (B, K) tensors; padding entries are False in ``valid``).
+
+    ``scores``: expert-choice - sigmoid of the decision router's logit (the probability the
+    BCE trains; the threshold rule selects scores > 0.5); token-choice - the router's
+    probability of depth ``recursion``, and ``selected`` marks the tokens assigned that depth."""
+    recursion: int  # 1-based
+    positions: torch.Tensor
+    scores: torch.Tensor
+    selected: torch.Tensor
+    valid: torch.Tensor
 
 
 class Router(nn.Module):

@@ -142,18 +142,22 @@ class TrainConfig:
         return preset(name, arch, nr, **m)
 
 
+def read_recipe_file(path: str | Path, what: str = "recipe") -> dict[str, Any]:
+    """A YAML recipe file as a dict; ConfigError naming the file when it is missing or not a mapping."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} not found: {p}")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {p} is not valid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what} {p} must be a mapping of keys to values")
+    return d
+
+
 def load_recipe(path: str | None, overrides: list[str] = ()) -> TrainConfig:
-    d: dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"recipe not found: {p}")
-        try:
-            d = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"recipe {p} is not valid YAML: {e}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"recipe {p} must be a mapping of keys to values")
+    d: dict[str, Any] = read_recipe_file(path) if path else {}
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} must look like key=value (e.g. lr=1e-3 or model.num_recursions=2)")
@@ -202,12 +206,16 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = Fals
 
 
 # ---------------------------------------------------------------------- helpers
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> cuda when available, else cpu; otherwise the named device (checked)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a device; choose auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"device={name!r} but CUDA is not available; use device=cpu or auto")
+        raise ConfigError(f"device={name!r} but CUDA is not available; choose cpu or auto")
     return dev
 
 
@@ -487,6 +495,10 @@ def _train(cfg: TrainConfig, dist, *, resume: bool, init_from: str | None) -> di
             now = time.perf_counter()
             tps = (tokens_seen - tok_last) / max(now - t_last, 1e-9)
             mfu = tps * exec_fpt / (peak * dist.world_size) if peak > 0 else 0.0
+            if mfu > 1.0:  # the start-up peak was measured under contention: measure again; the
+                # peak is at least the rate just achieved, so MFU never reads above 100%
+                peak = max(peak, measure_matmul_peak(device, seconds=0.5), tps * exec_fpt / dist.world_size)
+                mfu = tps * exec_fpt / (peak * dist.world_size)
             t_last, tok_last = now, tokens_seen
             rec = {"loss": last_loss, "aux_loss": aux_sum.item(), "lr": step_lr,
                    "tokens": tokens_seen, "tok_per_s": tps, "mfu": mfu,

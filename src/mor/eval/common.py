@@ -11,20 +11,11 @@ import torch
 
 from ..checkpoint import CheckpointError, load_model, load_tokenizer, resolve_checkpoint
 from ..config import ModelConfig, atomic_write_text
+from ..train import resolve_device
 
 #: Names tried, in order, for the end-of-document token of a tokenizer.
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 RESULTS_FILE = "results.json"
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> cuda when available, else cpu; otherwise the named device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(f"device={name!r} but CUDA is not available; use --device cpu or auto")
-    return dev
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
