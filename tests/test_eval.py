@@ -55,22 +55,43 @@ def mor_ckpt(tmp_path_factory):
 
 
 def reference_nll(model, stream: list[int], seq_len: int, routing: str):
-    """Plain forwards, one window at a time; cross-entropy by hand (log_softmax + gather).
-    Also returns the model's router stats of every window, weighted by its tokens."""
-    tot, n, stats = 0.0, 0, []
-    for s in range(0, len(stream) - 1, seq_len):
-        w = stream[s:s + seq_len + 1]
-        if len(w) < 2:
-            break
-        x = torch.tensor([w[:-1]])
-        y = torch.tensor(w[1:])
+    """The documented windowing written out slowly: windows of seq_len + 1 tokens at stride
+    seq_len, then (when seq_len does not divide the predictions) the stream's last seq_len + 1
+    tokens; a window scores only the targets no earlier window scored. One plain forward per
+    window, cross-entropy by hand (log_softmax + gather). Also returns the model's router
+    stats of every window, weighted by the tokens it scores."""
+    n_pred = len(stream) - 1
+    length = min(seq_len, n_pred)
+    starts = list(range(0, n_pred - length + 1, length))
+    if starts[-1] + length < n_pred:
+        starts.append(n_pred - length)
+    scored: set[int] = set()  # target positions (index into stream) already scored
+    tot, stats = 0.0, []
+    for s in starts:
+        w = stream[s:s + length + 1]
         with torch.no_grad():
-            out = model(x, routing=routing)
+            out = model(torch.tensor([w[:-1]]), routing=routing)
         lp = F.log_softmax(out.logits[0].float(), dim=-1)
-        tot += -lp.gather(-1, y[:, None]).sum().item()
-        n += len(y)
-        stats.append((len(y), out.router_stats))
-    return tot / n, n, stats
+        new = [i for i in range(length) if s + 1 + i not in scored]
+        for i in new:
+            tot += -lp[i, w[i + 1]].item()
+            scored.add(s + 1 + i)
+        stats.append((len(new), out.router_stats))
+    assert scored == set(range(1, len(stream)))  # every target once
+    return tot / n_pred, n_pred, stats
+
+
+def test_windows_score_every_target_once_with_full_windows():
+    from mor.eval.nll import nll_windows
+
+    for n, seq in [(2, 8), (9, 8), (17, 8), (20, 8), (100, 7), (5, 64)]:
+        wins = nll_windows(n, seq)
+        targets = [t for start, length, k in wins for t in range(start + 1 + length - k, start + 1 + length)]
+        assert sorted(targets) == list(range(1, n)), (n, seq)
+        assert all(length == min(seq, n - 1) for _, length, _ in wins)  # every window has the full length
+        assert all(start + length <= n - 1 for start, length, _ in wins)
+    assert nll_windows(20, 8) == [(0, 8, 8), (8, 8, 8), (11, 8, 3)]  # the tail keeps 5 tokens of context
+    assert nll_windows(1, 8) == []
 
 
 def test_nll_matches_independent_computation(mor_ckpt, tmp_path, capsys):

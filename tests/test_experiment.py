@@ -10,14 +10,13 @@ import pytest
 import torch
 
 from mor import checkpoint as ckpt
-from mor import experiment as E
+from mor import experiment
+from mor.experiment import plan, records
 from mor.flops import paper_flops_per_token
 from mor.train import load_recipe
+from mor.variants import Variant, parse_variants
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_NAMES = ["vanilla", "recursive-nr2", "recursive-nr3", "mor-expert-nr2", "mor-expert-nr3",
-                 "mor-token-nr3", "mor-expert-kvshare-nr3", "mor-expert-cycle-nr2"]
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
@@ -33,40 +32,8 @@ def corpus(tmp_path_factory):
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    E.add_arguments(p)
+    experiment.add_arguments(p)
     return p.parse_args(argv)
-
-
-# ---------------------------------------------------------------------- model lists
-def test_default_models_are_the_papers_table_plus_a_sharing_ablation():
-    specs = E.parse_models()
-    assert [s.name for s in specs] == DEFAULT_NAMES
-    by = {s.name: s for s in specs}
-    assert by["mor-expert-kvshare-nr3"].model_overrides()["kv_mode"] == "shared"
-    assert by["mor-expert-cycle-nr2"].model_overrides()["sharing"] == "cycle"
-    tok = by["mor-token-nr3"].model_overrides()
-    assert tok["router_type"] == "token" and tok["router_func"] == "softmax" and tok["balancing"] == "loss"
-    assert by["vanilla"].model_overrides() == {"architecture": "vanilla", "num_recursions": 1}
-    assert by["recursive-nr2"].label == "Recursive (Middle-Cycle)"
-
-
-def test_model_axes_cross_and_errors():
-    specs = E.parse_models("vanilla,recursive,mor-expert,mor-token", nr="2,3", kv="recursion_wise,shared")
-    names = [s.name for s in specs]
-    assert names == ["vanilla", "recursive-nr2", "recursive-nr3", "mor-expert-nr2", "mor-expert-kvshare-nr2",
-                     "mor-expert-nr3", "mor-expert-kvshare-nr3", "mor-token-nr2", "mor-token-kvshare-nr2",
-                     "mor-token-nr3", "mor-token-kvshare-nr3"]
-    assert [s.name for s in E.parse_models("recursive-middle-sequence:4,mor-expert-kvshare-cycle:2")] == [
-        "recursive-middle-sequence-nr4", "mor-expert-kvshare-cycle-nr2"]
-    # duplicates collapse
-    assert len(E.parse_models("mor-expert:3,mor-expert", nr="3")) == 1
-    for bad, match in [("transformer", "unknown model"), ("vanilla:2", "no recursions"),
-                       ("mor-expert-wide", "unknown modifier"), ("recursive-kvshare", "MoR option"),
-                       ("mor-expert:1", "N_r >= 2")]:
-        with pytest.raises(E.ExperimentError, match=match):
-            E.parse_models(bad)
-    with pytest.raises(E.ExperimentError, match="--kv"):
-        E.parse_models("mor-expert", kv="paged")
 
 
 # ---------------------------------------------------------------------- recipes and the plan
@@ -77,31 +44,31 @@ def test_micro_recipe_is_a_valid_training_recipe():
 
 def test_paper_shapes_use_the_paper_recipe_and_counts(corpus, tmp_path):
     """360M recipes: the paper's parameter counts (SPEC section 1) and warm-up rule (section 7)."""
-    shape = E.load_shape("360m")
+    shape = plan.load_shape("360m")
     want = {"vanilla": 315e6, "mor-expert-nr2": 167e6, "mor-expert-nr3": 118e6}
-    for spec in E.parse_models("vanilla,mor-expert", nr="2,3"):
-        r = E.model_recipe(shape, spec, 16.5e18, "data/x", tmp_path / spec.name, vocab_size=49152)
-        run = E.plan_run(E.Run(shape, spec, 16.5e18, r, tmp_path / spec.name), 49152)
-        assert abs(run.unique_params / want[spec.name] - 1) < 0.01, (spec.name, run.unique_params)
+    for variant in parse_variants("vanilla,mor-expert", nr="2,3"):
+        r = plan.model_recipe(shape, variant, 16.5e18, "data/x", tmp_path / variant.name, vocab_size=49152)
+        run = plan.plan_run(plan.Run(shape, variant, 16.5e18, r, tmp_path / variant.name), 49152)
+        assert abs(run.unique_params / want[variant.name] - 1) < 0.01, (variant.name, run.unique_params)
         assert r["seq_len"] == 2048 and r["batch_size"] * r["grad_accum"] == 1024 and r["lr"] == 3e-3
         # warm-up: 5% of the steps the 2e18 budget would take (configs/paper/generate.py)
-        paper_name = "vanilla-360m" if spec.kind == "vanilla" else spec.name.replace("-nr", "-360m-nr")
+        paper_name = "vanilla-360m" if variant.kind == "vanilla" else variant.name.replace("-nr", "-360m-nr")
         paper = load_recipe(str(ROOT / "configs" / "paper" / f"{paper_name}.yaml"))
         assert r["warmup_steps"] == paper.warmup_steps
         assert abs(run.flops_error) < 0.02
     # a shape's layer count is raised to fit the sharing scheme (SPEC: layers are added)
-    r = E.model_recipe(shape, E.ModelSpec("mor-expert", 4), 16.5e18, "d", tmp_path / "x", vocab_size=49152)
-    assert E.plan_run(E.Run(shape, E.ModelSpec("mor-expert", 4), 16.5e18, r, tmp_path), 49152).config.num_hidden_layers == 34
+    r = plan.model_recipe(shape, Variant("mor-expert", 4), 16.5e18, "d", tmp_path / "x", vocab_size=49152)
+    assert plan.plan_run(plan.Run(shape, Variant("mor-expert", 4), 16.5e18, r, tmp_path), 49152).config.num_hidden_layers == 34
 
 
 def test_micro_shape_fits_the_sharing_schemes(tmp_path):
-    shape = E.load_shape("micro")
+    shape = plan.load_shape("micro")
     budget = float(shape.recipe["flops_budget"])
-    runs = [E.plan_run(E.Run(shape, s, budget, E.model_recipe(shape, s, budget, "d", tmp_path / s.name,
+    runs = [plan.plan_run(plan.Run(shape, s, budget, plan.model_recipe(shape, s, budget, "d", tmp_path / s.name,
                                                               vocab_size=8192), tmp_path / s.name), 8192)
-            for s in E.parse_models()]
-    E.check_tolerance(runs, 0.003)  # the default budget rounds to within 0.3%
-    by = {r.spec.name: r for r in runs}
+            for s in parse_variants(plan.DEFAULT_MODELS)]
+    plan.check_tolerance(runs, 0.003)  # the default budget rounds to within 0.3%
+    by = {r.variant.name: r for r in runs}
     # same unrolled depth for Middle-Cycle and Cycle at N_r=2; MoR trains on more tokens at equal FLOPs
     assert by["mor-expert-cycle-nr2"].config.num_hidden_layers == by["vanilla"].config.num_hidden_layers
     assert by["mor-expert-nr3"].tokens > by["mor-expert-nr2"].tokens > by["recursive-nr2"].tokens
@@ -113,8 +80,8 @@ def test_plan_rejects_budgets_that_round_badly(corpus, tmp_path):
     """A budget that buys only a few steps cannot keep every model within 2%: stop before training."""
     args = parse(["isoflop", "--shapes", "tiny", "--budget", "2.6e8", "--models", "vanilla,mor-expert:3",
                   "--corpus", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "exp")])
-    with pytest.raises(E.ExperimentError, match="more than 2% off the budget"):
-        E.run(args)
+    with pytest.raises(plan.ExperimentError, match="more than 2% off the budget"):
+        experiment.run(args)
     assert not (tmp_path / "exp" / "data").exists()  # nothing was prepared or trained
 
 
@@ -132,13 +99,13 @@ def _argv(corpus, out, report, models, *extra):
 def _spy_train(monkeypatch) -> list[tuple[str, bool]]:
     """Record every (model directory, resume) the experiment hands to the trainer."""
     calls: list[tuple[str, bool]] = []
-    real_train = E.train
+    real_train = records.train
 
     def spy(cfg, resume=False, **kw):
         calls.append((Path(cfg.out_dir).name, resume))
         return real_train(cfg, resume=resume, **kw)
 
-    monkeypatch.setattr(E, "train", spy)
+    monkeypatch.setattr(records, "train", spy)
     return calls
 
 
@@ -157,7 +124,7 @@ def test_isoflop_end_to_end_and_resume(corpus, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ckpt, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        E.run(parse(argv))
+        experiment.run(parse(argv))
     monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
     recs = _records(out)
     assert recs["vanilla"]["status"] == "done" and recs["mor-expert-nr3"]["status"] == "running"
@@ -165,7 +132,7 @@ def test_isoflop_end_to_end_and_resume(corpus, tmp_path, monkeypatch):
 
     # 2. rerun: the finished model is not trained again, the interrupted one resumes from step 8
     calls = _spy_train(monkeypatch)
-    res = E.run(parse(argv))
+    res = experiment.run(parse(argv))
     assert calls == [("mor-expert-nr3", True)]
     assert res["actions"] == {"tiny-3e9/vanilla": "skipped", "tiny-3e9/mor-expert-nr3": "resumed"}
     recs2 = _records(out)
@@ -175,7 +142,7 @@ def test_isoflop_end_to_end_and_resume(corpus, tmp_path, monkeypatch):
     assert mor["status"] == "done" and len(mor["segments"]) == 2
     assert mor["segments"][0]["interrupted"] and mor["segments"][1]["resume"]
     # the resumed run finished the planned schedule, every step logged once
-    train_recs, _ = E.read_metrics(out / "tiny-3e9" / "mor-expert-nr3")
+    train_recs, _ = records.read_metrics(out / "tiny-3e9" / "mor-expert-nr3")
     assert [r["step"] for r in train_recs] == list(range(1, mor["summary"]["steps"] + 1))
     assert mor["summary"]["steps"] == res_plan_steps(argv, "mor-expert-nr3")
 
@@ -204,13 +171,13 @@ def test_isoflop_end_to_end_and_resume(corpus, tmp_path, monkeypatch):
 
     # 4. nothing left to do: a third invocation trains nothing
     calls.clear()
-    res = E.run(parse(argv))
+    res = experiment.run(parse(argv))
     assert calls == [] and set(res["actions"].values()) == {"skipped"}
 
 
 def res_plan_steps(argv, name) -> int:
     """The step count the plan computes for ``name`` (without training anything)."""
-    plan = E.run(parse(argv + ["--plan"]))["plan"]
+    plan = experiment.run(parse(argv + ["--plan"]))["plan"]
     return next(p["steps"] for p in plan if p["key"].endswith("/" + name))
 
 
@@ -220,7 +187,7 @@ def test_isoflop_token_choice_recipe_change_and_throughput(corpus, tmp_path, mon
     through `mor bench infer` when that benchmark is installed."""
     out, report = tmp_path / "exp", tmp_path / "report"
     argv = _argv(corpus, out, report, "vanilla,mor-token:2", "--no-throughput")
-    E.run(parse(argv))
+    experiment.run(parse(argv))
     rows = {r["name"]: r for r in json.loads((report / "results.json").read_text())["rows"]}
     tok = rows["mor-token-nr2"]
     assert set(tok["depth_scaling"]) == {"1", "2"}
@@ -229,16 +196,14 @@ def test_isoflop_token_choice_recipe_change_and_throughput(corpus, tmp_path, mon
 
     calls = _spy_train(monkeypatch)
     i = argv.index("ckpt_every=8") + 1
-    res = E.run(parse(argv[:i] + ["lr=1e-3"] + argv[i:]))
+    res = experiment.run(parse(argv[:i] + ["lr=1e-3"] + argv[i:]))
     assert calls == [("vanilla", False), ("mor-token-nr2", False)]
     assert set(res["actions"].values()) == {"restarted"}
     assert json.loads((out / "tiny-3e9" / "vanilla" / "experiment.json").read_text())["recipe"]["lr"] == 1e-3
 
-    if E.bench_infer_module() is None:
-        pytest.skip("mor bench infer is not installed")
     calls.clear()
-    E.run(parse(argv[:i] + ["lr=1e-3"] + argv[i:-1] + ["--throughput", "--bench-args",
-                                                      "--mean-len 8 --batch 2 --requests-per-slot 1"]))
+    experiment.run(parse(argv[:i] + ["lr=1e-3"] + argv[i:-1] + ["--throughput", "--bench-set", "mean_len=8",
+                                                               "batch=2", "requests_per_slot=1"]))
     assert calls == []
     rows = {r["name"]: r for r in json.loads((report / "results.json").read_text())["rows"]}
     assert rows["mor-token-nr2"]["infer_tok_per_s"] > 0 and rows["vanilla"]["infer_speedup"] == 1.0
@@ -255,13 +220,13 @@ def test_combine_replicates(corpus, tmp_path):
         out = tmp_path / f"s{seed}"
         argv = _argv(corpus, out, out, "vanilla,recursive:2,mor-expert:2", "--no-analysis", "--no-throughput")
         argv.insert(argv.index("ckpt_every=8") + 1, f"seed={seed}")
-        E.run(parse(argv))
+        experiment.run(parse(argv))
         dirs.append(out)
     rows = [{r["name"]: r for r in json.loads((d / "results.json").read_text())["rows"]} for d in dirs]
     assert rows[0]["vanilla"]["nll"] != rows[1]["vanilla"]["nll"]  # the seed really changed the run
 
     report = tmp_path / "seeds"
-    res = E.run(parse(["combine", *map(str, dirs), "--report-dir", str(report)]))
+    res = experiment.run(parse(["combine", *map(str, dirs), "--report-dir", str(report)]))
     assert res["seeds"] == [0, 1]
     for name in ("vanilla", "recursive-nr2", "mor-expert-nr2"):
         vals = [r[name]["nll"] for r in rows]
@@ -284,13 +249,13 @@ def test_combine_replicates(corpus, tmp_path):
     for r in res1["rows"]:
         r["run_dir"] = "somewhere/else/" + r["key"]
     (dirs[1] / "results.json").write_text(json.dumps(res1))
-    assert E.run(parse(["combine", *map(str, dirs), "--report-dir", str(report)]))["seeds"] == [0, 1]
+    assert experiment.run(parse(["combine", *map(str, dirs), "--report-dir", str(report)]))["seeds"] == [0, 1]
 
     # not replicates: one directory, the same seed twice, a different plan
-    with pytest.raises(E.ExperimentError, match="at least two"):
-        E.run(parse(["combine", str(dirs[0])]))
-    with pytest.raises(E.ExperimentError, match="seed 0"):
-        E.run(parse(["combine", str(dirs[0]), str(dirs[0])]))
+    with pytest.raises(plan.ExperimentError, match="at least two"):
+        experiment.run(parse(["combine", str(dirs[0])]))
+    with pytest.raises(plan.ExperimentError, match="seed 0"):
+        experiment.run(parse(["combine", str(dirs[0]), str(dirs[0])]))
     other = tmp_path / "other"
     other.mkdir()
     bad = json.loads((dirs[1] / "results.json").read_text())
@@ -298,7 +263,7 @@ def test_combine_replicates(corpus, tmp_path):
         r["tokens"] *= 2
         r["run_dir"] = str(dirs[1] / r["key"])
     (other / "results.json").write_text(json.dumps(bad))
-    with pytest.raises(E.ExperimentError, match="tokens differs"):
-        E.run(parse(["combine", str(dirs[0]), str(other)]))
-    with pytest.raises(E.ExperimentError, match="no results.json"):
-        E.run(parse(["combine", str(dirs[0]), str(tmp_path / "missing")]))
+    with pytest.raises(plan.ExperimentError, match="tokens differs"):
+        experiment.run(parse(["combine", str(dirs[0]), str(other)]))
+    with pytest.raises(plan.ExperimentError, match="no results.json"):
+        experiment.run(parse(["combine", str(dirs[0]), str(tmp_path / "missing")]))

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ModelConfig
-from .data import _fsync_dir
 from .model import MoRForCausalLM
+from .runtime import atomic_directory
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -42,9 +41,7 @@ def save_checkpoint(path: str | os.PathLike, model: MoRForCausalLM, *, tokenizer
 
     ``tokenizer``: a ``tokenizers.Tokenizer`` or the path of a tokenizer.json."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
-    try:
+    with atomic_directory(path) as tmp:
         model.config.save(tmp / "config.json")
         save_file(unique_state_dict(model), str(tmp / "model.safetensors"))
         if tokenizer is not None:
@@ -57,21 +54,6 @@ def save_checkpoint(path: str | os.PathLike, model: MoRForCausalLM, *, tokenizer
         from . import __version__
         info = {"format": 1, "mor_version": __version__, "saved_at": time.time(), **(meta or {})}
         (tmp / "meta.json").write_text(json.dumps(info, indent=2) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        old = None
-        if path.exists():
-            old = path.parent / f".old-{path.name}-{os.getpid()}-{time.time_ns()}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

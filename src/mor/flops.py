@@ -54,6 +54,13 @@ def tokens_for_budget(cfg: ModelConfig, budget_flops: float, seq_len: int | None
     return int(budget_flops / paper_flops_per_token(cfg, seq_len))
 
 
+def steps_for_budget(budget_flops: float, flops_per_token: float, tokens_per_step: int) -> int:
+    """Optimizer steps of a FLOPs-budget run (the trainer's ``flops_budget`` and the experiment's
+    plan): the budget over the FLOPs of one step (paper FLOPs per token x tokens per step),
+    rounded to the nearest whole step, at least one."""
+    return max(1, round(float(budget_flops) / (flops_per_token * tokens_per_step)))
+
+
 def _router_flops(cfg: ModelConfig, n: int, out: int) -> int:
     d = cfg.hidden_size
     if cfg.router_arch == "linear":

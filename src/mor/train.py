@@ -24,7 +24,6 @@ import random
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,10 @@ import yaml
 
 from . import checkpoint as ckpt
 from .config import ConfigError, ModelConfig, coerce_numbers, preset
-from .flops import executed_flops_per_token, measure_matmul_peak, paper_flops_per_token
+from .flops import executed_flops_per_token, measure_matmul_peak, paper_flops_per_token, steps_for_budget
 from .model import MoRForCausalLM
+from .recipe import apply_overrides, read_recipe_file
+from .runtime import autocast_for, resolve_device, write_atomic
 
 SCHEDULES = ("wsd", "cosine", "constant")
 
@@ -142,35 +143,10 @@ class TrainConfig:
         return preset(name, arch, nr, **m)
 
 
-def read_recipe_file(path: str | Path, what: str = "recipe") -> dict[str, Any]:
-    """A YAML recipe file as a dict; ConfigError naming the file when it is missing or not a mapping."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{what} not found: {p}")
-    try:
-        d = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{what} {p} is not valid YAML: {e}") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{what} {p} must be a mapping of keys to values")
-    return d
-
-
 def load_recipe(path: str | None, overrides: list[str] = ()) -> TrainConfig:
+    """A recipe file (or none: the defaults) with ``key=value`` overrides (:mod:`mor.recipe`)."""
     d: dict[str, Any] = read_recipe_file(path) if path else {}
-    for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"override {ov!r} must look like key=value (e.g. lr=1e-3 or model.num_recursions=2)")
-        key, val = ov.split("=", 1)
-        val = yaml.safe_load(val) if val != "" else None
-        node = d
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {ov!r}: {part} is not a section")
-        node[parts[-1]] = val
-    return TrainConfig.from_dict(d, source=path or "overrides")
+    return TrainConfig.from_dict(apply_overrides(d, list(overrides)), source=path or "overrides")
 
 
 # ---------------------------------------------------------------------- schedule
@@ -206,26 +182,6 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = Fals
 
 
 # ---------------------------------------------------------------------- helpers
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> cuda when available, else cpu; otherwise the named device (checked)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device={name!r} is not a device; choose auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} but CUDA is not available; choose cpu or auto")
-    return dev
-
-
-def autocast_for(device: torch.device, dtype: str):
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
-    if use_bf16:
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext
-
-
 def rng_state() -> dict:
     st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -276,31 +232,31 @@ class MetricsLogger:
                 self.tb.close()
 
 
-@torch.no_grad()
-def evaluate(model, loader, max_batches: int, device, autocast, routing: str = "topk", dist=None) -> dict:
-    """Mean validation NLL over the first ``max_batches`` validation batches.
+def evaluate(model, stream, cfg: TrainConfig, device, autocast, dist=None) -> dict:
+    """Validation NLL of ``stream`` (the capped validation split) with the training-time routing,
+    by the one NLL definition of :func:`mor.eval.nll.evaluate_nll`.
 
-    In a distributed run (``dist`` enabled) every rank evaluates its slice of each global
-    batch (under FSDP2 all ranks must run the forward anyway) and the token-weighted sums
-    are all-reduced, so every rank returns the NLL one process would compute."""
+    In a distributed run (``dist`` enabled) every rank scores its share of the windows (under
+    FSDP2 all ranks must run the forward anyway) and the sums are all-reduced, so every rank
+    returns the NLL one process would compute."""
+    from .eval.nll import evaluate_nll
+
     was = model.training
-    model.eval()
-    tot, n = 0.0, 0
-    for x, y in loader.iter_eval(max_batches):
-        x, y = x.to(device), y.to(device)
-        with autocast():
-            out = model(x, labels=y, routing=routing)
-        tot += out.lm_loss.item() * y.numel()
-        n += y.numel()
+    world = dist.world_size if dist is not None and dist.enabled else 1
+    rank = dist.rank if world > 1 else 0
+    with autocast():
+        res = evaluate_nll(model, stream, seq_len=cfg.seq_len, routing="topk", batch_size=cfg.batch_size,
+                           device=device, rank=rank, world_size=world)
     model.train(was)
-    if dist is not None and dist.enabled:
+    tot, n = res["nll_sum"], res["tokens"]
+    if world > 1:
         from .distributed import all_reduce_sum, reshard
 
         reshard(model)  # FSDP2: a forward without backward leaves some units unsharded
         red = all_reduce_sum(torch.tensor([tot, float(n)], dtype=torch.float64, device=dist.device), dist).tolist()
         tot, n = red[0], int(red[1])
     if n == 0:
-        raise TrainError("the validation split yielded no batch")
+        raise TrainError("the validation split has no token to score")
     return {"val_loss": tot / n, "val_ppl": math.exp(min(tot / n, 50.0))}
 
 
@@ -327,7 +283,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
 
 
 def _train(cfg: TrainConfig, dist, *, resume: bool, init_from: str | None) -> dict:
-    from .data import TokenLoader, load_meta
+    from .data import TokenLoader, load_meta, read_split
     from . import distributed as dist_util
 
     torch.manual_seed(cfg.seed + dist.rank)
@@ -341,8 +297,11 @@ def _train(cfg: TrainConfig, dist, *, resume: bool, init_from: str | None) -> di
     mcfg = cfg.model_config(vocab_size=meta["vocab_size"])
     train_loader = TokenLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed,
                                rank=dist.rank, world_size=dist.world_size)
-    val_loader = TokenLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, shuffle=False,
-                             rank=dist.rank, world_size=dist.world_size)
+    # validation: the first eval_batches global batches' worth of windows of the val split
+    val_stream = read_split(cfg.data, "val", cfg.eval_batches * cfg.batch_size * dist.world_size * cfg.seq_len + 1)
+    if len(val_stream) < 2:
+        raise TrainError(f"the 'val' split of {cfg.data} has {len(val_stream)} token(s); validation needs at least 2 "
+                         "(prepare the data with val_fraction > 0)")
     if cfg.seq_len > mcfg.max_position_embeddings:
         raise TrainError(f"seq_len={cfg.seq_len} exceeds model.max_position_embeddings={mcfg.max_position_embeddings}")
 
@@ -354,7 +313,7 @@ def _train(cfg: TrainConfig, dist, *, resume: bool, init_from: str | None) -> di
     elif cfg.max_tokens is not None:
         total_steps = max(1, round(cfg.max_tokens / tokens_per_step))
     else:
-        total_steps = max(1, round(float(cfg.flops_budget) / (fpt_paper * tokens_per_step)))
+        total_steps = steps_for_budget(cfg.flops_budget, fpt_paper, tokens_per_step)
 
     # model, optionally from a checkpoint's weights with fresh training state
     start_step, tokens_seen, train_state = 0, 0, None
@@ -406,7 +365,7 @@ def _train(cfg: TrainConfig, dist, *, resume: bool, init_from: str | None) -> di
     logger = MetricsLogger(out_dir, cfg.tensorboard, enabled=master)
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "recipe.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        write_atomic(out_dir / "recipe.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
         n_params = model.num_parameters()
         print(f"[mor train] {mcfg.architecture}"
               + (f" ({mcfg.router_type}-choice, N_r={mcfg.num_recursions}, {mcfg.sharing}, kv={mcfg.kv_mode})"
@@ -521,7 +480,7 @@ def _train(cfg: TrainConfig, dist, *, resume: bool, init_from: str | None) -> di
         if bar is not None:
             bar.update(1)
         if cfg.eval_every and (done % cfg.eval_every == 0) and done != total_steps:
-            last_val = evaluate(model, val_loader, cfg.eval_batches, device, autocast, dist=dist)
+            last_val = evaluate(model, val_stream, cfg, device, autocast, dist=dist)
             logger.log(done, **last_val)
             if bar is not None:
                 bar.write(f"step {done}: val_loss {last_val['val_loss']:.4f} ppl {last_val['val_ppl']:.2f}")
@@ -531,7 +490,7 @@ def _train(cfg: TrainConfig, dist, *, resume: bool, init_from: str | None) -> di
         bar.close()
     wall = time.perf_counter() - t_start
     final_step = max(total_steps, start_step)
-    last_val = evaluate(model, val_loader, cfg.eval_batches, device, autocast, dist=dist)
+    last_val = evaluate(model, val_stream, cfg, device, autocast, dist=dist)
     logger.log(final_step, **last_val)
     path = save(final_step, final=True)
     summary = {

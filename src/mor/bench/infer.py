@@ -37,7 +37,7 @@ import gc
 import math
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -45,48 +45,85 @@ import torch
 import torch.nn as nn
 
 from ..cache import expected_kv_layers_per_token, kv_bytes_per_token_layer
-from ..config import ModelConfig, preset, valid_num_layers
+from ..config import ModelConfig, preset
 from ..model import MoRForCausalLM
+from ..runtime import resolve_device, resolve_dtype
+from ..variants import Variant
 
 PAPER = {"batch": {2: 1.23, 3: 1.33, 4: 1.42}, "max": {2: 1.60, 3: 1.95, 4: 2.06}}
 
 
+@dataclass
+class InferBench:
+    """The settings of one ``mor bench infer`` run (each is the CLI option of the same name)."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    preset: str | None = None
+    layers: int | None = None
+    hidden_size: int | None = None
+    vocab_size: int | None = None
+    recursions: list[int] = field(default_factory=lambda: [2, 3, 4])
+    kv_mode: str = "recursion_wise"
+    schedule: str = "depth"
+    batch: int = 32
+    vanilla_max_batch: int | None = None
+    kv_budget_mb: float | None = None
+    skip_max: bool = False
+    mean_len: int = 256
+    len_spread: float = 0.5
+    requests_per_slot: float | None = None
+    prompts: str | None = None
+    tokenizer: str | None = None
+    temperature: float = 1.0
+    seed: int = 0
+    mor_checkpoint: list[str] = field(default_factory=list)
+    vanilla_checkpoint: str | None = None
+    hf: str = "first"
+    threads: int | None = None
+    block_size: int = 16
+    calib_seqs: int = 16
+    repeats: int = 1
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    d = InferBench()
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default=d.dtype, choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--preset", default=None,
+    p.add_argument("--preset", default=d.preset,
                    help="model shape, see mor.PRESETS (default: smollm-360m on CUDA; on CPU the 'small' preset "
                         "(hidden 256, vocab 8192) with 14 layers, which MoR-2/3/4 all fit: one vanilla partner)")
-    p.add_argument("--layers", type=int, default=None,
+    p.add_argument("--layers", type=int, default=d.layers,
                    help="base layer count (default the preset's; MoR adds layers when (L-2) is not a multiple of N_r)")
-    p.add_argument("--hidden-size", type=int, default=None, help="override the preset's width (FFN = 3x)")
-    p.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocabulary size")
-    p.add_argument("--recursions", type=int, nargs="+", default=[2, 3, 4], help="MoR N_r values (default 2 3 4)")
-    p.add_argument("--kv-mode", default="recursion_wise", choices=["recursion_wise", "shared"])
-    p.add_argument("--schedule", default="depth", choices=["depth", "sequence", "both"],
+    p.add_argument("--hidden-size", type=int, default=d.hidden_size, help="override the preset's width (FFN = 3x)")
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="override the preset's vocabulary size")
+    p.add_argument("--recursions", type=int, nargs="+", default=d.recursions, help="MoR N_r values (default 2 3 4)")
+    p.add_argument("--kv-mode", default=d.kv_mode, choices=["recursion_wise", "shared"])
+    p.add_argument("--schedule", default=d.schedule, choices=["depth", "sequence", "both"],
                    help="MoR batching: depth-wise (paper), sequence-wise, or both")
-    p.add_argument("--batch", type=int, default=32, help="fixed batch setting (default 32)")
-    p.add_argument("--vanilla-max-batch", type=int, default=None,
+    p.add_argument("--batch", type=int, default=d.batch, help="fixed batch setting (default 32)")
+    p.add_argument("--vanilla-max-batch", type=int, default=d.vanilla_max_batch,
                    help="vanilla's maximum batch, which sets the memory budget (default 256 on CUDA, 48 on CPU)")
-    p.add_argument("--kv-budget-mb", type=float, default=None, help="KV memory budget instead of --vanilla-max-batch")
+    p.add_argument("--kv-budget-mb", type=float, default=d.kv_budget_mb,
+                   help="KV memory budget instead of --vanilla-max-batch")
     p.add_argument("--skip-max", action="store_true", help="only the fixed batch setting")
-    p.add_argument("--mean-len", type=int, default=256, help="mean output length (default 256)")
-    p.add_argument("--len-spread", type=float, default=0.5, help="lengths uniform in mean*(1 +- spread)")
-    p.add_argument("--requests-per-slot", type=float, default=None,
+    p.add_argument("--mean-len", type=int, default=d.mean_len, help="mean output length (default 256)")
+    p.add_argument("--len-spread", type=float, default=d.len_spread, help="lengths uniform in mean*(1 +- spread)")
+    p.add_argument("--requests-per-slot", type=float, default=d.requests_per_slot,
                    help="requests = this x batch (default 2 on CUDA, 1.5 on CPU); more than 1 exercises refills")
-    p.add_argument("--prompts", default=None, help="text file, one prompt per line (needs a tokenizer)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json for --prompts")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompts", default=d.prompts, help="text file, one prompt per line (needs a tokenizer)")
+    p.add_argument("--tokenizer", default=d.tokenizer, help="tokenizer.json for --prompts")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature (0 = greedy)")
+    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--mor-checkpoint", action="append", default=[], help="trained MoR checkpoint (repeatable)")
-    p.add_argument("--vanilla-checkpoint", default=None, help="trained vanilla checkpoint")
-    p.add_argument("--hf", default="first", choices=["first", "all", "none"],
+    p.add_argument("--vanilla-checkpoint", default=d.vanilla_checkpoint, help="trained vanilla checkpoint")
+    p.add_argument("--hf", default=d.hf, choices=["first", "all", "none"],
                    help="transformers.generate baseline for the first vanilla model (default), all, or none")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    p.add_argument("--block-size", type=int, default=16, help="KV block size in tokens")
-    p.add_argument("--calib-seqs", type=int, default=16, help="random sequences used to calibrate routers")
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--block-size", type=int, default=d.block_size, help="KV block size in tokens")
+    p.add_argument("--calib-seqs", type=int, default=d.calib_seqs, help="random sequences used to calibrate routers")
+    p.add_argument("--repeats", type=int, default=d.repeats,
                    help="timed runs per configuration; the fastest counts (use >1 on a busy machine)")
 
 
@@ -155,38 +192,27 @@ class Entry:
     enter_fractions: list[float] | None = None  # measured on calibration data (MoR)
 
 
-def _device(arg: str) -> torch.device:
-    if arg == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(arg)
-
-
-def _dtype(arg: str, dev: torch.device) -> torch.dtype:
-    if arg == "auto":
-        return torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[arg]
-
-
-def _shape(args, dev) -> tuple[str, dict, int | None]:
+def _shape(settings: InferBench, dev) -> tuple[str, dict, int | None]:
     """(preset name, config overrides, base layer count)."""
     over: dict[str, Any] = {}
-    layers = args.layers
-    if args.preset is None and dev.type != "cuda":
+    layers = settings.layers
+    if settings.preset is None and dev.type != "cuda":
         name, layers = "small", layers or 14
     else:
-        name = args.preset or "smollm-360m"
-    if args.hidden_size:
-        over.update(hidden_size=args.hidden_size, intermediate_size=3 * args.hidden_size)
-    if args.vocab_size:
-        over["vocab_size"] = args.vocab_size
+        name = settings.preset or "smollm-360m"
+    if settings.hidden_size:
+        over.update(hidden_size=settings.hidden_size, intermediate_size=3 * settings.hidden_size)
+    if settings.vocab_size:
+        over["vocab_size"] = settings.vocab_size
     return name, over, layers
 
 
 def mor_config(name: str, nr: int, layers: int | None, kv_mode: str, **over) -> ModelConfig:
-    base = preset(name, "vanilla", **over).num_hidden_layers if layers is None else layers
-    L = valid_num_layers(base, nr, "middle_cycle")
-    return preset(name, "mor", nr, num_hidden_layers=L, kv_mode=kv_mode, router_type="expert",
-                  sharing="middle_cycle", **over)
+    """The benchmark's MoR model: expert-choice, Middle-Cycle, ``nr`` recursions, from preset ``name``."""
+    base = preset(name, "vanilla", **over)
+    if layers is not None:
+        base = base.replace(num_hidden_layers=layers)
+    return Variant("mor-expert", nr, kv_mode=kv_mode).config(base)
 
 
 def _build(cfg: ModelConfig, dev, dtype, seed: int) -> MoRForCausalLM:
@@ -297,58 +323,63 @@ def run_hf(model: MoRForCausalLM, prompt: list[int], n_seqs: int, length: int, *
 
 # ---------------------------------------------------------------------- entry point
 def run(args: argparse.Namespace) -> dict:
+    return benchmark(InferBench(**{f.name: getattr(args, f.name) for f in fields(InferBench)}))
+
+
+def benchmark(settings: InferBench) -> dict:
+    """Run the benchmark (module docstring); prints the table and returns the summary."""
     from ..engine import RequestError
 
-    dev = _device(args.device)
-    dtype = _dtype(args.dtype, dev)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.batch < 1 or args.mean_len < 1 or not (0 <= args.len_spread < 1):
-        raise RequestError(f"--batch={args.batch} and --mean-len={args.mean_len} must be >= 1 and "
-                           f"--len-spread={args.len_spread} in [0, 1)")
-    if any(nr < 2 for nr in args.recursions):
-        raise RequestError(f"--recursions {args.recursions}: MoR needs N_r >= 2")
-    per_slot = args.requests_per_slot or (2.0 if dev.type == "cuda" else 1.5)
-    shape, over, base_layers = _shape(args, dev)
+    dev = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, dev)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    if settings.batch < 1 or settings.mean_len < 1 or not (0 <= settings.len_spread < 1):
+        raise RequestError(f"--batch={settings.batch} and --mean-len={settings.mean_len} must be >= 1 and "
+                           f"--len-spread={settings.len_spread} in [0, 1)")
+    if any(nr < 2 for nr in settings.recursions):
+        raise RequestError(f"--recursions {settings.recursions}: MoR needs N_r >= 2")
+    per_slot = settings.requests_per_slot or (2.0 if dev.type == "cuda" else 1.5)
+    shape, over, base_layers = _shape(settings, dev)
     t_start = time.perf_counter()
 
     # prompts: unprompted generation starts at the end-of-text token (id 0)
     prompts: list[list[int]] = [[0]]
-    if args.prompts:
+    if settings.prompts:
         from tokenizers import Tokenizer
 
-        tok_path = args.tokenizer
+        tok_path = settings.tokenizer
         if tok_path is None:
             raise RequestError("--prompts needs --tokenizer (the tokenizer.json of the models)")
         tok = Tokenizer.from_file(tok_path)
-        with open(args.prompts, encoding="utf-8") as f:
+        with open(settings.prompts, encoding="utf-8") as f:
             prompts = [tok.encode(line.rstrip("\n")).ids for line in f if line.strip()]
         if not prompts:
-            raise RequestError(f"--prompts {args.prompts} has no non-empty line")
+            raise RequestError(f"--prompts {settings.prompts} has no non-empty line")
 
     # models: vanilla partners keyed by layer count, MoR per N_r
     from ..checkpoint import load_model
 
     mors: list[Entry] = []
     vanillas: dict[int, Entry] = {}
-    if args.mor_checkpoint:
-        for path in args.mor_checkpoint:
+    if settings.mor_checkpoint:
+        for path in settings.mor_checkpoint:
             m = load_model(path, dev, dtype)
             if m.config.architecture != "mor":
                 raise RequestError(f"--mor-checkpoint {path} is a {m.config.architecture} model")
             mors.append(Entry(f"MoR-{m.config.num_recursions}", m, "mor", m.config.num_recursions))
     else:
-        for nr in args.recursions:
-            cfg = mor_config(shape, nr, base_layers, args.kv_mode, **over)
-            m = _build(cfg, dev, dtype, args.seed + nr)
-            fr = calibrate_expert_routers(m, num_seqs=args.calib_seqs,
-                                          seq_len=min(len(prompts[0]) + args.mean_len, cfg.max_position_embeddings),
-                                          seed=args.seed)
+        for nr in settings.recursions:
+            cfg = mor_config(shape, nr, base_layers, settings.kv_mode, **over)
+            m = _build(cfg, dev, dtype, settings.seed + nr)
+            fr = calibrate_expert_routers(m, num_seqs=settings.calib_seqs,
+                                          seq_len=min(len(prompts[0]) + settings.mean_len, cfg.max_position_embeddings),
+                                          seed=settings.seed)
             mors.append(Entry(f"MoR-{nr}", m, "mor", nr, fr))
-    if args.vanilla_checkpoint:
-        m = load_model(args.vanilla_checkpoint, dev, dtype)
+    if settings.vanilla_checkpoint:
+        m = load_model(settings.vanilla_checkpoint, dev, dtype)
         if m.config.architecture != "vanilla":
-            raise RequestError(f"--vanilla-checkpoint {args.vanilla_checkpoint} is a {m.config.architecture} model")
+            raise RequestError(f"--vanilla-checkpoint {settings.vanilla_checkpoint} is a {m.config.architecture} model")
         for e in mors:
             vanillas[e.model.config.num_hidden_layers] = Entry(f"vanilla-{m.config.num_hidden_layers}L", m,
                                                                "vanilla", 0)
@@ -357,20 +388,20 @@ def run(args: argparse.Namespace) -> dict:
             L = e.model.config.num_hidden_layers
             if L not in vanillas:
                 cfg = preset(shape, "vanilla", num_hidden_layers=L, **over)
-                vanillas[L] = Entry(f"vanilla-{L}L", _build(cfg, dev, dtype, args.seed), "vanilla", 0)
+                vanillas[L] = Entry(f"vanilla-{L}L", _build(cfg, dev, dtype, settings.seed), "vanilla", 0)
 
     # memory budget (bytes) for the memory-matched setting, per vanilla partner
-    max_seq = max(len(p) for p in prompts) + round(args.mean_len * (1 + args.len_spread))
-    vmax = args.vanilla_max_batch or (256 if dev.type == "cuda" else 48)
+    max_seq = max(len(p) for p in prompts) + round(settings.mean_len * (1 + settings.len_spread))
+    vmax = settings.vanilla_max_batch or (256 if dev.type == "cuda" else 48)
 
     def per_seq_bytes(m: MoRForCausalLM, fractions=None) -> float:
         """KV bytes of one full-length sequence (whole blocks) at the expected depth distribution."""
         cfg = m.config
-        tokens = math.ceil(max_seq / args.block_size) * args.block_size
+        tokens = math.ceil(max_seq / settings.block_size) * settings.block_size
         return tokens * kv_bytes_per_token_layer(cfg, dtype) * expected_kv_layers_per_token(cfg, fractions)
 
     lengths: dict[tuple, list[int]] = {}
-    schedules = ["depth", "sequence"] if args.schedule == "both" else [args.schedule]
+    schedules = ["depth", "sequence"] if settings.schedule == "both" else [settings.schedule]
     rows: list[dict] = []
     done_vanilla: dict[tuple, dict] = {}
 
@@ -378,12 +409,12 @@ def run(args: argparse.Namespace) -> dict:
         key = (entry.name, setting, batch, schedule)
         if entry.kind == "vanilla" and key in done_vanilla:
             return done_vanilla[key]
-        wl = lengths.get((setting, batch)) or _workload(math.ceil(per_slot * batch), args.mean_len, args.len_spread,
-                                                        args.seed)
+        wl = lengths.get((setting, batch)) or _workload(math.ceil(per_slot * batch), settings.mean_len, settings.len_spread,
+                                                        settings.seed)
         lengths[(setting, batch)] = wl
         res = max((run_engine(entry.model, prompts, wl, batch=batch, schedule=schedule,
-                              temperature=args.temperature, seed=args.seed, block_size=args.block_size,
-                              kv_budget_bytes=budget) for _ in range(max(1, args.repeats))),
+                              temperature=settings.temperature, seed=settings.seed, block_size=settings.block_size,
+                              kv_budget_bytes=budget) for _ in range(max(1, settings.repeats))),
                   key=lambda r: r["tokens_per_s"])
         row = {"model": entry.name, "kind": entry.kind, "num_recursions": entry.num_recursions, "setting": setting,
                "vs": partner, "unique_params": entry.model.num_parameters(),
@@ -399,10 +430,10 @@ def run(args: argparse.Namespace) -> dict:
     results = []
     for e in mors:
         v = vanillas[e.model.config.num_hidden_layers]
-        settings = [("batch", args.batch, args.batch, None)]
-        if not args.skip_max:
-            if args.kv_budget_mb:
-                budget = int(args.kv_budget_mb * 2**20)
+        settings = [("batch", settings.batch, settings.batch, None)]
+        if not settings.skip_max:
+            if settings.kv_budget_mb:
+                budget = int(settings.kv_budget_mb * 2**20)
                 v_batch = max(1, int(budget // per_seq_bytes(v.model)))
             else:
                 budget, v_batch = int(math.ceil(vmax * per_seq_bytes(v.model))), vmax
@@ -416,32 +447,32 @@ def run(args: argparse.Namespace) -> dict:
                 mrow["paper_speedup"] = PAPER[setting].get(e.num_recursions)
                 results.append(mrow)
     hf_rows = []
-    if args.hf != "none":
+    if settings.hf != "none":
         try:
             import transformers  # noqa: F401
         except ImportError:
             transformers = None
         if transformers is not None:
-            for v in list(vanillas.values())[:None if args.hf == "all" else 1]:
-                n = args.batch
-                wl = [args.mean_len] * n
-                reps = range(max(1, args.repeats))
+            for v in list(vanillas.values())[:None if settings.hf == "all" else 1]:
+                n = settings.batch
+                wl = [settings.mean_len] * n
+                reps = range(max(1, settings.repeats))
                 ours = max((run_engine(v.model, prompts[:1], wl, batch=n, schedule="sequence",
-                                       temperature=args.temperature, seed=args.seed, block_size=args.block_size)
+                                       temperature=settings.temperature, seed=settings.seed, block_size=settings.block_size)
                             for _ in reps), key=lambda r: r["tokens_per_s"])
-                hf = max((run_hf(v.model, prompts[0], n, args.mean_len, temperature=args.temperature, seed=args.seed)
+                hf = max((run_hf(v.model, prompts[0], n, settings.mean_len, temperature=settings.temperature, seed=settings.seed)
                           for _ in reps), key=lambda r: r["tokens_per_s"])
-                hf_rows.append({"model": v.name, "batch": n, "new_tokens": args.mean_len,
+                hf_rows.append({"model": v.name, "batch": n, "new_tokens": settings.mean_len,
                                 "ours_tokens_per_s": ours["tokens_per_s"], "hf_tokens_per_s": hf["tokens_per_s"],
                                 "ratio": ours["tokens_per_s"] / hf["tokens_per_s"]})
 
     summary = {
         "device": str(dev), "device_name": _device_name(dev), "dtype": str(dtype).replace("torch.", ""),
-        "threads": torch.get_num_threads(), "shape": shape, "shape_overrides": over, "kv_mode": args.kv_mode,
-        "repeats": args.repeats,
-        "mean_len": args.mean_len, "len_spread": args.len_spread, "requests_per_slot": per_slot,
-        "prompted": bool(args.prompts), "temperature": args.temperature, "vanilla_max_batch": vmax,
-        "kv_budget_mb": args.kv_budget_mb, "rows": rows, "comparisons": [
+        "threads": torch.get_num_threads(), "shape": shape, "shape_overrides": over, "kv_mode": settings.kv_mode,
+        "repeats": settings.repeats,
+        "mean_len": settings.mean_len, "len_spread": settings.len_spread, "requests_per_slot": per_slot,
+        "prompted": bool(settings.prompts), "temperature": settings.temperature, "vanilla_max_batch": vmax,
+        "kv_budget_mb": settings.kv_budget_mb, "rows": rows, "comparisons": [
             {"model": r["model"], "setting": r["setting"], "schedule": r["schedule"], "batch": r["batch"],
              "vs": r["vs"], "speedup": r["speedup"], "paper_speedup": r["paper_speedup"]} for r in results],
         "hf": hf_rows, "wall_s": time.perf_counter() - t_start,

@@ -28,27 +28,17 @@ import torch
 from ..config import ModelConfig
 from ..flops import executed_flops_per_token, measure_matmul_peak, paper_flops_per_token
 from ..model import MoRForCausalLM
-from ..train import autocast_for, build_optimizer, load_recipe, resolve_device
+from ..runtime import autocast_for, resolve_device
+from ..train import build_optimizer, load_recipe
+from ..variants import parse_variant
 
 MODELS = ("vanilla", "recursive", "mor-expert", "mor-token", "mor-expert-nr2")
 
 
 def model_config(base: ModelConfig, name: str, nr: int) -> ModelConfig:
-    common = dict(sharing="middle_cycle", kv_mode="recursion_wise")
-    if name == "vanilla":
-        return base.replace(architecture="vanilla", num_recursions=1, capacities=None, kv_mode="recursion_wise")
-    if name == "recursive":
-        return base.replace(architecture="recursive", num_recursions=nr, capacities=None, **common)
-    if name == "mor-expert":
-        return base.replace(architecture="mor", router_type="expert", num_recursions=nr, capacities=None,
-                            router_func="sigmoid", router_alpha=0.1, **common)
-    if name == "mor-token":
-        return base.replace(architecture="mor", router_type="token", num_recursions=nr, capacities=None,
-                            router_func="softmax", router_alpha=1.0, use_aux_router=False, **common)
-    if name == "mor-expert-nr2":
-        return base.replace(architecture="mor", router_type="expert", num_recursions=2, capacities=None,
-                            router_func="sigmoid", router_alpha=0.1, **common)
-    raise ValueError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
+    """The model ``name`` (a variant of :mod:`mor.variants`; ``nr`` when the name gives no N_r) on
+    the shape of ``base``."""
+    return parse_variant(name, nr, what="--models").config(base)
 
 
 class Runner:
@@ -112,7 +102,8 @@ class Runner:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="configs/bench.yaml", help="recipe giving the shape, seq_len, batch_size")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (e.g. batch_size=4)")
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma list from: {', '.join(MODELS)}")
+    p.add_argument("--models", default=",".join(MODELS),
+                   help=f"comma list of model variants (mor.variants), default: {', '.join(MODELS)}")
     p.add_argument("--nr", type=int, default=3, help="recursions of the recursive / MoR models (default 3)")
     p.add_argument("--steps", type=int, default=6, help="timed steps per model per round (default 6)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved measuring rounds (default 2)")
@@ -127,8 +118,7 @@ def run(args: argparse.Namespace) -> dict:
     base = tcfg.model_config()
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     for n in names:
-        if n not in MODELS:
-            raise ValueError(f"--models: unknown model {n!r}; choose from: {', '.join(MODELS)}")
+        parse_variant(n, args.nr, what="--models")  # a bad name fails before anything is measured
     T, B = tcfg.seq_len, tcfg.batch_size
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     log(f"[bench train] device {device}, shape L={base.num_hidden_layers} d={base.hidden_size} "

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed (prompt i uses seed + i)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-text token")
     p.add_argument("--tokenizer", help="tokenizer.json to use instead of the checkpoint's")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="weights and KV dtype (default bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--max-batch", type=int, default=32, help="concurrent sequences (default 32)")

@@ -30,13 +30,13 @@ import torch
 
 from ..cache import PoolExhausted, make_pool
 from ..model import MoRForCausalLM
+from ..runtime import find_eos
 from .request import Request, RequestError, RequestOutput, SamplingParams
 from .runner import ModelRunner
 from .sampling import sample
 from .scheduler import Scheduler
 
 SCHEDULES = ("auto", "depth", "sequence")
-EOS_TOKEN = "<|endoftext|>"
 
 
 @dataclass
@@ -162,9 +162,8 @@ class Engine:
             schedule = "depth" if cfg.architecture == "mor" else "sequence"
         self.schedule = schedule
         if eos_token_id is None:
-            eos_token_id = 0
-            if tokenizer is not None and tokenizer.token_to_id(EOS_TOKEN) is not None:
-                eos_token_id = tokenizer.token_to_id(EOS_TOKEN)
+            found = find_eos(tokenizer) if tokenizer is not None else None
+            eos_token_id = found[0] if found else 0
         self.eos_token_id = eos_token_id
         self.record_logits = record_logits
         self.generator = torch.Generator(device=self.device)

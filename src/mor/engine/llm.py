@@ -10,17 +10,13 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from ..cache import worst_case_bytes
+from ..config import ConfigError
 from ..model import MoRForCausalLM
-from .core import EOS_TOKEN, Engine, EngineStats, StepEvent
+from ..runtime import find_eos, resolve_device, resolve_dtype
+from .core import Engine, EngineStats, StepEvent
 from .request import RequestError, RequestOutput, SamplingParams
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 DEFAULT_KV_CAP_GB = (1.0, 8.0)  # (CPU, CUDA): default KV pool cap of LLM
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _unwrap(model: Any) -> MoRForCausalLM:
@@ -85,17 +81,16 @@ class LLM:
                  device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
                  max_batch: int = 32, max_model_len: int | None = None, kv_memory_gb: float | None = None,
                  block_size: int = 16, schedule: str = "auto", seed: int | None = None):
-        if isinstance(dtype, str):
-            name = dtype
-            dtype = DTYPES.get(name)
-            if dtype is None:
-                raise RequestError(f"dtype={name!r}; choose one of: {', '.join(DTYPES)}")
+        try:
+            device = None if device is None else resolve_device(device)
+            dtype = None if dtype is None or dtype == "auto" else resolve_dtype(dtype)
+        except ConfigError as e:
+            raise RequestError(str(e)) from None
         if isinstance(model, (str, os.PathLike)):
             from ..checkpoint import load_model, load_tokenizer
 
-            dev = torch.device(device) if device is not None else default_device()
-            if dtype is None:
-                dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+            dev = device or resolve_device("auto")
+            dtype = dtype or resolve_dtype("auto", dev)
             self.checkpoint = str(model)
             model_obj = load_model(model, dev, dtype)
             if tokenizer is None:
@@ -183,8 +178,7 @@ def generate_text(model: MoRForCausalLM, tokenizer: Any, prompts: list[str], par
     if not prompts:
         return []
     plist = _per_request_params(params, len(prompts))
-    eos = tokenizer.token_to_id(EOS_TOKEN)
-    eos = 0 if eos is None else eos
+    eos = (find_eos(tokenizer) or (0, ""))[0]
     ids = []
     for p, sp in zip(prompts, plist):
         sp.validate()

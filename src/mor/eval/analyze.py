@@ -37,8 +37,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .common import (describe, is_expert_choice, load_for_eval, model_routing, routing_modes, update_results,
-                     write_atomic)
+from ..runtime import write_atomic
+from .common import describe, is_expert_choice, load_for_eval, model_routing, routing_modes, update_results
 from .depth import forward_depth
 
 HIST_BINS = 30
@@ -389,7 +389,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=2048, help="analyse at most this many tokens (default 2048)")
     p.add_argument("--extra-depth", type=int, default=2,
                    help="depth scaling: extra passes beyond N_r to try (default 2; not for token-choice)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda or cuda:N")
     p.add_argument("--no-save", action="store_true", help="do not merge the summary into results.json")
 
 

@@ -10,37 +10,24 @@ from typing import Any
 import torch
 
 from ..checkpoint import CheckpointError, load_model, load_tokenizer, resolve_checkpoint
-from ..config import ModelConfig, atomic_write_text
-from ..train import resolve_device
+from ..config import ConfigError, ModelConfig
+from ..runtime import EOS_CANDIDATES, find_eos, jsonable, resolve_device, resolve_dtype, write_atomic
 
-#: Names tried, in order, for the end-of-document token of a tokenizer.
-EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 RESULTS_FILE = "results.json"
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
-    if name is None or name == "auto":
-        return torch.float32
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        return DTYPES[str(name)]
-    except KeyError:
-        raise CheckpointError(f"dtype={name!r} is not valid; choose one of: {', '.join(DTYPES)}") from None
-
-
-def load_for_eval(checkpoint: str | os.PathLike, device: str | torch.device = "cpu",
+def load_for_eval(checkpoint: str | os.PathLike, device: str | torch.device = "auto",
                   dtype: str | torch.dtype | None = None, need_tokenizer: bool = True):
     """(model in eval mode, tokenizer or None, checkpoint directory).
 
     ``checkpoint`` is a checkpoint directory or a run directory (its latest checkpoint)."""
     ckpt_dir = resolve_checkpoint(checkpoint)
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
-    model = load_model(ckpt_dir, device=dev, dtype=resolve_dtype(dtype))
+    try:
+        dev = resolve_device(device)
+        weights = resolve_dtype(dtype or "fp32", dev)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    model = load_model(ckpt_dir, device=dev, dtype=weights)
     tok = load_tokenizer(ckpt_dir, vocab_size=model.config.vocab_size)
     if tok is None and need_tokenizer:
         raise CheckpointError(f"checkpoint {ckpt_dir} has no tokenizer.json; evaluation needs the tokenizer "
@@ -50,11 +37,10 @@ def load_for_eval(checkpoint: str | os.PathLike, device: str | torch.device = "c
 
 def eos_id(tokenizer) -> int:
     """Id of the tokenizer's end-of-document token (appended after every document in training)."""
-    for t in EOS_CANDIDATES:
-        i = tokenizer.token_to_id(t)
-        if i is not None:
-            return int(i)
-    raise CheckpointError(f"the tokenizer has no end-of-text token (looked for {', '.join(EOS_CANDIDATES)})")
+    found = find_eos(tokenizer)
+    if found is None:
+        raise CheckpointError(f"the tokenizer has no end-of-text token (looked for {', '.join(EOS_CANDIDATES)})")
+    return found[0]
 
 
 def is_expert_choice(cfg: ModelConfig) -> bool:
@@ -113,25 +99,6 @@ def update_results(ckpt_dir: str | os.PathLike, updates: dict[str, Any]) -> Path
                 current = {}
             if not isinstance(current, dict):
                 current = {}
-        _deep_merge(current, json.loads(json.dumps(updates, default=_jsonable)))
+        _deep_merge(current, json.loads(json.dumps(updates, default=jsonable)))
         write_atomic(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
     return path
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` atomically (temp file + rename) with the usual permissions
-    (0666 minus the umask; the temp file alone would be private)."""
-    atomic_write_text(os.fspath(path), text)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
-def _jsonable(o):
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if hasattr(o, "__fspath__"):
-        return os.fspath(o)
-    if hasattr(o, "item"):
-        return o.item()
-    return repr(o)

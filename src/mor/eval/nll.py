@@ -8,8 +8,13 @@ Definition (what ``mor eval --data`` reports):
    (written by ``mor prepare``) contributes its ``val`` split as it is.
 2. The stream (optionally cut to its first ``max_tokens`` tokens) is split into windows of
    ``seq_len + 1`` tokens at stride ``seq_len`` - the training windows - so every token
-   after the first is predicted exactly once, from the tokens before it in its window. A
-   final shorter window takes the remaining tokens (its routing sees a shorter sequence).
+   after the first is predicted exactly once, from the tokens before it in its window.
+   When ``seq_len`` does not divide the predictions, the last window is the stream's last
+   ``seq_len + 1`` tokens and scores only the tokens no earlier window scored: the
+   remainder is scored once, with as much left context as a window holds, and every window
+   has the training length (top-k routing sees the sequence length it was trained on).
+   A stream shorter than one window is one window of its own length
+   (:func:`nll_windows`).
 3. NLL is the mean over all predicted tokens of ``-log p(token)`` in nats; perplexity is
    ``exp(NLL)``.
 
@@ -30,7 +35,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -53,7 +58,7 @@ def token_stream(source: str, tokenizer, *, text_field: str = "text", max_tokens
     ``hf:...``), tokenized with ``tokenizer`` with the end-of-text token after each
     document, or a prepared data directory, whose ``split`` (default ``val``) is read as is;
     its tokenizer must have the same vocabulary as ``tokenizer``."""
-    from ..data import DataError, load_meta
+    from ..data import DataError, load_meta, read_split
 
     if _is_prepared_dir(source):
         d = Path(source).expanduser()
@@ -67,16 +72,7 @@ def token_stream(source: str, tokenizer, *, text_field: str = "text", max_tokens
             if data_tok.get_vocab() != tokenizer.get_vocab():
                 raise DataError(f"{d} was tokenized with a different tokenizer than the checkpoint's; "
                                 "pass the raw text source instead so it is tokenized with the checkpoint's")
-        dtype = np.dtype(meta["dtype"])
-        parts, total = [], 0
-        for shard in meta["splits"][split]["shards"]:
-            if max_tokens is not None and total >= max_tokens:
-                break
-            arr = np.memmap(d / shard["file"], dtype=dtype, mode="r")
-            take = len(arr) if max_tokens is None else min(len(arr), max_tokens - total)
-            parts.append(np.asarray(arr[:take], dtype=np.int64))
-            total += take
-        stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        stream = read_split(d, split, max_tokens)
         info = {"source": str(d), "kind": "prepared", "split": split,
                 "documents": meta["splits"][split].get("documents")}
     else:
@@ -117,23 +113,47 @@ def token_stream(source: str, tokenizer, *, text_field: str = "text", max_tokens
     return stream, info
 
 
-def window_starts(num_tokens: int, seq_len: int) -> list[tuple[int, int]]:
-    """(start, predicted tokens) of the evaluation windows of a stream of ``num_tokens``:
-    full windows of ``seq_len`` predictions at stride ``seq_len``, then one shorter window
-    for the rest."""
+def nll_windows(num_tokens: int, seq_len: int) -> list[tuple[int, int, int]]:
+    """The evaluation windows of a stream of ``num_tokens`` tokens (module docstring, rule 2)
+    as ``(start, length, scored)``: the window's inputs are ``stream[start:start + length]``,
+    its targets the next tokens, and only its last ``scored`` targets count. Every target
+    (token 1 .. num_tokens - 1) is scored by exactly one window."""
     n_pred = num_tokens - 1
-    out = [(s, seq_len) for s in range(0, (n_pred // seq_len) * seq_len, seq_len)]
-    rest = n_pred - (n_pred // seq_len) * seq_len
-    if rest > 0:
-        out.append((n_pred - rest, rest))
+    if n_pred < 1:
+        return []
+    length = min(seq_len, n_pred)
+    full = n_pred // length
+    out = [(i * length, length, length) for i in range(full)]
+    rest = n_pred - full * length
+    if rest:
+        out.append((n_pred - length, length, rest))
     return out
+
+
+def _shard(windows: list, batch_size: int, rank: int, world_size: int) -> list:
+    """This rank's windows: global batches of ``batch_size * world_size`` windows, rank ``r``
+    taking its contiguous slice of each; the list is first padded (with windows that score
+    nothing) to whole global batches, so that every rank runs the same number of forwards."""
+    if world_size == 1:
+        return windows
+    per = batch_size * world_size
+    padded = windows + [(windows[0][0], windows[0][1], 0)] * (-len(windows) % per)
+    return [w for g in range(0, len(padded), per) for w in padded[g + rank * batch_size: g + (rank + 1) * batch_size]]
 
 
 @torch.no_grad()
 def evaluate_nll(model, stream: np.ndarray, *, seq_len: int, routing: str = "topk", batch_size: int = 8,
-                 device: torch.device | str | None = None, progress: bool = False) -> dict[str, Any]:
+                 device: torch.device | str | None = None, progress: bool = False, rank: int = 0,
+                 world_size: int = 1, forward: Callable[[torch.Tensor], Any] | None = None) -> dict[str, Any]:
     """Mean NLL (nats/token) of ``stream`` under ``model`` with the given routing rule, plus
-    router diagnostics (see the module docstring for the exact definition)."""
+    router diagnostics (see the module docstring for the exact definition).
+
+    ``nll_sum`` and ``tokens`` are the summed NLL and the number of scored targets. With
+    ``world_size > 1`` the windows are shared out between the ranks (:func:`_shard`) and the
+    result covers this rank's share: summing ``nll_sum`` and ``tokens`` over the ranks gives
+    the one-process numbers (the trainer all-reduces them). ``forward`` replaces the model's own
+    forward (``model(x, routing=...)``), e.g. a depth-capped :func:`mor.eval.depth.forward_depth`;
+    it returns an object with ``logits`` and optionally ``depth`` and ``router_stats``."""
     cfg = model.config
     if seq_len > cfg.max_position_embeddings:
         raise CheckpointError(f"seq_len={seq_len} exceeds the model's max_position_embeddings="
@@ -142,11 +162,8 @@ def evaluate_nll(model, stream: np.ndarray, *, seq_len: int, routing: str = "top
     model.eval()
     nr = cfg.num_recursions
     caps = cfg.resolved_capacities() if is_expert_choice(cfg) else [1.0] * nr
-    wins = window_starts(len(stream), seq_len)
-    # group windows of equal length (top-k routing depends on the sequence length)
-    groups: dict[int, list[int]] = {}
-    for s, n in wins:
-        groups.setdefault(n, []).append(s)
+    all_windows = nll_windows(len(stream), seq_len)
+    windows = _shard(all_windows, batch_size, rank, world_size) if all_windows else []
     tot_nll, tot_tok = 0.0, 0
     dead, samp, frac = 0.0, torch.zeros(nr, dtype=torch.float64), torch.zeros(nr, dtype=torch.float64)
     hist = torch.zeros(nr + 2, dtype=torch.long)
@@ -156,47 +173,53 @@ def evaluate_nll(model, stream: np.ndarray, *, seq_len: int, routing: str = "top
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(wins), desc=f"nll[{routing}]", leave=False, unit="win")
-    for n, starts in groups.items():
-        for i in range(0, len(starts), batch_size):
-            chunk = starts[i:i + batch_size]
-            buf = np.stack([stream[s:s + n + 1] for s in chunk])
-            x = torch.from_numpy(buf[:, :-1]).to(device)
-            y = torch.from_numpy(buf[:, 1:]).to(device)
-            out = model(x, routing=model_routing(routing))
-            logits = out.logits.float()
-            tot_nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
-            ntok = y.numel()
-            tot_tok += ntok
-            st = out.router_stats
-            if "dead_token_ratio" in st:
-                dead += float(st["dead_token_ratio"]) * ntok
-                has.add("dead")
-            if "sampling_accuracy" in st:
-                samp += st["sampling_accuracy"].double().cpu() * ntok
-                has.add("samp")
-            if "selected_fraction" in st:
-                frac += st["selected_fraction"].double().cpu() * ntok
-                has.add("frac")
-            if "max_violation" in st:
-                maxvio += float(st["max_violation"]) * ntok
-                has.add("maxvio")
-            if out.depth is not None:
-                hist += torch.bincount(out.depth.reshape(-1).cpu().clamp(max=nr + 1), minlength=nr + 2)
-            if bar is not None:
-                bar.update(len(chunk))
+        bar = tqdm(total=len(windows), desc=f"nll[{routing}]", leave=False, unit="win")
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i:i + batch_size]
+        buf = np.stack([stream[start:start + length + 1] for start, length, _ in chunk])
+        x = torch.from_numpy(buf[:, :-1]).to(device)
+        y = torch.from_numpy(buf[:, 1:]).to(device)
+        scored = torch.zeros_like(y, dtype=torch.bool)
+        for row, (_, length, n_scored) in enumerate(chunk):
+            scored[row, length - n_scored:] = True
+        out = forward(x) if forward is not None else model(x, routing=model_routing(routing))
+        logits = out.logits.float()
+        tot_nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.masked_fill(~scored, -100).reshape(-1),
+                                   ignore_index=-100, reduction="sum").item()
+        ntok = int(scored.sum())
+        tot_tok += ntok
+        st = getattr(out, "router_stats", None) or {}
+        if "dead_token_ratio" in st:
+            dead += float(st["dead_token_ratio"]) * ntok
+            has.add("dead")
+        if "sampling_accuracy" in st:
+            samp += st["sampling_accuracy"].double().cpu() * ntok
+            has.add("samp")
+        if "selected_fraction" in st:
+            frac += st["selected_fraction"].double().cpu() * ntok
+            has.add("frac")
+        if "max_violation" in st:
+            maxvio += float(st["max_violation"]) * ntok
+            has.add("maxvio")
+        if out.depth is not None:
+            hist += torch.bincount(out.depth[scored].cpu().clamp(max=nr + 1), minlength=nr + 2)
+        if bar is not None:
+            bar.update(len(chunk))
     if bar is not None:
         bar.close()
-    nll = tot_nll / tot_tok
+    nll = tot_nll / tot_tok if tot_tok else float("nan")
     res: dict[str, Any] = {
         "routing": routing,
         "nll": nll,
         "ppl": math.exp(min(nll, 50.0)),
+        "nll_sum": tot_nll,
         "tokens": tot_tok,
-        "windows": len(wins),
+        "windows": len(all_windows),
         "seq_len": seq_len,
         "seconds": round(time.time() - t0, 3),
     }
+    if not tot_tok:
+        return res
     if "dead" in has:
         res["dead_token_ratio"] = dead / tot_tok
     if "samp" in has:
