@@ -9,7 +9,7 @@ import torch
 from mor import preset
 from mor.cache import CacheLayout, KVPool, PoolExhausted, expected_kv_layers_per_token, make_pool
 from mor.engine.runner import ModelRunner
-from test_engine import V, build, tiny
+from helpers import V, build, tiny
 
 
 
@@ -22,8 +22,8 @@ def test_layouts():
     assert m.rec_write == (1, 2, 3) and m.rec_read == (1, 2, 3) and m.num_prefix == 1
     s = CacheLayout.for_config(tiny("recursive", kv_mode="shared"))
     assert s.names == ("full", "rec0") and s.rec_write == (1, None, None) and s.rec_read == (1, 1, 1)
-    c = CacheLayout.for_config(tiny("mor", sharing="cycle", num_hidden_layers=9))
-    assert c.full is None and c.names == ("rec0", "rec1", "rec2") and c.layers == (3, 3, 3)
+    cycle = CacheLayout.for_config(tiny("mor", sharing="cycle", num_hidden_layers=9))
+    assert cycle.full is None and cycle.names == ("rec0", "rec1", "rec2") and cycle.layers == (3, 3, 3)
 
 
 def test_memory_formulas_match_spec():

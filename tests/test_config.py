@@ -54,8 +54,8 @@ def test_json_roundtrip_and_unknown_keys(tmp_path):
 
 def test_presets():
     assert set(PRESETS) >= {"smollm-135m", "smollm-360m", "smollm-730m", "smollm-1.7b", "tiny", "small"}
-    c = preset("smollm-360m", "mor", 4)
-    assert c.num_hidden_layers == 34 and c.vocab_size == 49152 and c.head_dim == 64
+    cfg = preset("smollm-360m", "mor", 4)
+    assert cfg.num_hidden_layers == 34 and cfg.vocab_size == 49152 and cfg.head_dim == 64
     assert preset("smollm-360m", "mor", 3).num_hidden_layers == 32
     assert preset("smollm-360m", "vanilla").num_recursions == 1
     assert preset("smollm-135m", "recursive", 3).num_hidden_layers == 32

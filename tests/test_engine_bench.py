@@ -28,12 +28,16 @@ def test_router_calibration_matches_capacities():
     assert fresh == pytest.approx([1.0, 0.75, 0.5, 0.25], abs=0.08)
 
 
-def test_hf_llama_holds_the_vanilla_weights():
+@pytest.mark.parametrize("kv_heads,tie", [(2, True), (4, False)])
+def test_vanilla_model_equals_hf_llama_with_its_weights(kv_heads, tie):
+    """A vanilla model is Hugging Face LlamaForCausalLM (fp32) holding the same weights, which is
+    what the benchmark's transformers baseline (hf_llama) runs."""
     pytest.importorskip("transformers")
-    cfg = preset("tiny", "vanilla", vocab_size=97, num_hidden_layers=3)
+    cfg = preset("tiny", "vanilla", num_hidden_layers=3, num_key_value_heads=kv_heads, vocab_size=101,
+                 tie_word_embeddings=tie, rope_theta=500.0)
     torch.manual_seed(0)
     m = MoRForCausalLM(cfg).eval()
-    x = torch.randint(0, 97, (2, 9))
+    x = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(hf_llama(m)(x).logits, m(x).logits, atol=1e-5, rtol=1e-5)
 

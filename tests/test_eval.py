@@ -9,45 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 
 from mor import checkpoint as ckpt
-from mor.cli import main
-from mor.config import preset
-from mor.model import MoRForCausalLM
-
-WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hum . "
-         "Question Answer yes no").split()
-
-
-def _docs(n: int, length: int, seed: int) -> list[str]:
-    g = torch.Generator().manual_seed(seed)
-    return [" ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (length,), generator=g).tolist())
-            for _ in range(n)]
-
-
-def make_checkpoint(path: Path, architecture: str = "mor", seed: int = 0, **overrides) -> Path:
-    """A small random checkpoint with a 300-token BPE; routers get larger weights so that
-    routing decisions vary from token to token."""
-    from mor.data import train_tokenizer
-
-    tok = train_tokenizer(_docs(4, 300, 123), 300)
-    torch.manual_seed(seed)
-    nr = 1 if architecture == "vanilla" else 3
-    cfg = preset("tiny", architecture, nr, **{"max_position_embeddings": 64, "vocab_size": 300, **overrides})
-    model = MoRForCausalLM(cfg)
-    for name, p in model.named_parameters():
-        if "router" in name:
-            p.data.normal_(0.0, 0.5)
-    return ckpt.save_checkpoint(path, model, tokenizer=tok)
-
-
-
-def run_cli(argv, capsys) -> tuple[int, dict, str]:
-    rc = main(argv)
-    out = capsys.readouterr().out
-    return rc, json.loads(out.strip().splitlines()[-1]), out
-
+from helpers import make_checkpoint, random_docs, run_cli
 
 @pytest.fixture(scope="module")
 def mor_ckpt(tmp_path_factory):
@@ -71,7 +36,7 @@ def reference_nll(model, stream: list[int], seq_len: int, routing: str):
         w = stream[s:s + length + 1]
         with torch.no_grad():
             out = model(torch.tensor([w[:-1]]), routing=routing)
-        lp = F.log_softmax(out.logits[0].float(), dim=-1)
+        lp = functional.log_softmax(out.logits[0].float(), dim=-1)
         new = [i for i in range(length) if s + 1 + i not in scored]
         for i in new:
             tot += -lp[i, w[i + 1]].item()
@@ -95,7 +60,7 @@ def test_windows_score_every_target_once_with_full_windows():
 
 
 def test_nll_matches_independent_computation(mor_ckpt, tmp_path, capsys):
-    docs = _docs(3, 70, 7)
+    docs = random_docs(3, 70, 7)
     src = tmp_path / "held_out.jsonl"
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     rc, res, out = run_cli(["eval", str(mor_ckpt), "--data", str(src), "--seq-len", "32", "--batch-size", "3"],
@@ -136,7 +101,7 @@ def test_dead_token_ratio_with_one_window_per_batch(mor_ckpt):
     from mor.eval.nll import evaluate_nll
 
     model = ckpt.load_model(mor_ckpt)
-    stream = np.array(ckpt.load_tokenizer(mor_ckpt).encode(" ".join(_docs(1, 200, 3))).ids, dtype=np.int64)
+    stream = np.array(ckpt.load_tokenizer(mor_ckpt).encode(" ".join(random_docs(1, 200, 3))).ids, dtype=np.int64)
     r = evaluate_nll(model, stream, seq_len=16, routing="threshold", batch_size=1)
     _, n, stats = reference_nll(model, stream.tolist(), 16, "threshold")
     dead = sum(k * float(s["dead_token_ratio"]) for k, s in stats) / n
@@ -150,7 +115,7 @@ def test_nll_on_prepared_dir_uses_val_split(mor_ckpt, tmp_path, capsys):
 
     src = tmp_path / "corpus"
     src.mkdir()
-    for i, d in enumerate(_docs(6, 120, 11)):
+    for i, d in enumerate(random_docs(6, 120, 11)):
         (src / f"d{i}.txt").write_text(d)
     out = tmp_path / "prepared"
     prepare([str(src)], str(out), tokenizer=str(Path(mor_ckpt) / "tokenizer.json"), val_fraction=0.3)
@@ -172,7 +137,7 @@ def test_prepared_dir_with_other_tokenizer_is_refused(mor_ckpt, tmp_path, capsys
     from mor.data import prepare
 
     src = tmp_path / "c.txt"
-    src.write_text(" ".join(_docs(1, 3000, 5)) + " zebra xylophone")
+    src.write_text(" ".join(random_docs(1, 3000, 5)) + " zebra xylophone")
     prepare([str(src)], str(tmp_path / "p"), vocab_size=280, val_fraction=0.5)
     rc, res, _ = run_cli(["eval", str(mor_ckpt), "--data", str(tmp_path / "p")], capsys)
     assert rc == 2 and "different tokenizer" in res["error"]
@@ -181,7 +146,7 @@ def test_prepared_dir_with_other_tokenizer_is_refused(mor_ckpt, tmp_path, capsys
 def test_vanilla_checkpoint_gives_one_number(tmp_path, capsys):
     ck = make_checkpoint(tmp_path / "van", "vanilla")
     src = tmp_path / "t.txt"
-    src.write_text(" ".join(_docs(1, 150, 2)))
+    src.write_text(" ".join(random_docs(1, 150, 2)))
     rc, res, out = run_cli(["eval", str(ck), "--data", str(src), "--seq-len", "64"], capsys)
     assert rc == 0
     (_, r), = res["nll"].items()

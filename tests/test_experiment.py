@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from mor import checkpoint as ckpt
 from mor import experiment
@@ -17,18 +16,6 @@ from mor.train import load_recipe
 from mor.variants import Variant, parse_variants
 
 ROOT = Path(__file__).resolve().parents[1]
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A small text corpus (raw files) the experiment prepares itself, like tests/test_train.py's."""
-    d = tmp_path_factory.mktemp("exp-corpus")
-    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hum".split()
-    g = torch.Generator().manual_seed(0)
-    for i in range(6):
-        idx = torch.randint(0, len(words), (2500,), generator=g).tolist()
-        (d / f"doc{i}.txt").write_text(" ".join(words[j] for j in idx))
-    return d
-
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser()
@@ -42,7 +29,7 @@ def test_micro_recipe_is_a_valid_training_recipe():
     assert r.flops_budget is not None and r.schedule == "wsd"
 
 
-def test_paper_shapes_use_the_paper_recipe_and_counts(corpus, tmp_path):
+def test_paper_shapes_use_the_paper_recipe_and_counts(corpus_dir, tmp_path):
     """360M recipes: the paper's parameter counts (SPEC section 1) and warm-up rule (section 7)."""
     shape = plan.load_shape("360m")
     want = {"vanilla": 315e6, "mor-expert-nr2": 167e6, "mor-expert-nr3": 118e6}
@@ -76,10 +63,10 @@ def test_micro_shape_fits_the_sharing_schemes(tmp_path):
     assert by["mor-expert-nr3"].unique_params < 0.55 * by["vanilla"].unique_params
 
 
-def test_plan_rejects_budgets_that_round_badly(corpus, tmp_path):
+def test_plan_rejects_budgets_that_round_badly(corpus_dir, tmp_path):
     """A budget that buys only a few steps cannot keep every model within 2%: stop before training."""
     args = parse(["isoflop", "--shapes", "tiny", "--budget", "2.6e8", "--models", "vanilla,mor-expert:3",
-                  "--corpus", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "exp")])
+                  "--corpus", str(corpus_dir), "--vocab-size", "300", "--out", str(tmp_path / "exp")])
     with pytest.raises(plan.ExperimentError, match="more than 2% off the budget"):
         experiment.run(args)
     assert not (tmp_path / "exp" / "data").exists()  # nothing was prepared or trained
@@ -90,8 +77,8 @@ def _records(out: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/*/experiment.json"))}
 
 
-def _argv(corpus, out, report, models, *extra):
-    return ["isoflop", "--shapes", "tiny", "--budget", "3e9", "--models", models, "--corpus", str(corpus),
+def _argv(corpus_dir, out, report, models, *extra):
+    return ["isoflop", "--shapes", "tiny", "--budget", "3e9", "--models", models, "--corpus", str(corpus_dir),
             "--vocab-size", "300", "--val-fraction", "0.15", "--out", str(out), "--report-dir", str(report),
             "--set", "eval_every=8", "ckpt_every=8", *extra]
 
@@ -109,9 +96,9 @@ def _spy_train(monkeypatch) -> list[tuple[str, bool]]:
     return calls
 
 
-def test_isoflop_end_to_end_and_resume(corpus, tmp_path, monkeypatch):
+def test_isoflop_end_to_end_and_resume(corpus_dir, tmp_path, monkeypatch):
     out, report = tmp_path / "exp", tmp_path / "report"
-    argv = _argv(corpus, out, report, "vanilla,mor-expert:3", "--no-throughput")
+    argv = _argv(corpus_dir, out, report, "vanilla,mor-expert:3", "--no-throughput")
 
     # 1. interrupt the MoR model right after its first periodic checkpoint (step 8)
     real_save = ckpt.save_checkpoint
@@ -182,11 +169,11 @@ def res_plan_steps(argv, name) -> int:
 
 
 @pytest.mark.slow
-def test_isoflop_token_choice_recipe_change_and_throughput(corpus, tmp_path, monkeypatch):
+def test_isoflop_token_choice_recipe_change_and_throughput(corpus_dir, tmp_path, monkeypatch):
     """Token-choice depth scaling, retraining a model whose recipe changed, and the throughput plot
     through `mor bench infer` when that benchmark is installed."""
     out, report = tmp_path / "exp", tmp_path / "report"
-    argv = _argv(corpus, out, report, "vanilla,mor-token:2", "--no-throughput")
+    argv = _argv(corpus_dir, out, report, "vanilla,mor-token:2", "--no-throughput")
     experiment.run(parse(argv))
     rows = {r["name"]: r for r in json.loads((report / "results.json").read_text())["rows"]}
     tok = rows["mor-token-nr2"]
@@ -210,7 +197,7 @@ def test_isoflop_token_choice_recipe_change_and_throughput(corpus, tmp_path, mon
     assert (report / "throughput_vs_nll.png").is_file()
 
 
-def test_combine_replicates(corpus, tmp_path):
+def test_combine_replicates(corpus_dir, tmp_path):
     """Two seeds of the same plan: per-model mean/std and paired differences, checked against the
     replicates' own results.json; non-replicates are refused."""
     import numpy as np
@@ -218,7 +205,7 @@ def test_combine_replicates(corpus, tmp_path):
     dirs = []
     for seed in (0, 1):
         out = tmp_path / f"s{seed}"
-        argv = _argv(corpus, out, out, "vanilla,recursive:2,mor-expert:2", "--no-analysis", "--no-throughput")
+        argv = _argv(corpus_dir, out, out, "vanilla,recursive:2,mor-expert:2", "--no-analysis", "--no-throughput")
         argv.insert(argv.index("ckpt_every=8") + 1, f"seed={seed}")
         experiment.run(parse(argv))
         dirs.append(out)

@@ -8,26 +8,11 @@ import torch
 
 from mor import MoRForCausalLM, preset
 from mor.config import ModelConfig
+from helpers import build, tiny
 from reference import reference_forward
 
 torch.set_default_dtype(torch.float32)
 TOL = dict(atol=2e-5, rtol=1e-4)
-
-
-def tiny(arch="mor", **kw):
-    kw.setdefault("vocab_size", 97)
-    return preset("tiny", arch, **kw)
-
-
-def build(cfg, seed=0, router_std=None):
-    torch.manual_seed(seed)
-    m = MoRForCausalLM(cfg).eval()
-    if router_std is not None:  # larger router weights give decisive, varied routing
-        with torch.no_grad():
-            for n, p in m.named_parameters():
-                if "router" in n:
-                    p.normal_(0, router_std)
-    return m
 
 
 def ids(B=3, T=24, V=97, seed=1):
@@ -71,7 +56,7 @@ def test_compacted_equals_full_length_reference(kw):
 @pytest.mark.parametrize("kw", [dict(), dict(kv_mode="shared")])
 def test_recursive_matches_reference_and_unrolled_vanilla(kw):
     cfg = tiny("recursive", **kw)
-    m = build(cfg)
+    m = build(cfg, router_std=None)
     x = ids()
     with torch.no_grad():
         out = m(x).logits
@@ -79,7 +64,7 @@ def test_recursive_matches_reference_and_unrolled_vanilla(kw):
     torch.testing.assert_close(out, ref, **TOL)
     if cfg.kv_mode == "recursion_wise":
         # vanilla model whose L layers are copies of the unique layer each unrolled layer uses
-        van = build(tiny("vanilla", num_hidden_layers=cfg.num_hidden_layers))
+        van = build(tiny("vanilla", num_hidden_layers=cfg.num_hidden_layers), router_std=None)
         sd = {k: v for k, v in m.state_dict().items() if not k.startswith("model.layers.")}
         for l, u in enumerate(cfg.layer_map()):
             for k, v in m.model.layers[u].state_dict().items():
@@ -93,9 +78,9 @@ def test_recursive_matches_reference_and_unrolled_vanilla(kw):
 @pytest.mark.parametrize("kv_mode", ["recursion_wise", "shared"])
 def test_full_capacity_pass_through_mor_equals_recursive(sharing, kv_mode):
     L = 8 if sharing.startswith("middle") else 9
-    rec = build(tiny("recursive", sharing=sharing, num_hidden_layers=L, kv_mode=kv_mode))
+    rec = build(tiny("recursive", sharing=sharing, num_hidden_layers=L, kv_mode=kv_mode), router_std=None)
     mor = build(tiny("mor", sharing=sharing, num_hidden_layers=L, kv_mode=kv_mode,
-                     capacities=[1.0, 1.0, 1.0], gate_combine="pass_through"), seed=5)
+                     capacities=[1.0, 1.0, 1.0], gate_combine="pass_through"), seed=5, router_std=None)
     missing, unexpected = mor.load_state_dict(rec.state_dict(), strict=False)
     assert unexpected == [] and all("router" in k for k in missing)
     x = ids()
@@ -198,7 +183,7 @@ def _grads(m, loss):
                                 dict(router_arch="wide_mlp")])
 def test_gradients_reach_every_parameter(kw):
     cfg = tiny("mor", **kw)
-    m = build(cfg).train()
+    m = build(cfg, router_std=None).train()
     x = ids(2, 24)
     out = m(x, labels=torch.roll(x, -1, 1))
     grads = _grads(m, out.loss)
@@ -208,7 +193,7 @@ def test_gradients_reach_every_parameter(kw):
 
 def test_aux_router_learns_only_through_its_own_loss():
     cfg = tiny("mor", use_aux_router=True)
-    m = build(cfg).train()
+    m = build(cfg, router_std=None).train()
     x = ids(2, 24)
     out = m(x, labels=torch.roll(x, -1, 1))
     g_lm = _grads(m, out.lm_loss)
@@ -269,7 +254,7 @@ def test_loss_free_bias_update():
 
 def test_shared_layers_exist_once():
     cfg = tiny("mor", num_recursions=3)  # 8 layers, middle-cycle: 1 + 2 + 1 unique
-    m = build(cfg)
+    m = build(cfg, router_std=None)
     assert len(m.model.layers) == cfg.num_unique_layers == 4
     ptrs = [p.data_ptr() for p in m.parameters()]
     assert len(ptrs) == len(set(ptrs))
@@ -311,7 +296,7 @@ def test_layer_maps_match_spec():
 
 
 def test_training_output_fields():
-    m = build(tiny("mor")).train()
+    m = build(tiny("mor"), router_std=None).train()
     x = ids(2, 16)
     out = m(x, labels=torch.roll(x, -1, 1))
     assert out.logits.shape == (2, 16, 97)

@@ -36,8 +36,8 @@ def test_every_recipe_parses():
     recipes = sorted((ROOT / "configs").rglob("*.yaml"))
     assert len(recipes) >= 20
     for p in recipes:
-        c = load_recipe(str(p))
-        m = c.model_config(vocab_size=8192)
+        config = load_recipe(str(p))
+        m = config.model_config(vocab_size=8192)
         assert m.vocab_size == 8192
         assert m.architecture in ("vanilla", "recursive", "mor")
 
@@ -58,21 +58,21 @@ def test_recipe_errors(tmp_path):
         load_recipe(None, ["max_steps=3", "schedule=linear"])
     with pytest.raises(ConfigError, match="not found"):
         load_recipe(str(tmp_path / "missing.yaml"))
-    c = load_recipe(None, ["max_steps=3", "model.preset=tiny", "model.num_recursions=2", "lr=1e-3"])
-    assert c.lr == 1e-3 and c.model_config(100).num_recursions == 2
+    config = load_recipe(None, ["max_steps=3", "model.preset=tiny", "model.num_recursions=2", "lr=1e-3"])
+    assert config.lr == 1e-3 and config.model_config(100).num_recursions == 2
 
 
 def test_wsd_and_cosine_schedules():
-    c = TrainConfig(max_steps=100, warmup_steps=10, decay_frac=0.2, schedule="wsd")
-    m = [lr_multiplier(s, 100, c) for s in range(100)]
+    config = TrainConfig(max_steps=100, warmup_steps=10, decay_frac=0.2, schedule="wsd")
+    m = [lr_multiplier(s, 100, config) for s in range(100)]
     assert m[0] == pytest.approx(0.1) and m[9] == pytest.approx(1.0)
     assert all(v == 1.0 for v in m[10:80])
     assert m[80] == pytest.approx(1.0) and m[81] == pytest.approx(19 / 20) and m[99] == pytest.approx(1 / 20)
-    assert lr_multiplier(100, 100, c) >= 0.0
+    assert lr_multiplier(100, 100, config) >= 0.0
     assert all(a >= b for a, b in zip(m[80:], m[81:]))
-    c = TrainConfig(max_steps=100, warmup_steps=0, schedule="cosine", min_lr_ratio=0.1)
-    assert lr_multiplier(0, 100, c) == pytest.approx(1.0)
-    assert lr_multiplier(50, 100, c) == pytest.approx(0.1 + 0.9 * 0.5)
+    config = TrainConfig(max_steps=100, warmup_steps=0, schedule="cosine", min_lr_ratio=0.1)
+    assert lr_multiplier(0, 100, config) == pytest.approx(1.0)
+    assert lr_multiplier(50, 100, config) == pytest.approx(0.1 + 0.9 * 0.5)
 
 
 def test_training_reduces_loss_and_logs(data_dir, tmp_path):
@@ -109,12 +109,12 @@ def test_mfu_never_reads_above_one_when_the_peak_was_underestimated(data_dir, tm
 
 
 def test_lr_schedule_advances_per_optimizer_step(data_dir, tmp_path):
-    c = cfg(data_dir, tmp_path / "r", max_steps=8, grad_accum=3, warmup_steps=2, decay_frac=0.5)
-    train(c)
+    config = cfg(data_dir, tmp_path / "r", max_steps=8, grad_accum=3, warmup_steps=2, decay_frac=0.5)
+    train(config)
     recs = losses(tmp_path / "r")
     for step in range(1, 9):
         # the lr logged for optimizer step k (1-based) is the one it used: multiplier of k-1
-        assert recs[step]["lr"] == pytest.approx(c.lr * lr_multiplier(step - 1, 8, c)), step
+        assert recs[step]["lr"] == pytest.approx(config.lr * lr_multiplier(step - 1, 8, config)), step
         assert recs[step]["tokens"] == step * 3 * 4 * 32
 
 
@@ -157,9 +157,9 @@ def test_init_from_checkpoint_starts_fresh(data_dir, tmp_path):
 def test_flops_budget_sets_run_length(data_dir, tmp_path):
     from mor.flops import paper_flops_per_token
 
-    c = cfg(data_dir, tmp_path / "f", max_steps=None, flops_budget=2e9)
-    fpt = paper_flops_per_token(c.model_config(300), 32)
-    s = train(c)
+    config = cfg(data_dir, tmp_path / "f", max_steps=None, flops_budget=2e9)
+    fpt = paper_flops_per_token(config.model_config(300), 32)
+    s = train(config)
     assert s["steps"] == round(2e9 / (fpt * 128)) and s["steps"] > 3
     assert s["flops"] == pytest.approx(2e9, rel=0.1)
 
@@ -190,9 +190,9 @@ def test_nonfinite_loss_stops_and_keeps_checkpoints(data_dir, tmp_path):
     out = tmp_path / "nan"
     train(cfg(data_dir, out, max_steps=2))
     before = (ckpt.latest_checkpoint(out) / "model.safetensors").read_bytes()
-    c = cfg(data_dir, out, max_steps=6, lr=1e30, warmup_steps=0, grad_clip=0.0, overwrite=True)
+    config = cfg(data_dir, out, max_steps=6, lr=1e30, warmup_steps=0, grad_clip=0.0, overwrite=True)
     with pytest.raises(TrainError, match="non-finite loss"):
-        train(c, init_from=str(out))
+        train(config, init_from=str(out))
     assert ckpt.latest_checkpoint(out).name == "step_000002"
     assert (ckpt.latest_checkpoint(out) / "model.safetensors").read_bytes() == before
 

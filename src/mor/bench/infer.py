@@ -430,7 +430,7 @@ def benchmark(settings: InferBench) -> dict:
     results = []
     for e in mors:
         v = vanillas[e.model.config.num_hidden_layers]
-        settings = [("batch", settings.batch, settings.batch, None)]
+        cases = [("batch", settings.batch, settings.batch, None)]
         if not settings.skip_max:
             if settings.kv_budget_mb:
                 budget = int(settings.kv_budget_mb * 2**20)
@@ -438,8 +438,8 @@ def benchmark(settings: InferBench) -> dict:
             else:
                 budget, v_batch = int(math.ceil(vmax * per_seq_bytes(v.model))), vmax
             m_batch = max(1, int(budget // per_seq_bytes(e.model, e.enter_fractions)))
-            settings.append(("max", v_batch, m_batch, budget))
-        for setting, vb, mb, budget in settings:
+            cases.append(("max", v_batch, m_batch, budget))
+        for setting, vb, mb, budget in cases:
             vrow = record(v, setting, vb, "sequence", budget, "")
             for sch in schedules:
                 mrow = record(e, setting, mb, sch, budget, v.name)

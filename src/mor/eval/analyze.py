@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 
 from ..runtime import write_atomic
 from .common import describe, is_expert_choice, load_for_eval, model_routing, routing_modes, update_results
@@ -171,7 +171,7 @@ def _scaling_point(model, chunks, routing, max_depth, device) -> dict[str, Any]:
         x = torch.tensor([ch], dtype=torch.long, device=device)
         res = forward_depth(model, x, routing=routing, max_depth=max_depth)
         lg = res.logits[0, :-1].float()
-        tot += F.cross_entropy(lg, x[0, 1:], reduction="sum").item()
+        tot += functional.cross_entropy(lg, x[0, 1:], reduction="sum").item()
         n += len(ch) - 1
         if res.depth is not None:
             dsum += res.depth.float().sum().item()

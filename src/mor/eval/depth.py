@@ -53,19 +53,19 @@ def forward_depth(model, input_ids: torch.Tensor, *, routing: str = "topk", max_
     """Forward ``input_ids`` (B, T) with at most ``max_depth`` recursions (module doc)."""
     if routing not in ("topk", "threshold"):
         raise ValueError(f"routing={routing!r}; choose one of: topk, threshold")
-    c = model.config
-    nr = c.num_recursions
+    cfg = model.config
+    nr = cfg.num_recursions
     max_depth = nr if max_depth is None else int(max_depth)
     if max_depth < 1:
         raise ValueError(f"max_depth={max_depth} must be >= 1")
-    if c.architecture == "vanilla" and max_depth != 1:
+    if cfg.architecture == "vanilla" and max_depth != 1:
         raise ValueError("a vanilla model has no recursions; only max_depth=1 is defined")
-    if c.architecture == "mor" and c.router_type == "token" and max_depth > nr:
+    if cfg.architecture == "mor" and cfg.router_type == "token" and max_depth > nr:
         raise ValueError(f"max_depth={max_depth} > N_r={nr} is not defined for token-choice routing")
     records: list[RouterRecord] = []
-    h, aux = model.model(input_ids, routing=routing, max_depth=max_depth if c.architecture != "vanilla" else None,
+    h, aux = model.model(input_ids, routing=routing, max_depth=max_depth if cfg.architecture != "vanilla" else None,
                          records=records if record else None)
     depth = aux["depth"]
-    if c.architecture == "recursive":
+    if cfg.architecture == "recursive":
         depth = torch.full(input_ids.shape, max_depth, dtype=torch.long, device=h.device)
     return DepthOutput(logits=model.lm_head(h), depth=depth, records=records)

@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 
 from ..checkpoint import CheckpointError
 from .common import eos_id, is_expert_choice, model_routing, routing_modes
@@ -184,7 +184,7 @@ def evaluate_nll(model, stream: np.ndarray, *, seq_len: int, routing: str = "top
             scored[row, length - n_scored:] = True
         out = forward(x) if forward is not None else model(x, routing=model_routing(routing))
         logits = out.logits.float()
-        tot_nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.masked_fill(~scored, -100).reshape(-1),
+        tot_nll += functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.masked_fill(~scored, -100).reshape(-1),
                                    ignore_index=-100, reduction="sum").item()
         ntok = int(scored.sum())
         tot_tok += ntok
