@@ -162,3 +162,20 @@ def test_prefill_and_token_by_token_write_identical_caches(kw):
             k1, v1 = runner.cache.gather(torch.as_tensor(pool.block_table(g, np.array([1]), nb)[..., j]))
             torch.testing.assert_close(k0[..., :n, :], k1[..., :n, :], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(v0[..., :n, :], v1[..., :n, :], atol=1e-5, rtol=1e-4)
+
+
+def test_runner_leaves_pool_bookkeeping_to_the_engine():
+    """The scheduler reserves, the runner only counts what it wrote, the engine records it."""
+    from mor.engine import Engine, SamplingParams
+    eng = Engine(build(tiny("mor"), seed=3), max_batch=2, block_size=4)
+    eng.add_request([5, 6, 7, 8, 9], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    plan = eng.scheduler.schedule()
+    pool = eng.pool
+    before = (pool.lens.copy(), pool.nblocks.copy(), pool.free_blocks)
+    out = eng.runner.execute(plan)
+    assert np.array_equal(pool.lens, before[0]) and np.array_equal(pool.nblocks, before[1])
+    assert pool.free_blocks == before[2]
+    full = pool.layout.full
+    assert out.written[full, plan.prefill[0].slot] == 5  # 4 prompt tokens + the entering one
+    eng._postprocess(plan, out)
+    assert pool.lens[full, plan.prefill[0].slot] == 5

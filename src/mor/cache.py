@@ -245,10 +245,10 @@ class KVPool:
 
     def add_written(self, written: np.ndarray) -> None:
         """Record ``written[g, s]`` new tokens in group g for every sequence slot s."""
-        for g in range(self.layout.num_groups):
-            seqs = np.nonzero(written[g])[0]
-            if seqs.size:
-                self.add_tokens(g, seqs, written[g, seqs])
+        new = self.lens + written
+        if np.any(-(-new // self.block_size) > self.nblocks):
+            raise RuntimeError("KV tokens recorded beyond the blocks a sequence owns (ensure() was not called)")
+        self.lens[:] = new
 
     def _release(self, ids: np.ndarray) -> None:
         ids = ids.reshape(-1)

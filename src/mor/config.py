@@ -98,7 +98,7 @@ class ModelConfig:
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.capacities is not None:
-            self.capacities = [float(c) for c in self.capacities]
+            self.capacities = [float(cap) for cap in self.capacities]
         if self.num_recursions is None:
             self.num_recursions = 1 if self.architecture == "vanilla" else 3
         if self.router_func is None:
@@ -163,8 +163,8 @@ class ModelConfig:
             caps = self.resolved_capacities()
             if len(caps) != nr:
                 raise ConfigError(f"capacities={self.capacities} must have num_recursions={nr} entries")
-            for c in caps:
-                if not (0.0 < c <= 1.0):
+            for cap in caps:
+                if not (0.0 < cap <= 1.0):
                     raise ConfigError(f"capacities={caps}: every capacity must be in (0, 1]")
             for a, b in zip(caps, caps[1:]):
                 if b > a:

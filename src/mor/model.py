@@ -230,24 +230,24 @@ class MoRModel(nn.Module):
         N_r, extends) the recursions at test time and ``records`` collects one
         :class:`mor.routing.RouterRecord` per recursion; both are for analysis
         (:func:`mor.eval.depth.forward_depth` documents their semantics)."""
-        c = self.config
-        depth_cap = c.num_recursions if max_depth is None else max_depth
+        cfg = self.config
+        depth_cap = cfg.num_recursions if max_depth is None else max_depth
         if routing not in ROUTING_MODES:
             raise ValueError(f"routing={routing!r}; choose one of: {', '.join(ROUTING_MODES)}")
         B, T = input_ids.shape
-        if T > c.max_position_embeddings:
-            raise ValueError(f"sequence length {T} exceeds max_position_embeddings={c.max_position_embeddings}")
+        if T > cfg.max_position_embeddings:
+            raise ValueError(f"sequence length {T} exceeds max_position_embeddings={cfg.max_position_embeddings}")
         h = self.embed_tokens(input_ids)
         cos, sin = self._rope(torch.arange(T, device=h.device), h.dtype)
         for u in self.prefix:
             h, _ = self.layers[u](h, cos, sin)
         aux = RoutingAux()
         if self.chunks:
-            if c.architecture == "recursive":
+            if cfg.architecture == "recursive":
                 shared_kv: list = []
                 for r in range(depth_cap):  # past N_r: the last recursion's block again
-                    h = self._run_recursion(min(r, c.num_recursions - 1), h, None, shared_kv, T)
-            elif c.router_type == "expert":
+                    h = self._run_recursion(min(r, cfg.num_recursions - 1), h, None, shared_kv, T)
+            elif cfg.router_type == "expert":
                 h, aux = self._expert_choice(h, routing, depth_cap, records)
             else:
                 h, aux = self._token_choice(h, depth_cap, records)
@@ -262,37 +262,37 @@ class MoRModel(nn.Module):
         """Recursion r's shared layers on x (B, K, d) whose tokens sit at positions ``pos``
         (B, K) (None: all T positions in order). With ``kv_mode="shared"`` recursion 0 appends
         each layer's K/V to ``shared_kv`` and deeper recursions attend to them."""
-        c = self.config
+        cfg = self.config
         cos, sin = self._rope(pos if pos is not None else torch.arange(T, device=x.device), x.dtype)
-        share = c.kv_mode == "shared" and r > 0
+        share = cfg.kv_mode == "shared" and r > 0
         mask = None
         if share and pos is not None:
             mask = torch.arange(T, device=x.device)[None, None, None, :] <= pos[:, None, :, None]
         for j, u in enumerate(self.chunks[r]):
             x, kv = self.layers[u](x, cos, sin, kv=shared_kv[j] if share else None, attn_mask=mask)
-            if c.kv_mode == "shared" and r == 0:
+            if cfg.kv_mode == "shared" and r == 0:
                 shared_kv.append(kv)
         return x
 
     # .................................................................. expert-choice
     def _expert_capacity(self, r: int, routing: str) -> float:
-        c = self.config
-        cap = c.resolved_capacities()[r]
+        cfg = self.config
+        cap = cfg.resolved_capacities()[r]
         # the warm-up applies to training-time top-k only (the causal rule uses the final
         # capacities); read the step only when needed (torch.compile guards on it)
-        if c.capacity_warmup_steps > 0 and routing == "topk":
-            cap = warmup_capacity(cap, self.optimizer_step, c.capacity_warmup_steps)
+        if cfg.capacity_warmup_steps > 0 and routing == "topk":
+            cap = warmup_capacity(cap, self.optimizer_step, cfg.capacity_warmup_steps)
         return cap
 
     def _select_expert(self, r: int, x_c: torch.Tensor, cand_idx: torch.Tensor | None,
                        cand_valid: torch.Tensor | None, routing: str, T: int) -> ExpertSelection:
         """Which candidates x_c (B, Kc, d) at positions ``cand_idx`` run recursion r: the
         top-k_r by router score ("topk") or the causal threshold rule ("threshold")."""
-        c = self.config
+        cfg = self.config
         B = x_c.size(0)
         cap = self._expert_capacity(r, routing)
         logits = self.routers[r](x_c).squeeze(-1).float()  # (B, Kc)
-        decision = self.aux_routers[r](x_c.detach()).squeeze(-1).float() if c.use_aux_router else logits
+        decision = self.aux_routers[r](x_c.detach()).squeeze(-1).float() if cfg.use_aux_router else logits
         if routing == "topk":
             k = num_selected(cap, T)
             if cand_idx is None and k == T:
@@ -313,9 +313,9 @@ class MoRModel(nn.Module):
                        records: list | None) -> tuple[torch.Tensor, RoutingAux]:
         """Expert-choice recursions (SPEC section 3): per recursion select -> run the shared
         block on the compacted selected tokens -> combine; then the losses and statistics."""
-        c = self.config
+        cfg = self.config
         B, T, _ = h.shape
-        nr = c.num_recursions
+        nr = cfg.num_recursions
         if routing == "threshold":  # a dummy row at index T receives the padding of variable-length rows
             h = F.pad(h, (0, 0, 0, 1))
         depth = torch.zeros(B, T + 1, dtype=torch.long, device=h.device)
@@ -336,17 +336,17 @@ class MoRModel(nn.Module):
                     positions=(torch.arange(T, device=h.device).expand(B, T) if cand_idx is None else cand_idx),
                     scores=torch.sigmoid(sel.decision), selected=sel.chosen,
                     valid=cand_valid if cand_valid is not None else torch.ones_like(sel.chosen)))
-            if c.z_loss_coeff > 0:
+            if cfg.z_loss_coeff > 0:
                 z.append(z_loss(logits[..., None], cand_valid))
             entropy.append(binary_entropy(logits).mean() if cand_valid is None
                            else (binary_entropy(logits) * cand_valid).sum() / cand_valid.sum().clamp_min(1))
-            g = gate_scores(logits if sel.top is None else logits.gather(1, sel.top), c.router_func, c.router_alpha)
+            g = gate_scores(logits if sel.top is None else logits.gather(1, sel.top), cfg.router_func, cfg.router_alpha)
             x = gather_tokens(h[:, :T] if sel.idx is None else h, sel.idx)
             if x.size(1) == 0:  # no token continues (threshold mode)
                 fraction.append(torch.zeros((), device=h.device))
                 break
             y = self._run_recursion(r, x, sel.idx, shared_kv, T)
-            h = scatter_tokens(h, sel.idx, combine(c, x, y, g[..., None].to(y.dtype)))
+            h = scatter_tokens(h, sel.idx, combine(cfg, x, y, g[..., None].to(y.dtype)))
             fraction.append(self._count_depth(depth, sel.idx, sel.valid, T) / (B * T))
             selected.append(sel.idx)
             cand_idx, cand_valid = sel.idx, sel.valid
@@ -356,10 +356,10 @@ class MoRModel(nn.Module):
         depth = depth[:, :T]
         aux = RoutingAux(depth=depth, selected=selected)
         if bce:
-            key = "aux_router_bce" if c.use_aux_router else "router_bce"
-            aux.losses[key] = c.aux_loss_coeff * torch.stack(bce).sum()
+            key = "aux_router_bce" if cfg.use_aux_router else "router_bce"
+            aux.losses[key] = cfg.aux_loss_coeff * torch.stack(bce).sum()
         if z:
-            aux.losses["z_loss"] = c.z_loss_coeff * torch.stack(z).sum()
+            aux.losses["z_loss"] = cfg.z_loss_coeff * torch.stack(z).sum()
         stats = aux.stats
         stats["selected_fraction"] = torch.stack(
             fraction + [torch.zeros((), device=h.device)] * (nr - len(fraction))).detach()
@@ -385,13 +385,13 @@ class MoRModel(nn.Module):
                       valid: torch.Tensor | None, shared_kv: list, passes: int) -> torch.Tensor:
         """Test-time depth extrapolation (analysis only): the tokens that ran the last
         recursion run its block ``passes`` more times, weighted by its router."""
-        c = self.config
-        nr, T = c.num_recursions, depth.size(1) - 1
+        cfg = self.config
+        nr, T = cfg.num_recursions, depth.size(1) - 1
         for _ in range(passes):
             x = gather_tokens(h[:, :T] if idx is None else h, idx)
-            g = gate_scores(self.routers[nr - 1](x).squeeze(-1).float(), c.router_func, c.router_alpha)
+            g = gate_scores(self.routers[nr - 1](x).squeeze(-1).float(), cfg.router_func, cfg.router_alpha)
             y = self._run_recursion(nr - 1, x, idx, shared_kv, T)
-            h = scatter_tokens(h, idx, combine(c, x, y, g[..., None].to(y.dtype)))
+            h = scatter_tokens(h, idx, combine(cfg, x, y, g[..., None].to(y.dtype)))
             self._count_depth(depth, idx, valid, T)
         return h
 
@@ -399,11 +399,11 @@ class MoRModel(nn.Module):
     def _token_choice(self, h: torch.Tensor, max_depth: int, records: list | None) -> tuple[torch.Tensor, RoutingAux]:
         """Token-choice recursions (SPEC section 4): one router on H^1 assigns each token its
         depth; recursion r runs on the tokens assigned a depth > r."""
-        c = self.config
+        cfg = self.config
         B, T, _ = h.shape
-        nr = c.num_recursions
+        nr = cfg.num_recursions
         logits = self.router(h).float()  # (B, T, N_r) on H^1
-        probs, choice, g = token_choice(logits, c.router_func, c.router_alpha, self.balance_bias)
+        probs, choice, g = token_choice(logits, cfg.router_func, cfg.router_alpha, self.balance_bias)
         depth = (choice + 1).clamp(max=max_depth)  # test-time cap: the final combination at the capped depth
         if records is not None:  # probability of depth r+1 vs. whether the token was assigned it
             pos = torch.arange(T, device=h.device).expand(B, T)
@@ -411,7 +411,7 @@ class MoRModel(nn.Module):
                 records.append(RouterRecord(recursion=r + 1, positions=pos, scores=probs[..., r],
                                             selected=choice == r, valid=torch.ones_like(choice, dtype=torch.bool)))
         load = torch.bincount(choice.reshape(-1), minlength=nr).float()
-        if self.training and c.balancing == "loss_free":
+        if self.training and cfg.balancing == "loss_free":
             self.balance_load += load
         # row T of the padded tensors receives the padding of variable-length rows
         h_first = F.pad(h, (0, 0, 0, 1))
@@ -434,19 +434,19 @@ class MoRModel(nn.Module):
             def rows(t: torch.Tensor, idx=idx) -> torch.Tensor:
                 return gather_tokens(t[:, :T] if idx is None else t, idx)
 
-            new = combine(c, x, y, rows(gate), rows(assigned) == r + 1, rows(h_first))
+            new = combine(cfg, x, y, rows(gate), rows(assigned) == r + 1, rows(h_first))
             h = scatter_tokens(h, idx, new)
             fraction.append((depth >= r + 1).float().mean())
             selected.append(idx)
         aux = RoutingAux(depth=depth, selected=selected)
-        if c.balancing == "loss":
-            aux.losses["balance"] = c.balance_coeff * balancing_loss(probs, choice, nr)
-        if c.z_loss_coeff > 0:
-            aux.losses["z_loss"] = c.z_loss_coeff * z_loss(logits)
+        if cfg.balancing == "loss":
+            aux.losses["balance"] = cfg.balance_coeff * balancing_loss(probs, choice, nr)
+        if cfg.z_loss_coeff > 0:
+            aux.losses["z_loss"] = cfg.z_loss_coeff * z_loss(logits)
         aux.stats = {
             "selected_fraction": torch.stack(fraction).detach(),
             "max_violation": max_violation(load).detach(),
-            "router_entropy": categorical_entropy(torch.softmax(logits, -1) if c.router_func == "softmax"
+            "router_entropy": categorical_entropy(torch.softmax(logits, -1) if cfg.router_func == "softmax"
                                                   else probs / probs.sum(-1, keepdim=True)).mean().detach(),
             "depth_load": load.detach(),
         }
@@ -492,13 +492,13 @@ class MoRForCausalLM(nn.Module):
         """Loss-free balancing: after an optimizer step, b_i += rate * sign(mean load - load_i)
         using the load accumulated since the last update (all-reduce ``model.balance_load``
         across ranks before calling this in data-parallel runs). Returns the load used."""
-        c = self.config
-        if not (c.architecture == "mor" and c.router_type == "token" and c.balancing == "loss_free"):
+        cfg = self.config
+        if not (cfg.architecture == "mor" and cfg.router_type == "token" and cfg.balancing == "loss_free"):
             return None
         m = self.model
         load = m.balance_load.clone()
         if load.sum() > 0:
-            m.balance_bias += c.balance_bias_rate * torch.sign(load.mean() - load)
+            m.balance_bias += cfg.balance_bias_rate * torch.sign(load.mean() - load)
         m.balance_load.zero_()
         return load
 

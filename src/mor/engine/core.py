@@ -34,7 +34,7 @@ import torch
 from ..cache import make_pool
 from ..model import MoRForCausalLM
 from .request import Request, RequestError, RequestOutput, SamplingParams, Stage
-from .runner import ModelRunner, StepOutput  # noqa: F401
+from .runner import ModelRunner, StepOutput
 from .scheduler import SCHEDULES as SCHEDULE_KINDS
 from .scheduler import Scheduler, StepPlan
 
@@ -87,7 +87,7 @@ class EngineStats:
     @property
     def mean_depth(self) -> float:
         n = sum(self.exit_counts)
-        return sum(d * c for d, c in enumerate(self.exit_counts)) / max(1, n)
+        return sum(depth * count for depth, count in enumerate(self.exit_counts)) / max(1, n)
 
     @property
     def mean_running(self) -> float:

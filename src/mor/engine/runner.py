@@ -293,32 +293,32 @@ class ModelRunner:
         n, K = idx.shape
         valid_np = valid.cpu().numpy()
         pos_np = idx.cpu().numpy()
-        gw, gr = self.layout.rec_write[r], self.layout.rec_read[r]
+        write_group, read_group = self.layout.rec_write[r], self.layout.rec_read[r]
         rows, n_write = None, 0
-        if gw is not None:  # this recursion stores K/V: entries follow the group's count
-            cidx = self._cache_index(gw, slots)[:, None] + np.arange(K)[None, :]
-            rows = self._long(self.pool.row_index(gw, slots, np.where(valid_np, cidx, -1)))
+        if write_group is not None:  # this recursion stores K/V: entries follow the group's count
+            cidx = self._cache_index(write_group, slots)[:, None] + np.arange(K)[None, :]
+            rows = self._long(self.pool.row_index(write_group, slots, np.where(valid_np, cidx, -1)))
             qidx = np.where(valid_np, cidx, 0)
             n_write = n
         else:  # recursive KV sharing: read recursion 1's cache, indexed by position
             qidx = np.where(valid_np, pos_np, 0)
-        seg = self._segment(gr, slots, qidx, 0, n)
+        seg = self._segment(read_group, slots, qidx, 0, n)
         cos, sin = self._rope(np.where(valid_np, pos_np, 0))
         for j, u in enumerate(self.chunks[r]):
             x = self._layer(u, x, cos, sin, n_write, None if rows is None else rows[..., j].reshape(-1), [seg], j)
-        if gw is not None:
-            self.written[gw, slots] += valid_np.sum(axis=1)
+        if write_group is not None:
+            self.written[write_group, slots] += valid_np.sum(axis=1)
         return x
 
     def _prefill_recursions(self, h: torch.Tensor, valid: torch.Tensor, slots: np.ndarray,
                             depth: torch.Tensor) -> torch.Tensor:
         """The recursions of whole prompts: the model's compacted threshold forward."""
-        c = self.config
+        cfg = self.config
         n, T, _ = h.shape
         hp = F.pad(h, (0, 0, 0, 1))  # row T absorbs the padding of packed rows
         arange = torch.arange(T, device=h.device).expand(n, T)
         if self.kind == "token":
-            _, choice, g = token_choice(self.core.router(h).float(), c.router_func, c.router_alpha,
+            _, choice, g = token_choice(self.core.router(h).float(), cfg.router_func, cfg.router_alpha,
                                         self.core.balance_bias)
             token_gate = F.pad(g.to(h.dtype), (0, 0, 0, 1))
             assigned = F.pad(choice + 1, (0, 1))
@@ -329,10 +329,10 @@ class ModelRunner:
             if self.kind == "expert":
                 x_c = gather_tokens(hp, cand_idx)
                 logits = self.core.routers[r](x_c).squeeze(-1).float()
-                decision = self.core.aux_routers[r](x_c).squeeze(-1).float() if c.use_aux_router else logits
+                decision = self.core.aux_routers[r](x_c).squeeze(-1).float() if cfg.use_aux_router else logits
                 top, sel_valid = pack_mask(cand_valid & continues(decision, self.capacity(r)), pad_index=0)
                 sel_idx = torch.where(sel_valid, cand_idx.gather(1, top), T)
-                gate = gate_scores(logits.gather(1, top), c.router_func, c.router_alpha)[..., None]
+                gate = gate_scores(logits.gather(1, top), cfg.router_func, cfg.router_alpha)[..., None]
             elif self.kind == "token":
                 sel_idx, sel_valid = pack_mask(valid & (assigned[:, :T] >= r + 1), pad_index=T)
             else:
@@ -347,7 +347,7 @@ class ModelRunner:
                 first = gather_tokens(h_first, sel_idx)
             elif gate is not None:
                 gate = gate.to(y.dtype)
-            hp = scatter_tokens(hp, sel_idx, combine(c, x, y, gate, is_last, first))
+            hp = scatter_tokens(hp, sel_idx, combine(cfg, x, y, gate, is_last, first))
             depth.scatter_add_(1, sel_idx, sel_valid.long())
             cand_idx, cand_valid = sel_idx, sel_valid
         return hp[:, :T]
@@ -366,8 +366,8 @@ class ModelRunner:
         st = self._long(slots)
         self.h.index_copy_(0, st, x[:, 0])
         if self.kind == "token":
-            c = self.config
-            _, choice, gate = token_choice(self.core.router(x[:, 0]).float(), c.router_func, c.router_alpha,
+            cfg = self.config
+            _, choice, gate = token_choice(self.core.router(x[:, 0]).float(), cfg.router_func, cfg.router_alpha,
                                            self.core.balance_bias)
             self.h_first.index_copy_(0, st, x[:, 0])
             self.token_gate.index_copy_(0, st, gate.to(self.dtype))
@@ -430,7 +430,7 @@ class ModelRunner:
     def recurse(self, slots: np.ndarray, recs: np.ndarray, positions: np.ndarray) -> None:
         """One recursion (index ``recs[i]``) for each slot's in-flight token. ``slots`` must be
         sorted by ``recs``; the caller reserved room for one entry in each written group."""
-        c = self.config
+        cfg = self.config
         slots = np.asarray(slots, dtype=np.int64)
         recs = np.asarray(recs, dtype=np.int64)
         positions = np.asarray(positions, dtype=np.int64)
@@ -445,16 +445,16 @@ class ModelRunner:
         rows_parts, segs = [], []
         for a, b in ranges:
             r = int(recs[a])
-            gw, gr = self.layout.rec_write[r], self.layout.rec_read[r]
+            write_group, read_group = self.layout.rec_write[r], self.layout.rec_read[r]
             sl = slots[a:b]
-            if gw is not None:
-                cidx = self._cache_index(gw, sl)
-                rows_parts.append(self.pool.row_index(gw, sl, cidx))
+            if write_group is not None:
+                cidx = self._cache_index(write_group, sl)
+                rows_parts.append(self.pool.row_index(write_group, sl, cidx))
                 n_write = b
                 qidx = cidx
             else:
                 qidx = positions[a:b]
-            if segs and self.layout.rec_read[int(recs[segs[-1][0]])] == gr:
+            if segs and self.layout.rec_read[int(recs[segs[-1][0]])] == read_group:
                 segs[-1] = (segs[-1][0], b, np.r_[segs[-1][2], qidx])
             else:
                 segs.append((a, b, qidx))
@@ -484,18 +484,18 @@ class ModelRunner:
             x = torch.cat(parts, dim=0)
         y = x[:, 0]
         gate = is_last = first = None
-        if self.kind == "expert" and c.gate_combine != "pass_through":
+        if self.kind == "expert" and cfg.gate_combine != "pass_through":
             logits = self._router_logits(self.core.routers, x_in, recs)
-            gate = gate_scores(logits, c.router_func, c.router_alpha)[:, None].to(y.dtype)
+            gate = gate_scores(logits, cfg.router_func, cfg.router_alpha)[:, None].to(y.dtype)
         elif self.kind == "token":
             gate = self.token_gate.index_select(0, st)
             is_last = (self.token_depth.index_select(0, st) == self._long(recs) + 1)[:, None]
             first = self.h_first.index_select(0, st)
-        self.h.index_copy_(0, st, combine(c, x_in, y, gate, is_last, first))
+        self.h.index_copy_(0, st, combine(cfg, x_in, y, gate, is_last, first))
         for a, b in ranges:
-            gw = self.layout.rec_write[int(recs[a])]
-            if gw is not None:
-                self.written[gw, slots[a:b]] += 1
+            write_group = self.layout.rec_write[int(recs[a])]
+            if write_group is not None:
+                self.written[write_group, slots[a:b]] += 1
 
     @torch.no_grad()
     def finish(self, slots: np.ndarray, positions: np.ndarray) -> torch.Tensor:

@@ -45,10 +45,6 @@ class StepPlan:
     enter: list[Request] = field(default_factory=list)
     run: list[Request] = field(default_factory=list)
 
-    @property
-    def empty(self) -> bool:
-        return not (self.prefill or self.enter or self.run)
-
 
 class Scheduler:
     def __init__(self, max_batch: int, pool: KVPool, schedule: str):
@@ -67,6 +63,7 @@ class Scheduler:
         self._admit_counter = 0
         self._admit_order: dict[int, int] = {}  # request_id -> admission counter
         self.preemptions = 0
+        self._groups_cache: dict[tuple[Stage, int], tuple[int, ...]] = {}
 
     # .................................................................. queue
     def add(self, req: Request) -> None:
@@ -150,17 +147,21 @@ class Scheduler:
                 admitted.append(req)
         return admitted
 
-    def _groups_written(self, req: Request) -> list[int]:
+    def _groups_written(self, req: Request) -> tuple[int, ...]:
         """Cache groups the in-flight token of ``req`` may write into this step."""
-        lay, nr = self.pool.layout, self.num_recursions
-        groups = []
-        if req.stage is Stage.ENTER:
-            if lay.full is not None:
-                groups.append(lay.full)
-            recs = range(nr) if self.schedule_kind == "sequence" else range(min(1, nr))
-        else:
-            recs = range(req.rec, nr) if self.schedule_kind == "sequence" else [req.rec]
-        return groups + [lay.rec_write[r] for r in recs if lay.rec_write[r] is not None]
+        key = (req.stage, req.rec)
+        groups = self._groups_cache.get(key)
+        if groups is None:
+            lay, nr = self.pool.layout, self.num_recursions
+            sequence = self.schedule_kind == "sequence"
+            if req.stage is Stage.ENTER:
+                first = [lay.full] if lay.full is not None else []
+                recs = range(nr) if sequence else range(min(1, nr))
+            else:
+                first, recs = [], (range(req.rec, nr) if sequence else [req.rec])
+            groups = self._groups_cache[key] = tuple(first + [lay.rec_write[r] for r in recs
+                                                             if lay.rec_write[r] is not None])
+        return groups
 
     def _reserve(self, reqs: list[Request]) -> None:
         by_group: dict[int, list[int]] = {}
