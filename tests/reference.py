@@ -105,14 +105,18 @@ def reference_forward(model, ids, routing="topk"):
             x, kv = layer(cfg, m.layers[u], x, allowed, sel, kv=store[j] if (shared and r > 0) else None)
             if shared and r == 0:
                 store.append(kv)
+        # The update, written from the paper (section 2.2) with f(H^r) = x, the shared block's
+        # output (which includes the block's own residual stream, as in the released code).
         if cfg.architecture == "recursive" or cfg.gate_combine == "pass_through":
-            new = x
+            new = x  # H^{r+1} = f(H^r)
         elif cfg.router_type == "expert":
-            new = h + gate[..., None] * x
+            new = gate[..., None] * x + h  # eq. 2.1: H^{r+1} = g^r f(H^r) + H^r (selected tokens)
         else:
-            last = (tok_depth == r + 1)[..., None]
-            cont = h + g * x if cfg.gate_every_recursion else x
-            new = torch.where(last, h1 + g * x, cont)
+            # eq. 2.2: H^{r+1} = g f(H^r) + H^1 at the assigned depth (r = i), g f(H^r) before
+            # it; the released code (the default) continues with f(H^r) before it
+            at_assigned_depth = (tok_depth == r + 1)[..., None]
+            before = g * x if cfg.gate_every_recursion else x
+            new = torch.where(at_assigned_depth, g * x + h1, before)
         h = torch.where(sel[..., None], new, h)
         depth += sel.long()
         cand = sel

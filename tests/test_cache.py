@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mor import preset
-from mor.cache import CacheLayout, KVPool, PoolExhausted, expected_kv_layers_per_token, make_pool
+from mor.cache import CacheLayout, KVCache, KVPool, PoolExhausted, expected_kv_layers_per_token, make_pool
 from mor.engine.runner import ModelRunner
 from helpers import V, build, tiny
 
@@ -44,7 +44,7 @@ def test_memory_formulas_match_spec():
 def small_pool(num_blocks=12, block_size=4, max_seqs=3, max_len=16):
     layout = CacheLayout.for_config(tiny("mor"))
     return KVPool(layout, num_blocks=num_blocks, block_size=block_size, max_seqs=max_seqs, max_len=max_len,
-                  num_kv_heads=2, head_dim=4, dtype=torch.float32, device="cpu")
+                  num_kv_heads=2, head_dim=4, dtype=torch.float32)
 
 
 def test_pool_allocates_frees_and_trims():
@@ -62,7 +62,9 @@ def test_pool_allocates_frees_and_trims():
     assert pool.used_blocks == 6
     with pytest.raises(ValueError, match="max_len"):
         pool.ensure(0, np.array([1]), np.array([17]))
-    pool.lens[1, 0] = 3
+    pool.add_tokens(1, [0], 3)
+    with pytest.raises(RuntimeError, match="ensure"):  # more tokens than the owned blocks hold
+        pool.add_tokens(1, [0], 6)
     pool.trim(0)
     assert pool.nblocks[1, 0] == 1 and pool.used_blocks == 4
     assert pool.peak_used == 6
@@ -79,9 +81,10 @@ def test_pool_write_and_gather_roundtrip():
     pool.ensure(2, np.array([1]), np.array([6]))
     rows = pool.row_index(2, np.array([1]), np.array([[0, 1, 2, 3, 4, 5]]))  # (1, 6, layers=2)
     k = torch.arange(6 * 8, dtype=torch.float32).view(6, 2, 4)
-    pool.write(torch.as_tensor(rows[0, :, 1]), k, -k)  # layer 1 of the group
+    cache = KVCache(pool, "cpu")
+    cache.write(torch.as_tensor(rows[0, :, 1]), k, -k)  # layer 1 of the group
     blocks = torch.as_tensor(pool.block_table(2, np.array([1]), 2)[..., 1])
-    kk, vv = pool.gather(blocks)  # (1, heads, 8, dim)
+    kk, vv = cache.gather(blocks)  # (1, heads, 8, dim)
     assert torch.equal(kk[0, :, :6].transpose(0, 1), k) and torch.equal(vv[0, :, :6].transpose(0, 1), -k)
     assert pool.row_index(2, np.array([1]), np.array([-1]))[0, 0] == 0  # padding goes to the reserved block
     with pytest.raises(RuntimeError, match="ensure"):
@@ -90,28 +93,31 @@ def test_pool_write_and_gather_roundtrip():
 
 def test_default_pool_holds_worst_case():
     cfg = tiny("mor")
-    pool = make_pool(cfg, max_seqs=3, max_len=20, dtype=torch.float32, device="cpu", block_size=4)
+    pool = make_pool(cfg, max_seqs=3, max_len=20, dtype=torch.float32, block_size=4)
     # the worst case of every sequence plus the engine's admission slack of one block per layer
     assert pool.num_blocks - 1 == 3 * (pool.worst_case_blocks(20) + pool.layout.total_layers)
-    sized = make_pool(cfg, max_seqs=3, max_len=20, dtype=torch.float32, device="cpu", block_size=4,
+    sized = make_pool(cfg, max_seqs=3, max_len=20, dtype=torch.float32, block_size=4,
                       memory_bytes=10 * pool.block_bytes)
     assert sized.capacity_bytes == 10 * pool.block_bytes
 
 
 # ---------------------------------------------------------------------- cache contents
 def _decode_token(runner, slot, tok, pos):
-    """One token through enter / (decide, recurse)* / finish, reserving blocks as the engine does."""
+    """One token through enter / (decide, recurse)* / finish, reserving room before each
+    write and recording the writes after it, as the scheduler and the engine do."""
     pool, lay = runner.pool, runner.layout
     s = np.array([slot])
     if lay.full is not None:
         pool.ensure(lay.full, s, np.array([pos + 1]))
-    depth = runner.enter(s, np.array([tok]), np.array([pos]))
+    runner.enter(s, np.array([tok]), np.array([pos]))
+    pool.add_written(runner.take_written())
     rec = 0
-    while runner.decide(s, np.array([rec]), depth)[0]:
+    while runner.decide(s, np.array([rec]))[0]:
         g = lay.rec_write[rec]
         if g is not None:
-            pool.ensure(g, s, pool.lens[g, s] + 1)
+            pool.ensure_one_more(g, s)
         runner.recurse(s, np.array([rec]), np.array([pos]))
+        pool.add_written(runner.take_written())
         rec += 1
     return runner.finish(s, np.array([pos]))[0], rec
 
@@ -126,12 +132,13 @@ def test_prefill_and_token_by_token_write_identical_caches(kw):
     model = build(tiny("mor", **kw), seed=3)
     cfg = model.config
     ids = torch.randint(1, V, (14,), generator=torch.Generator().manual_seed(2)).tolist()
-    pool = make_pool(cfg, max_seqs=2, max_len=32, dtype=torch.float32, device="cpu", block_size=4)
+    pool = make_pool(cfg, max_seqs=2, max_len=32, dtype=torch.float32, block_size=4)
     runner = ModelRunner(model, pool, 2)
     P = len(ids) - 1
     for g in range(pool.layout.num_groups):
         pool.ensure(g, np.array([0]), np.array([P]))
     prompt_depth = runner.prefill([0], [ids[:-1]])[0]
+    pool.add_written(runner.take_written())
     pool.trim(0)
     last0, _ = _decode_token(runner, 0, ids[-1], P)
     steps = [_decode_token(runner, 1, t, i) for i, t in enumerate(ids)]
@@ -151,7 +158,24 @@ def test_prefill_and_token_by_token_write_identical_caches(kw):
         n = int(pool.lens[g, 0])
         nb = -(-n // pool.block_size)
         for j in range(n_layers):
-            k0, v0 = pool.gather(torch.as_tensor(pool.block_table(g, np.array([0]), nb)[..., j]))
-            k1, v1 = pool.gather(torch.as_tensor(pool.block_table(g, np.array([1]), nb)[..., j]))
+            k0, v0 = runner.cache.gather(torch.as_tensor(pool.block_table(g, np.array([0]), nb)[..., j]))
+            k1, v1 = runner.cache.gather(torch.as_tensor(pool.block_table(g, np.array([1]), nb)[..., j]))
             torch.testing.assert_close(k0[..., :n, :], k1[..., :n, :], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(v0[..., :n, :], v1[..., :n, :], atol=1e-5, rtol=1e-4)
+
+
+def test_runner_leaves_pool_bookkeeping_to_the_engine():
+    """The scheduler reserves, the runner only counts what it wrote, the engine records it."""
+    from mor.engine import Engine, SamplingParams
+    eng = Engine(build(tiny("mor"), seed=3), max_batch=2, block_size=4)
+    eng.add_request([5, 6, 7, 8, 9], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    plan = eng.scheduler.schedule()
+    pool = eng.pool
+    before = (pool.lens.copy(), pool.nblocks.copy(), pool.free_blocks)
+    out = eng.runner.execute(plan)
+    assert np.array_equal(pool.lens, before[0]) and np.array_equal(pool.nblocks, before[1])
+    assert pool.free_blocks == before[2]
+    full = pool.layout.full
+    assert out.written[full, plan.prefill[0].slot] == 5  # 4 prompt tokens + the entering one
+    eng._postprocess(plan, out)
+    assert pool.lens[full, plan.prefill[0].slot] == 5

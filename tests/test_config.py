@@ -63,3 +63,31 @@ def test_presets():
     assert preset("tiny", "mor").resolved_capacities() == [1.0, 2 / 3, 1 / 3]
     with pytest.raises(ConfigError, match="preset"):
         preset("gpt2")
+
+
+def test_defaults_follow_architecture_and_router_type():
+    """Fixes of issue 11: vanilla needs no num_recursions=1; token-choice defaults to the
+    paper's final design (softmax router, alpha 1); expert-choice keeps sigmoid, alpha 0.1."""
+    van = ModelConfig(architecture="vanilla")
+    assert van.num_recursions == 1 and van.structure()[1] == []
+    assert ModelConfig().num_recursions == 3 and ModelConfig(architecture="recursive").num_recursions == 3
+    tok = ModelConfig(router_type="token")
+    assert (tok.router_func, tok.router_alpha) == ("softmax", 1.0)
+    assert (ModelConfig(router_type="token", router_func="sigmoid").router_alpha) == 0.1
+    exp = ModelConfig()
+    assert (exp.router_func, exp.router_alpha) == ("sigmoid", 0.1)
+    # a saved config keeps its resolved values, so old checkpoints keep their meaning
+    assert ModelConfig.from_dict(dict(tok.to_dict(), router_func="sigmoid", router_alpha=0.1)).router_func == "sigmoid"
+
+
+def test_enter_fractions_one_definition():
+    from mor.cache import expected_kv_layers_per_token
+    from mor.flops import active_fractions
+    for cfg in (preset("tiny", "mor"), preset("tiny", "mor", router_type="token"), preset("tiny", "recursive"),
+                preset("tiny", "vanilla"), preset("tiny", "mor", capacities=[1.0, 0.5, 0.25])):
+        f = cfg.enter_fractions()
+        assert active_fractions(cfg) == f
+        full = 2 if cfg.architecture != "vanilla" else 8
+        assert expected_kv_layers_per_token(cfg) == pytest.approx(full + cfg.layers_per_recursion * sum(f))
+    assert preset("tiny", "mor", router_type="token").enter_fractions() == [1.0, 2 / 3, 1 / 3]
+    assert preset("tiny", "mor", capacities=[1.0, 0.5, 0.25]).enter_fractions() == [1.0, 0.5, 0.25]

@@ -173,12 +173,11 @@ def test_depthwise_batch_mixes_depths_and_refills_slots():
     eng = Engine(model, max_batch=4, schedule="depth", block_size=4)
     for p in prompts((1, 1, 1, 1, 1, 1), seed=2):
         eng.add_request(p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
-    mixed = 0
-    while eng.has_unfinished:
-        before = sorted((r.rec, r.stage) for r in eng.scheduler.running.values())
-        eng.step()
-        recs = {rec for rec, stage in before if stage == "pending"}
-        mixed += len(recs) > 1
+    calls, recurse = [], eng.runner.recurse
+    eng.runner.recurse = lambda slots, recs, positions: calls.append(set(recs.tolist())) or recurse(slots, recs,
+                                                                                                   positions)
+    eng.run_until_done()
+    mixed = sum(len(recs) > 1 for recs in calls)
     assert mixed > 0  # some block calls ran tokens of different depths together
     s = eng.stats
     # exited tokens are replaced at once: the shared block stays nearly full while 4+ requests remain
@@ -425,3 +424,32 @@ def test_generate_text_single_prompt_default_pool(arch):
     for prompt in ("abc", ""):
         out = generate_text(m, tok, [prompt], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
         assert len(out) == 1 and isinstance(out[0], str)
+
+
+def test_abort_frees_slot_and_blocks_and_stops_events():
+    """Engine.abort on a running and a waiting request: True once, slot and KV blocks freed at
+    once, no further events; the other requests finish exactly as alone."""
+    from mor.engine.request import Status
+    model = build(tiny("mor"), seed=1)
+    eng = Engine(model, max_batch=2, block_size=4)
+    ps = prompts((5, 3, 4), seed=8)
+    ids = [eng.add_request(p, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)) for p in ps]
+    for _ in range(3):
+        eng.step()
+    running = eng.scheduler.requests[ids[0]]
+    assert running.status is Status.RUNNING and eng.scheduler.requests[ids[2]].status is Status.WAITING
+    slot, used = running.slot, eng.pool.used_blocks
+    assert eng.pool.nblocks[:, slot].sum() > 0
+    assert eng.abort(ids[0]) and eng.abort(ids[2])
+    assert not eng.abort(ids[0]) and not eng.abort(12345)
+    assert eng.pool.nblocks[:, slot].sum() == 0 and eng.pool.used_blocks < used
+    assert slot not in eng.scheduler.running and running.finish_reason == "abort"
+    events = []
+    outs = eng.run_until_done(on_event=events.append)
+    assert {e.request_id for e in events} == {ids[1]}
+    assert [o.request_id for o in outs] == [ids[1]]
+    toks, _, _ = reference_greedy(model, ps[1], 10)
+    assert outs[0].token_ids == toks
+    assert eng.stats.kv["kv_used_bytes"] == 0 and not eng.has_unfinished
+    late = eng.add_request(ps[2], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    assert eng.run_until_done()[0].request_id == late  # the freed slot serves new requests

@@ -49,3 +49,20 @@ def test_pack_mask():
     idx, valid = routing.pack_mask(m, pad_index=9)
     assert idx.tolist() == [[0, 2, 3], [2, 9, 9], [9, 9, 9]]
     assert valid.tolist() == [[True] * 3, [True, False, False], [False] * 3]
+
+
+def test_combine_follows_the_paper_equations():
+    """Equation 2.1 (expert-choice) and 2.2 (token-choice) by hand, h = 1, y = f(h) = 10, g = 0.5."""
+    from mor import ModelConfig
+    from mor.routing import combine
+    h, y, g, h1 = torch.tensor([1.0]), torch.tensor([10.0]), torch.tensor([0.5]), torch.tensor([100.0])
+    last, before = torch.tensor([True]), torch.tensor([False])
+    assert combine(ModelConfig(), h, y, g).item() == 1 + 5
+    assert combine(ModelConfig(gate_combine="pass_through"), h, y, g).item() == 10
+    assert combine(ModelConfig(architecture="recursive"), h, y).item() == 10
+    tok = ModelConfig(router_type="token")
+    assert combine(tok, h, y, g, last, h1).item() == 100 + 5  # H^1 + g f(H^i)
+    assert combine(tok, h, y, g, before, h1).item() == 10  # released code: f(H^r)
+    paper = ModelConfig(router_type="token", gate_every_recursion=True)
+    assert combine(paper, h, y, g, before, h1).item() == 5  # equation 2.2: g f(H^r), no H^r added
+    assert combine(paper, h, y, g, last, h1).item() == 100 + 5

@@ -26,8 +26,10 @@ sequence finishes. Physical block 0 is never handed out: unused table entries po
 it and writes of padding tokens land in it, so reads of padding are always finite (they
 are masked out of attention).
 
-All bookkeeping (free list, block tables, token counts) is host-side NumPy; the runner
-turns the rows it needs into index tensors once per step.
+All bookkeeping (free list, block tables, token counts) is host-side NumPy in
+:class:`KVPool` and changes only through its methods (the scheduler reserves, the engine
+records what a step wrote); the K/V tensors are a separate :class:`KVCache` owned by the
+runner, which turns the rows it needs into index tensors once per step.
 
 Memory per token (bytes), with e = element size, kv = num_key_value_heads * head_dim,
 F = layers in the full group, B = layers per recursion, f_r = fraction of tokens that
@@ -114,36 +116,32 @@ def kv_bytes_per_token_layer(cfg: ModelConfig, dtype: torch.dtype) -> int:
 def expected_kv_layers_per_token(cfg: ModelConfig, enter_fractions: list[float] | None = None) -> float:
     """Layer-slots of KV one token occupies on average (SPEC.md section 5 memory formulas).
 
-    ``enter_fractions[r]`` is the fraction of tokens that enter recursion r; by default the
-    expert-choice capacities (c_r), every recursion for recursive models, and a uniform depth
-    distribution for token-choice."""
+    ``enter_fractions[r]`` is the fraction of tokens that enter recursion r; by default
+    ``cfg.enter_fractions()``."""
     layout = CacheLayout.for_config(cfg)
     full = layout.layers[layout.full] if layout.full is not None else 0
     if not layout.rec_read:
         return float(full)
-    nr = cfg.num_recursions
     B = cfg.layers_per_recursion
     if cfg.kv_mode == "shared":
         return float(full + B)
     if enter_fractions is None:
-        if cfg.architecture == "mor" and cfg.router_type == "expert":
-            enter_fractions = cfg.resolved_capacities()
-        elif cfg.architecture == "mor":
-            enter_fractions = [(nr - r) / nr for r in range(nr)]  # depth uniform on 1..N_r
-        else:
-            enter_fractions = [1.0] * nr
+        enter_fractions = cfg.enter_fractions()
     return float(full + B * sum(enter_fractions))
 
 
 # ---------------------------------------------------------------------- pool
 class KVPool:
-    """Preallocated paged K/V memory with per-sequence, per-group block tables.
+    """The bookkeeping of a paged K/V memory: the free list, per-sequence per-group block
+    tables and token counts. Host-side NumPy only; the K/V tensors are a :class:`KVCache`
+    owned by the runner. Every change goes through a method (``ensure``, ``add_tokens``,
+    ``add_written``, ``trim``, ``free_seq``).
 
     ``max_seqs`` sequence slots, each able to hold ``max_len`` tokens in every group;
     ``num_blocks`` physical blocks of ``block_size`` tokens (block 0 is reserved)."""
 
     def __init__(self, layout: CacheLayout, *, num_blocks: int, block_size: int, max_seqs: int, max_len: int,
-                 num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str):
+                 num_kv_heads: int, head_dim: int, dtype: torch.dtype):
         if block_size <= 0 or num_blocks < 2 or max_seqs <= 0 or max_len <= 0:
             raise ValueError(f"invalid pool size: num_blocks={num_blocks} (need >= 2), block_size={block_size}, "
                              f"max_seqs={max_seqs}, max_len={max_len}")
@@ -153,22 +151,14 @@ class KVPool:
         self.max_seqs = max_seqs
         self.max_len = max_len
         self.max_blocks = math.ceil(max_len / block_size)
-        self.device = torch.device(device)
-        self.dtype = dtype
-        # zero-initialised: padding reads must be finite (0 * NaN would poison attention)
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.v = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.k_rows = self.k.view(num_blocks * block_size, num_kv_heads, head_dim)
-        self.v_rows = self.v.view(num_blocks * block_size, num_kv_heads, head_dim)
-        self.block_bytes = 2 * self.k[0].numel() * self.k.element_size()
-        # host bookkeeping
+        self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
+        self.block_bytes = 2 * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
         self._free = np.arange(num_blocks - 1, 0, -1, dtype=np.int64)  # a stack; block 0 reserved
         self._nfree = num_blocks - 1
         G = layout.num_groups
         self.tables = [np.zeros((max_seqs, self.max_blocks, n), dtype=np.int64) for n in layout.layers]
         self.nblocks = np.zeros((G, max_seqs), dtype=np.int64)  # logical blocks owned
-        self.lens = np.zeros((G, max_seqs), dtype=np.int64)  # tokens written
+        self.lens = np.zeros((G, max_seqs), dtype=np.int64)  # tokens written (read-only outside the pool)
         self.peak_used = 0
         self.group_peak = [0] * G
 
@@ -200,6 +190,15 @@ class KVPool:
         """Blocks a sequence of ``tokens`` tokens needs if every token enters every recursion."""
         return self.blocks_for([tokens] * self.layout.num_groups)
 
+    def num_tokens(self, group: int, seqs: np.ndarray) -> np.ndarray:
+        """Tokens written so far in ``group`` by each sequence (the cache index of the next)."""
+        return self.lens[group, np.asarray(seqs, dtype=np.int64)]
+
+    def restart_peaks(self) -> None:
+        """Let the peak statistics restart from the current use."""
+        self.peak_used = self.used_blocks
+        self.group_peak = self.group_used_blocks()
+
     # .................................................................. allocation
     def ensure(self, group: int, seqs: np.ndarray, new_lens: np.ndarray) -> None:
         """Give each sequence in ``seqs`` room for ``new_lens`` tokens in ``group``.
@@ -228,11 +227,28 @@ class KVPool:
             table[s, have:have + k] = ids[o:o + k * n_layers].reshape(k, n_layers)
             o += k * n_layers
             self.nblocks[group, s] = have + k
-        self._note_peak(group)
-
-    def _note_peak(self, group: int) -> None:
         self.peak_used = max(self.peak_used, self.used_blocks)
-        self.group_peak[group] = max(self.group_peak[group], int(self.nblocks[group].sum()) * self.layout.layers[group])
+        self.group_peak[group] = max(self.group_peak[group], int(self.nblocks[group].sum()) * n_layers)
+
+    def ensure_one_more(self, group: int, seqs: np.ndarray) -> None:
+        """Room for one more token in ``group`` for each sequence (see ``ensure``)."""
+        self.ensure(group, seqs, self.num_tokens(group, seqs) + 1)
+
+    def add_tokens(self, group: int, seqs: np.ndarray, count: np.ndarray | int = 1) -> None:
+        """Record that each sequence wrote ``count`` more tokens into ``group`` (within the
+        room ``ensure`` gave)."""
+        seqs = np.asarray(seqs, dtype=np.int64)
+        new = self.lens[group, seqs] + count
+        if np.any(-(-new // self.block_size) > self.nblocks[group, seqs]):
+            raise RuntimeError("KV tokens recorded beyond the blocks a sequence owns (ensure() was not called)")
+        self.lens[group, seqs] = new
+
+    def add_written(self, written: np.ndarray) -> None:
+        """Record ``written[g, s]`` new tokens in group g for every sequence slot s."""
+        new = self.lens + written
+        if np.any(-(-new // self.block_size) > self.nblocks):
+            raise RuntimeError("KV tokens recorded beyond the blocks a sequence owns (ensure() was not called)")
+        self.lens[:] = new
 
     def _release(self, ids: np.ndarray) -> None:
         ids = ids.reshape(-1)
@@ -281,22 +297,6 @@ class KVPool:
         """(len(seqs), num_blocks, layers) physical block ids (0 beyond a sequence's blocks)."""
         return self.tables[group][np.asarray(seqs, dtype=np.int64), :num_blocks]
 
-    # .................................................................. data
-    def write(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store K/V (N, kv_heads, head_dim) at physical rows (N,)."""
-        self.k_rows.index_copy_(0, rows, k.to(self.dtype))
-        self.v_rows.index_copy_(0, rows, v.to(self.dtype))
-
-    def gather(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V of blocks (N, nb) as (N, kv_heads, nb * block_size, head_dim) views for attention."""
-        N, nb = blocks.shape
-        flat = blocks.reshape(-1)
-        # index_select on whole-block rows is a plain row copy (much faster than advanced indexing)
-        k = self.k.view(self.num_blocks, -1).index_select(0, flat)
-        v = self.v.view(self.num_blocks, -1).index_select(0, flat)
-        shape = (N, nb * self.block_size) + tuple(self.k.shape[2:])
-        return k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
-
     def stats(self) -> dict:
         return {
             "kv_pool_bytes": self.capacity_bytes,
@@ -308,6 +308,37 @@ class KVPool:
         }
 
 
+# ---------------------------------------------------------------------- device tensors
+class KVCache:
+    """The K/V tensors a :class:`KVPool` describes: ``num_blocks`` blocks of ``block_size``
+    rows, each row one token of one layer. Zero-initialised: padding reads must be finite
+    (0 * NaN would poison attention)."""
+
+    def __init__(self, pool: KVPool, device: torch.device | str):
+        self.device = torch.device(device)
+        self.num_blocks, self.block_size = pool.num_blocks, pool.block_size
+        shape = (pool.num_blocks, pool.block_size, pool.num_kv_heads, pool.head_dim)
+        self.k = torch.zeros(shape, dtype=pool.dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=pool.dtype, device=self.device)
+        self.k_rows = self.k.view(pool.num_blocks * pool.block_size, pool.num_kv_heads, pool.head_dim)
+        self.v_rows = self.v.view(pool.num_blocks * pool.block_size, pool.num_kv_heads, pool.head_dim)
+
+    def write(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K/V (N, kv_heads, head_dim) at physical rows (N,)."""
+        self.k_rows.index_copy_(0, rows, k.to(self.k.dtype))
+        self.v_rows.index_copy_(0, rows, v.to(self.v.dtype))
+
+    def gather(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of blocks (N, nb) as (N, kv_heads, nb * block_size, head_dim) views for attention."""
+        N, nb = blocks.shape
+        flat = blocks.reshape(-1)
+        # index_select on whole-block rows is a plain row copy (much faster than advanced indexing)
+        k = self.k.view(self.num_blocks, -1).index_select(0, flat)
+        v = self.v.view(self.num_blocks, -1).index_select(0, flat)
+        shape = (N, nb * self.block_size) + tuple(self.k.shape[2:])
+        return k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+
+
 def worst_case_bytes(cfg: ModelConfig, *, max_seqs: int, max_len: int, dtype: torch.dtype, block_size: int = 16) -> int:
     """KV bytes for ``max_seqs`` sequences of ``max_len`` tokens with every token in every recursion."""
     layout = CacheLayout.for_config(cfg)
@@ -315,13 +346,13 @@ def worst_case_bytes(cfg: ModelConfig, *, max_seqs: int, max_len: int, dtype: to
     return max_seqs * per_seq * kv_bytes_per_token_layer(cfg, dtype)
 
 
-def make_pool(cfg: ModelConfig, *, max_seqs: int, max_len: int, dtype: torch.dtype, device,
+def make_pool(cfg: ModelConfig, *, max_seqs: int, max_len: int, dtype: torch.dtype,
               block_size: int = 16, num_blocks: int | None = None, memory_bytes: int | None = None) -> KVPool:
     """A pool for ``cfg``. Size: ``num_blocks``, or ``memory_bytes`` of K/V, or by default
     enough for ``max_seqs`` sequences of ``max_len`` tokens in the worst case (every token
     in every recursion) - which never needs preemption."""
     layout = CacheLayout.for_config(cfg)
-    block_bytes = 2 * block_size * cfg.num_key_value_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+    block_bytes = block_size * kv_bytes_per_token_layer(cfg, dtype)
     if num_blocks is None:
         if memory_bytes is not None:
             num_blocks = int(memory_bytes // block_bytes) + 1
@@ -331,5 +362,4 @@ def make_pool(cfg: ModelConfig, *, max_seqs: int, max_len: int, dtype: torch.dty
             per_seq = sum(math.ceil(max_len / block_size) * n for n in layout.layers) + layout.total_layers
             num_blocks = max_seqs * per_seq + 1
     return KVPool(layout, num_blocks=max(int(num_blocks), 2), block_size=block_size, max_seqs=max_seqs,
-                  max_len=max_len, num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=dtype,
-                  device=device)
+                  max_len=max_len, num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=dtype)

@@ -58,13 +58,14 @@ class ModelConfig:
     initializer_range: float = 0.02
     # --- recursion and sharing ---
     architecture: str = "mor"
-    num_recursions: int = 3
+    num_recursions: int | None = None  # default: 1 for vanilla, 3 otherwise
     sharing: str = "middle_cycle"
     kv_mode: str = "recursion_wise"
     # --- router ---
     router_type: str = "expert"
     router_arch: str = "linear"
-    router_func: str = "sigmoid"
+    # default: "sigmoid" for expert-choice, "softmax" for token-choice (the paper's final design)
+    router_func: str | None = None
     router_alpha: float | None = None  # default: 1.0 for softmax, 0.1 for sigmoid/tanh (SPEC)
     # How a selected token's hidden state is updated. "add": H + g * block(H) where block(H)
     # includes the block's own residual stream (released code). "pass_through": block(H),
@@ -80,7 +81,9 @@ class ModelConfig:
     balancing: str = "loss"  # "loss": sum_i f_i P_i; "loss_free": bias updated after each step
     balance_coeff: float = 0.1
     balance_bias_rate: float = 0.001
-    gate_every_recursion: bool = False  # paper's equation: weight every recursion, not only the last
+    # False (released code): recursions before the token's last continue with block(H);
+    # True (the paper's equation 2.2): they continue with g * block(H)
+    gate_every_recursion: bool = False
     # --- both ---
     z_loss_coeff: float = 0.0
 
@@ -94,7 +97,11 @@ class ModelConfig:
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.capacities is not None:
-            self.capacities = [float(c) for c in self.capacities]
+            self.capacities = [float(cap) for cap in self.capacities]
+        if self.num_recursions is None:
+            self.num_recursions = 1 if self.architecture == "vanilla" else 3
+        if self.router_func is None:
+            self.router_func = "softmax" if self.router_type == "token" else "sigmoid"
         if self.router_alpha is None:
             self.router_alpha = 1.0 if self.router_func == "softmax" else 0.1
         self.validate()
@@ -155,8 +162,8 @@ class ModelConfig:
             caps = self.resolved_capacities()
             if len(caps) != nr:
                 raise ConfigError(f"capacities={self.capacities} must have num_recursions={nr} entries")
-            for c in caps:
-                if not (0.0 < c <= 1.0):
+            for cap in caps:
+                if not (0.0 < cap <= 1.0):
                     raise ConfigError(f"capacities={caps}: every capacity must be in (0, 1]")
             for a, b in zip(caps, caps[1:]):
                 if b > a:
@@ -184,6 +191,20 @@ class ModelConfig:
         nr = self.num_recursions
         if self.capacities is not None:
             return list(self.capacities)
+        return [(nr - r + 1) / nr for r in range(1, nr + 1)]
+
+    def enter_fractions(self) -> list[float]:
+        """Expected share of tokens entering each recursion (one entry per recursion; empty
+        for vanilla): the capacities c_r for expert-choice, a balanced depth assignment
+        ((N_r - r + 1) / N_r, depth uniform on 1..N_r) for token-choice, 1 for recursive.
+        FLOPs (``mor.flops``) and the KV memory estimate (``mor.cache``) both use it."""
+        nr = self.num_recursions
+        if self.architecture == "vanilla":
+            return []
+        if self.architecture == "recursive":
+            return [1.0] * nr
+        if self.router_type == "expert":
+            return self.resolved_capacities()
         return [(nr - r + 1) / nr for r in range(1, nr + 1)]
 
     @property

@@ -23,16 +23,8 @@ from .routing import num_selected
 
 
 def active_fractions(cfg: ModelConfig) -> list[float]:
-    """Expected share of tokens entering each recursion: the capacities for expert-choice,
-    a balanced depth assignment ((N_r - r + 1) / N_r) for token-choice, 1 for recursive."""
-    nr = cfg.num_recursions
-    if cfg.architecture == "vanilla":
-        return []
-    if cfg.architecture == "recursive":
-        return [1.0] * nr
-    if cfg.router_type == "expert":
-        return cfg.resolved_capacities()
-    return [(nr - r + 1) / nr for r in range(1, nr + 1)]
+    """Expected share of tokens entering each recursion (``ModelConfig.enter_fractions``)."""
+    return cfg.enter_fractions()
 
 
 def paper_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:

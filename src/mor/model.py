@@ -30,8 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import routing as R
 from .config import ModelConfig
+from .routing import (Router, RouterRecord, balancing_loss, bce_selection_loss, binary_entropy, categorical_entropy,
+                      combine, continues, gate_scores, max_violation, num_selected, pack_mask, token_choice,
+                      warmup_capacity, z_loss)
 
 ROUTING_MODES = ("topk", "threshold")
 
@@ -129,7 +131,28 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h)), new_kv
 
 
+# ---------------------------------------------------------------------- routers
+def make_router(cfg: ModelConfig, out_features: int) -> Router:
+    """A router of ``cfg.router_arch`` from the hidden size to ``out_features`` scores."""
+    return Router(cfg.hidden_size, out_features, cfg.router_arch)
+
+
 # ---------------------------------------------------------------------- outputs
+@dataclass
+class RoutingAux:
+    """What the recursions report besides the hidden states.
+
+    ``losses``: weighted auxiliary losses by name (router BCE, balancing, z-loss).
+    ``stats``: detached diagnostics by name. ``depth`` (B, T): recursions run per token
+    (None without routing). ``selected``: per recursion run, the (B, K) positions that ran it
+    (padding = T), or None when every position did."""
+
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    depth: torch.Tensor | None = None
+    selected: list[torch.Tensor | None] | None = None
+
+
 @dataclass
 class MoROutput:
     logits: torch.Tensor
@@ -142,16 +165,36 @@ class MoROutput:
     selected: list[torch.Tensor] | None = None  # per recursion: (B, K) positions (pad = T), or None = all
 
 
-def _gather(h: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+def gather_tokens(h: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """Rows ``idx`` (B, K) of h (B, T, d); None: all of h."""
     if idx is None:
         return h
     return h.gather(1, idx[..., None].expand(-1, -1, h.size(-1)))
 
 
-def _scatter(h: torch.Tensor, idx: torch.Tensor | None, src: torch.Tensor) -> torch.Tensor:
+def scatter_tokens(h: torch.Tensor, idx: torch.Tensor | None, src: torch.Tensor) -> torch.Tensor:
+    """h with rows ``idx`` (B, K) replaced by src (B, K, d); None: the first K rows."""
     if idx is None:
         return src if src.size(1) == h.size(1) else torch.cat([src, h[:, src.size(1):]], dim=1)
     return h.scatter(1, idx[..., None].expand(-1, -1, h.size(-1)), src)
+
+
+@dataclass
+class ExpertSelection:
+    """One expert-choice recursion's routing over its candidates (B, Kc).
+
+    ``logits``: the main router's (weights g); ``decision``: the logits that decide (the
+    auxiliary router's with ``use_aux_router``); ``chosen`` (B, Kc): candidates that run the
+    recursion; ``top`` (B, K): their indices among the candidates (None: all); ``idx`` /
+    ``valid`` (B, K): their positions in the sequence (None: all) and which are real (None:
+    all; threshold rows are padded with position T)."""
+
+    logits: torch.Tensor
+    decision: torch.Tensor
+    chosen: torch.Tensor
+    top: torch.Tensor | None
+    idx: torch.Tensor | None
+    valid: torch.Tensor | None
 
 
 # ---------------------------------------------------------------------- the model
@@ -166,233 +209,248 @@ class MoRModel(nn.Module):
         if cfg.architecture == "mor":
             nr = cfg.num_recursions
             if cfg.router_type == "expert":
-                self.routers = nn.ModuleList(Router_(cfg, 1) for _ in range(nr))
+                self.routers = nn.ModuleList(make_router(cfg, 1) for _ in range(nr))
                 if cfg.use_aux_router:
-                    self.aux_routers = nn.ModuleList(Router_(cfg, 1) for _ in range(nr))
+                    self.aux_routers = nn.ModuleList(make_router(cfg, 1) for _ in range(nr))
             else:
-                self.router = Router_(cfg, nr)
+                self.router = make_router(cfg, nr)
                 # loss-free balancing bias (used only in the argmax) and the load it is updated from
                 self.register_buffer("balance_bias", torch.zeros(nr))
                 self.register_buffer("balance_load", torch.zeros(nr))
-        self.step = 0  # optimizer step, set by the trainer (capacity warm-up)
+        # The optimizer step, for the capacity warm-up of training-time top-k only. The trainer
+        # sets it (MoRForCausalLM.set_step) before each step; it lives here rather than in
+        # forward's arguments so that the forward keeps the signature DDP / FSDP / compile
+        # wrappers call, and it is not saved (a resumed trainer sets it again).
+        self.optimizer_step = 0
 
-    # .................................................................. helpers
+    # .................................................................. forward
+    def forward(self, input_ids: torch.Tensor, routing: str = "topk", max_depth: int | None = None,
+                records: list | None = None) -> tuple[torch.Tensor, RoutingAux]:
+        """Final-normed hidden states and the routing auxiliaries. ``max_depth`` caps (or, past
+        N_r, extends) the recursions at test time and ``records`` collects one
+        :class:`mor.routing.RouterRecord` per recursion; both are for analysis
+        (:func:`mor.eval.depth.forward_depth` documents their semantics)."""
+        cfg = self.config
+        depth_cap = cfg.num_recursions if max_depth is None else max_depth
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"routing={routing!r}; choose one of: {', '.join(ROUTING_MODES)}")
+        B, T = input_ids.shape
+        if T > cfg.max_position_embeddings:
+            raise ValueError(f"sequence length {T} exceeds max_position_embeddings={cfg.max_position_embeddings}")
+        h = self.embed_tokens(input_ids)
+        cos, sin = self._rope(torch.arange(T, device=h.device), h.dtype)
+        for u in self.prefix:
+            h, _ = self.layers[u](h, cos, sin)
+        aux = RoutingAux()
+        if self.chunks:
+            if cfg.architecture == "recursive":
+                shared_kv: list = []
+                for r in range(depth_cap):  # past N_r: the last recursion's block again
+                    h = self._run_recursion(min(r, cfg.num_recursions - 1), h, None, shared_kv, T)
+            elif cfg.router_type == "expert":
+                h, aux = self._expert_choice(h, routing, depth_cap, records)
+            else:
+                h, aux = self._token_choice(h, depth_cap, records)
+        for u in self.suffix:
+            h, _ = self.layers[u](h, cos, sin)
+        return self.norm(h), aux
+
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
-        c = self.config
-        return rope_cos_sin(positions, c.head_dim, c.rope_theta, dtype)
+        return rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype)
 
-    def _run_chunk(self, r: int, x: torch.Tensor, pos: torch.Tensor | None, shared_kv: list, T: int):
-        """Run recursion r's layers on x (B, K, d) whose tokens sit at positions ``pos`` (B, K)
-        (None: all T positions in order)."""
-        c = self.config
+    def _run_recursion(self, r: int, x: torch.Tensor, pos: torch.Tensor | None, shared_kv: list, T: int):
+        """Recursion r's shared layers on x (B, K, d) whose tokens sit at positions ``pos``
+        (B, K) (None: all T positions in order). With ``kv_mode="shared"`` recursion 0 appends
+        each layer's K/V to ``shared_kv`` and deeper recursions attend to them."""
+        cfg = self.config
         cos, sin = self._rope(pos if pos is not None else torch.arange(T, device=x.device), x.dtype)
-        share = c.kv_mode == "shared" and r > 0
+        share = cfg.kv_mode == "shared" and r > 0
         mask = None
         if share and pos is not None:
             mask = torch.arange(T, device=x.device)[None, None, None, :] <= pos[:, None, :, None]
         for j, u in enumerate(self.chunks[r]):
             x, kv = self.layers[u](x, cos, sin, kv=shared_kv[j] if share else None, attn_mask=mask)
-            if c.kv_mode == "shared" and r == 0:
+            if cfg.kv_mode == "shared" and r == 0:
                 shared_kv.append(kv)
         return x
 
-    def _combine(self, x, y, g):
-        return y if self.config.gate_combine == "pass_through" else x + g * y
+    # .................................................................. expert-choice
+    def _expert_capacity(self, r: int, routing: str) -> float:
+        cfg = self.config
+        cap = cfg.resolved_capacities()[r]
+        # the warm-up applies to training-time top-k only (the causal rule uses the final
+        # capacities); read the step only when needed (torch.compile guards on it)
+        if cfg.capacity_warmup_steps > 0 and routing == "topk":
+            cap = warmup_capacity(cap, self.optimizer_step, cfg.capacity_warmup_steps)
+        return cap
 
-    # .................................................................. forward
-    def forward(self, input_ids: torch.Tensor, routing: str = "topk", max_depth: int | None = None,
-                records: list | None = None):
-        """Final-normed hidden states and the routing record. ``max_depth`` caps (or, past N_r,
-        extends) the recursions at test time and ``records`` collects one
-        :class:`mor.routing.RouterRecord` per recursion; both are for analysis
-        (:func:`mor.eval.depth.forward_depth` documents their semantics)."""
-        c = self.config
-        depth_cap = c.num_recursions if max_depth is None else max_depth
-        if routing not in ROUTING_MODES:
-            raise ValueError(f"routing={routing!r}; choose one of: {', '.join(ROUTING_MODES)}")
-        B, T = input_ids.shape
-        if T > c.max_position_embeddings:
-            raise ValueError(f"sequence length {T} exceeds max_position_embeddings={c.max_position_embeddings}")
-        h = self.embed_tokens(input_ids)
-        full_pos = torch.arange(T, device=h.device)
-        cos, sin = self._rope(full_pos, h.dtype)
-        for u in self.prefix:
-            h, _ = self.layers[u](h, cos, sin)
-        aux: dict = {"losses": {}, "stats": {}, "depth": None, "selected": None}
-        if self.chunks:
-            if c.architecture == "recursive":
-                shared_kv: list = []
-                for r in range(depth_cap):  # past N_r: the last recursion's block again
-                    h = self._run_chunk(min(r, c.num_recursions - 1), h, None, shared_kv, T)
-            elif c.router_type == "expert":
-                h = self._expert_choice(h, routing, aux, depth_cap, records)
-            else:
-                h = self._token_choice(h, aux, depth_cap, records)
-        for u in self.suffix:
-            h, _ = self.layers[u](h, cos, sin)
-        return self.norm(h), aux
+    def _select_expert(self, r: int, x_c: torch.Tensor, cand_idx: torch.Tensor | None,
+                       cand_valid: torch.Tensor | None, routing: str, T: int) -> ExpertSelection:
+        """Which candidates x_c (B, Kc, d) at positions ``cand_idx`` run recursion r: the
+        top-k_r by router score ("topk") or the causal threshold rule ("threshold")."""
+        cfg = self.config
+        B = x_c.size(0)
+        cap = self._expert_capacity(r, routing)
+        logits = self.routers[r](x_c).squeeze(-1).float()  # (B, Kc)
+        decision = self.aux_routers[r](x_c.detach()).squeeze(-1).float() if cfg.use_aux_router else logits
+        if routing == "topk":
+            k = num_selected(cap, T)
+            if cand_idx is None and k == T:
+                return ExpertSelection(logits, decision, torch.ones_like(logits, dtype=torch.bool), None, None, None)
+            top = torch.topk(logits, k, dim=1, sorted=False).indices.sort(dim=1).values
+            idx = top if cand_idx is None else cand_idx.gather(1, top)
+            chosen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top, True)
+            return ExpertSelection(logits, decision, chosen, top, idx, None)
+        valid_c = cand_valid if cand_valid is not None else torch.ones_like(logits, dtype=torch.bool)
+        chosen = valid_c & continues(decision, cap)
+        if cand_idx is None and cap >= 1.0:
+            return ExpertSelection(logits, decision, chosen, None, None, None)
+        top, valid = pack_mask(chosen, pad_index=0)
+        base = cand_idx if cand_idx is not None else torch.arange(T, device=x_c.device).expand(B, T)
+        return ExpertSelection(logits, decision, chosen, top, torch.where(valid, base.gather(1, top), T), valid)
 
-    def _expert_choice(self, h: torch.Tensor, routing: str, aux: dict, max_depth: int,
-                       records: list | None) -> torch.Tensor:
-        c = self.config
+    def _expert_choice(self, h: torch.Tensor, routing: str, max_depth: int,
+                       records: list | None) -> tuple[torch.Tensor, RoutingAux]:
+        """Expert-choice recursions (SPEC section 3): per recursion select -> run the shared
+        block on the compacted selected tokens -> combine; then the losses and statistics."""
+        cfg = self.config
         B, T, _ = h.shape
-        nr = c.num_recursions
-        padded = routing == "threshold"
-        if padded:  # a dummy row at index T receives the padding of variable-length rows
+        nr = cfg.num_recursions
+        if routing == "threshold":  # a dummy row at index T receives the padding of variable-length rows
             h = F.pad(h, (0, 0, 0, 1))
         depth = torch.zeros(B, T + 1, dtype=torch.long, device=h.device)
         cand_idx, cand_valid = None, None
         shared_kv: list = []
-        bce, zl, stats = [], [], {}
-        frac, acc, ent, selected_all = [], [], [], []
+        bce, z, accuracy, entropy, fraction, selected = [], [], [], [], [], []
         completed = 0
         for r in range(min(nr, max_depth)):
-            cap = c.resolved_capacities()[r]
-            # the warm-up applies to training-time top-k only (the causal rule uses the final
-            # capacities); read the step only when needed (torch.compile guards on it)
-            if c.capacity_warmup_steps > 0 and routing == "topk":
-                cap = R.warmup_capacity(cap, self.step, c.capacity_warmup_steps)
-            x_c = _gather(h[:, :T] if cand_idx is None else h, cand_idx)  # candidates (B, Kc, d)
-            logits = self.routers[r](x_c).squeeze(-1).float()  # (B, Kc)
-            dec_logits = (self.aux_routers[r](x_c.detach()).squeeze(-1).float()
-                          if c.use_aux_router else logits)
+            x_c = gather_tokens(h[:, :T] if cand_idx is None else h, cand_idx)  # candidates (B, Kc, d)
+            sel = self._select_expert(r, x_c, cand_idx, cand_valid, routing, T)
+            logits = sel.logits
             if routing == "topk":
-                k = R.num_selected(cap, T)
-                if cand_idx is None and k == T:
-                    top, sel_idx = None, None
-                    sel_c = torch.ones_like(logits, dtype=torch.bool)
-                else:
-                    top = torch.topk(logits, k, dim=1, sorted=False).indices.sort(dim=1).values
-                    sel_idx = top if cand_idx is None else cand_idx.gather(1, top)
-                    sel_c = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top, True)
-                sel_valid = None
-                bce.append(R.bce_selection_loss(dec_logits, sel_c))
-                acc.append(((dec_logits > 0) == sel_c).float().mean())
-            else:
-                cv = cand_valid if cand_valid is not None else torch.ones_like(logits, dtype=torch.bool)
-                sel_c = cv & (dec_logits > 0) if cap < 1.0 else cv
-                if cand_idx is None and cap >= 1.0:
-                    top, sel_idx, sel_valid = None, None, None
-                else:
-                    top, sel_valid = R.pack_mask(sel_c, pad_index=0)
-                    base = cand_idx if cand_idx is not None else torch.arange(T, device=h.device).expand(B, T)
-                    sel_idx = torch.where(sel_valid, base.gather(1, top), T)
+                bce.append(bce_selection_loss(sel.decision, sel.chosen))
+                accuracy.append(((sel.decision > 0) == sel.chosen).float().mean())
             if records is not None:
-                records.append(R.RouterRecord(
+                records.append(RouterRecord(
                     recursion=r + 1,
                     positions=(torch.arange(T, device=h.device).expand(B, T) if cand_idx is None else cand_idx),
-                    scores=torch.sigmoid(dec_logits), selected=sel_c,
-                    valid=cand_valid if cand_valid is not None else torch.ones_like(sel_c)))
-            if c.z_loss_coeff > 0:
-                zl.append(R.z_loss(logits[..., None], cand_valid))
-            ent.append(R.binary_entropy(logits).mean() if cand_valid is None
-                       else (R.binary_entropy(logits) * cand_valid).sum() / cand_valid.sum().clamp_min(1))
-            g = R.gate_scores(logits if top is None else logits.gather(1, top), c.router_func, c.router_alpha)
-            x = _gather(h[:, :T] if sel_idx is None else h, sel_idx)
+                    scores=torch.sigmoid(sel.decision), selected=sel.chosen,
+                    valid=cand_valid if cand_valid is not None else torch.ones_like(sel.chosen)))
+            if cfg.z_loss_coeff > 0:
+                z.append(z_loss(logits[..., None], cand_valid))
+            entropy.append(binary_entropy(logits).mean() if cand_valid is None
+                           else (binary_entropy(logits) * cand_valid).sum() / cand_valid.sum().clamp_min(1))
+            g = gate_scores(logits if sel.top is None else logits.gather(1, sel.top), cfg.router_func, cfg.router_alpha)
+            x = gather_tokens(h[:, :T] if sel.idx is None else h, sel.idx)
             if x.size(1) == 0:  # no token continues (threshold mode)
-                frac.append(torch.zeros((), device=h.device))
+                fraction.append(torch.zeros((), device=h.device))
                 break
-            y = self._run_chunk(r, x, sel_idx, shared_kv, T)
-            h = _scatter(h, sel_idx, self._combine(x, y, g[..., None].to(y.dtype)))
-            if sel_idx is None:
-                depth[:, :T] += 1
-                frac.append(torch.ones((), device=h.device))
-            else:
-                ones = sel_valid.long() if sel_valid is not None else torch.ones_like(sel_idx)
-                depth.scatter_add_(1, sel_idx, ones)
-                frac.append(ones.sum() / (B * T))
-            selected_all.append(sel_idx)
-            cand_idx, cand_valid = sel_idx, sel_valid
+            y = self._run_recursion(r, x, sel.idx, shared_kv, T)
+            h = scatter_tokens(h, sel.idx, combine(cfg, x, y, g[..., None].to(y.dtype)))
+            fraction.append(self._count_depth(depth, sel.idx, sel.valid, T) / (B * T))
+            selected.append(sel.idx)
+            cand_idx, cand_valid = sel.idx, sel.valid
             completed = r + 1
-        if completed == nr:  # test-time extra passes of the last recursion for the tokens that reached it
-            for _ in range(max_depth - nr):
-                x = _gather(h[:, :T] if cand_idx is None else h, cand_idx)
-                g = R.gate_scores(self.routers[nr - 1](x).squeeze(-1).float(), c.router_func, c.router_alpha)
-                y = self._run_chunk(nr - 1, x, cand_idx, shared_kv, T)
-                h = _scatter(h, cand_idx, self._combine(x, y, g[..., None].to(y.dtype)))
-                if cand_idx is None:
-                    depth[:, :T] += 1
-                else:
-                    depth.scatter_add_(1, cand_idx, cand_valid.long() if cand_valid is not None
-                                       else torch.ones_like(cand_idx))
+        if completed == nr and max_depth > nr:
+            h = self._extra_passes(h, depth, cand_idx, cand_valid, shared_kv, max_depth - nr)
         depth = depth[:, :T]
+        aux = RoutingAux(depth=depth, selected=selected)
         if bce:
-            key = "aux_router_bce" if c.use_aux_router else "router_bce"
-            aux["losses"][key] = c.aux_loss_coeff * torch.stack(bce).sum()
-        if zl:
-            aux["losses"]["z_loss"] = c.z_loss_coeff * torch.stack(zl).sum()
-        stats["selected_fraction"] = torch.stack(frac + [torch.zeros((), device=h.device)] * (nr - len(frac))).detach()
-        stats["router_entropy"] = torch.stack(ent).detach()
-        if acc:
-            stats["sampling_accuracy"] = torch.stack(acc).detach()
+            key = "aux_router_bce" if cfg.use_aux_router else "router_bce"
+            aux.losses[key] = cfg.aux_loss_coeff * torch.stack(bce).sum()
+        if z:
+            aux.losses["z_loss"] = cfg.z_loss_coeff * torch.stack(z).sum()
+        stats = aux.stats
+        stats["selected_fraction"] = torch.stack(
+            fraction + [torch.zeros((), device=h.device)] * (nr - len(fraction))).detach()
+        stats["router_entropy"] = torch.stack(entropy).detach()
+        if accuracy:
+            stats["sampling_accuracy"] = torch.stack(accuracy).detach()
         # positions never selected at the last recursion by any sequence of the batch
         stats["dead_token_ratio"] = 1.0 - (depth == nr).any(dim=0).float().mean()
-        aux["stats"], aux["depth"], aux["selected"] = stats, depth, selected_all
-        return h[:, :T]
+        return h[:, :T], aux
 
-    def _token_choice(self, h: torch.Tensor, aux: dict, max_depth: int, records: list | None) -> torch.Tensor:
-        c = self.config
+    @staticmethod
+    def _count_depth(depth: torch.Tensor, idx: torch.Tensor | None, valid: torch.Tensor | None,
+                     T: int) -> torch.Tensor:
+        """Add one recursion to the depth of the tokens at ``idx``; returns how many ran it."""
+        if idx is None:
+            depth[:, :T] += 1
+            return torch.full((), depth.size(0) * T, device=depth.device)
+        ones = valid.long() if valid is not None else torch.ones_like(idx)
+        depth.scatter_add_(1, idx, ones)
+        return ones.sum()
+
+    def _extra_passes(self, h: torch.Tensor, depth: torch.Tensor, idx: torch.Tensor | None,
+                      valid: torch.Tensor | None, shared_kv: list, passes: int) -> torch.Tensor:
+        """Test-time depth extrapolation (analysis only): the tokens that ran the last
+        recursion run its block ``passes`` more times, weighted by its router."""
+        cfg = self.config
+        nr, T = cfg.num_recursions, depth.size(1) - 1
+        for _ in range(passes):
+            x = gather_tokens(h[:, :T] if idx is None else h, idx)
+            g = gate_scores(self.routers[nr - 1](x).squeeze(-1).float(), cfg.router_func, cfg.router_alpha)
+            y = self._run_recursion(nr - 1, x, idx, shared_kv, T)
+            h = scatter_tokens(h, idx, combine(cfg, x, y, g[..., None].to(y.dtype)))
+            self._count_depth(depth, idx, valid, T)
+        return h
+
+    # .................................................................. token-choice
+    def _token_choice(self, h: torch.Tensor, max_depth: int, records: list | None) -> tuple[torch.Tensor, RoutingAux]:
+        """Token-choice recursions (SPEC section 4): one router on H^1 assigns each token its
+        depth; recursion r runs on the tokens assigned a depth > r."""
+        cfg = self.config
         B, T, _ = h.shape
-        nr = c.num_recursions
+        nr = cfg.num_recursions
         logits = self.router(h).float()  # (B, T, N_r) on H^1
-        probs = R.router_probs(logits, c.router_func)
-        gates = R.gate_scores(logits, c.router_func, c.router_alpha)
-        choice = torch.argmax(probs + self.balance_bias, dim=-1)  # bias only in the argmax
+        probs, choice, g = token_choice(logits, cfg.router_func, cfg.router_alpha, self.balance_bias)
         depth = (choice + 1).clamp(max=max_depth)  # test-time cap: the final combination at the capped depth
         if records is not None:  # probability of depth r+1 vs. whether the token was assigned it
             pos = torch.arange(T, device=h.device).expand(B, T)
             for r in range(nr):
-                records.append(R.RouterRecord(recursion=r + 1, positions=pos, scores=probs[..., r],
-                                              selected=choice == r, valid=torch.ones_like(choice, dtype=torch.bool)))
-        g = gates.gather(-1, choice[..., None]).to(h.dtype)  # (B, T, 1)
+                records.append(RouterRecord(recursion=r + 1, positions=pos, scores=probs[..., r],
+                                            selected=choice == r, valid=torch.ones_like(choice, dtype=torch.bool)))
         load = torch.bincount(choice.reshape(-1), minlength=nr).float()
-        if self.training and c.balancing == "loss_free":
+        if self.training and cfg.balancing == "loss_free":
             self.balance_load += load
-        h1 = h
-        h = F.pad(h, (0, 0, 0, 1))
-        g_ext = F.pad(g, (0, 0, 0, 1))
-        h1_ext = F.pad(h1, (0, 0, 0, 1))
-        depth_ext = F.pad(depth, (0, 1))
+        # row T of the padded tensors receives the padding of variable-length rows
+        h_first = F.pad(h, (0, 0, 0, 1))
+        gate = F.pad(g.to(h.dtype), (0, 0, 0, 1))
+        assigned = F.pad(depth, (0, 1))[..., None]
+        h = h_first
         shared_kv: list = []
-        frac, selected_all = [], []
+        fraction, selected = [], []
         for r in range(min(nr, max_depth)):
             if r == 0:  # every token runs recursion 1
                 idx = None
             else:
-                idx, _valid = R.pack_mask(depth >= r + 1, pad_index=T)
+                idx, _ = pack_mask(depth >= r + 1, pad_index=T)
                 if idx.size(1) == 0:
-                    frac.append(torch.zeros((), device=h.device))
+                    fraction.append(torch.zeros((), device=h.device))
                     continue
-            x = _gather(h[:, :T] if idx is None else h, idx)
-            y = self._run_chunk(r, x, idx, shared_kv, T)
-            if c.gate_combine == "pass_through":
-                new = y
-            else:
-                gs = _gather(g_ext[:, :T] if idx is None else g_ext, idx)
-                last = (_gather(depth_ext[:, :T, None] if idx is None else depth_ext[..., None], idx) == r + 1)
-                final = _gather(h1_ext[:, :T] if idx is None else h1_ext, idx) + gs * y
-                cont = x + gs * y if c.gate_every_recursion else y
-                new = torch.where(last, final, cont)
-            h = _scatter(h, idx, new)
-            frac.append((depth >= r + 1).float().mean())
-            selected_all.append(idx)
-        if c.balancing == "loss":
-            aux["losses"]["balance"] = c.balance_coeff * R.balancing_loss(probs, choice, nr)
-        if c.z_loss_coeff > 0:
-            aux["losses"]["z_loss"] = c.z_loss_coeff * R.z_loss(logits)
-        aux["stats"] = {
-            "selected_fraction": torch.stack(frac).detach(),
-            "max_violation": R.max_violation(load).detach(),
-            "router_entropy": R.categorical_entropy(torch.softmax(logits, -1) if c.router_func == "softmax"
-                                                    else probs / probs.sum(-1, keepdim=True)).mean().detach(),
+            x = gather_tokens(h[:, :T] if idx is None else h, idx)
+            y = self._run_recursion(r, x, idx, shared_kv, T)
+
+            def rows(t: torch.Tensor, idx=idx) -> torch.Tensor:
+                return gather_tokens(t[:, :T] if idx is None else t, idx)
+
+            new = combine(cfg, x, y, rows(gate), rows(assigned) == r + 1, rows(h_first))
+            h = scatter_tokens(h, idx, new)
+            fraction.append((depth >= r + 1).float().mean())
+            selected.append(idx)
+        aux = RoutingAux(depth=depth, selected=selected)
+        if cfg.balancing == "loss":
+            aux.losses["balance"] = cfg.balance_coeff * balancing_loss(probs, choice, nr)
+        if cfg.z_loss_coeff > 0:
+            aux.losses["z_loss"] = cfg.z_loss_coeff * z_loss(logits)
+        aux.stats = {
+            "selected_fraction": torch.stack(fraction).detach(),
+            "max_violation": max_violation(load).detach(),
+            "router_entropy": categorical_entropy(torch.softmax(logits, -1) if cfg.router_func == "softmax"
+                                                  else probs / probs.sum(-1, keepdim=True)).mean().detach(),
             "depth_load": load.detach(),
         }
-        aux["depth"], aux["selected"] = depth, selected_all
-        return h[:, :T]
-
-
-def Router_(cfg: ModelConfig, out: int) -> R.Router:
-    return R.Router(cfg.hidden_size, out, cfg.router_arch)
+        return h[:, :T], aux
 
 
 class MoRForCausalLM(nn.Module):
@@ -414,10 +472,10 @@ class MoRForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, routing: str = "topk") -> MoROutput:
         h, aux = self.model(input_ids, routing=routing)
         logits = self.lm_head(h)
-        losses = aux["losses"]
+        losses = aux.losses
         aux_loss = torch.stack(list(losses.values())).sum() if losses else torch.zeros((), device=logits.device)
-        out = MoROutput(logits=logits, aux_loss=aux_loss, aux_losses=losses, router_stats=aux["stats"],
-                        depth=aux["depth"], selected=aux["selected"])
+        out = MoROutput(logits=logits, aux_loss=aux_loss, aux_losses=losses, router_stats=aux.stats,
+                        depth=aux.depth, selected=aux.selected)
         if labels is not None:
             out.lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1),
                                           ignore_index=-100)
@@ -427,20 +485,20 @@ class MoRForCausalLM(nn.Module):
     # .................................................................. utilities
     def set_step(self, step: int) -> None:
         """Tell the model the current optimizer step (capacity warm-up)."""
-        self.model.step = int(step)
+        self.model.optimizer_step = int(step)
 
     @torch.no_grad()
     def update_balance_bias(self) -> torch.Tensor | None:
         """Loss-free balancing: after an optimizer step, b_i += rate * sign(mean load - load_i)
         using the load accumulated since the last update (all-reduce ``model.balance_load``
         across ranks before calling this in data-parallel runs). Returns the load used."""
-        c = self.config
-        if not (c.architecture == "mor" and c.router_type == "token" and c.balancing == "loss_free"):
+        cfg = self.config
+        if not (cfg.architecture == "mor" and cfg.router_type == "token" and cfg.balancing == "loss_free"):
             return None
         m = self.model
         load = m.balance_load.clone()
         if load.sum() > 0:
-            m.balance_bias += c.balance_bias_rate * torch.sign(load.mean() - load)
+            m.balance_bias += cfg.balance_bias_rate * torch.sign(load.mean() - load)
         m.balance_load.zero_()
         return load
 

@@ -1,7 +1,9 @@
 """Routers and the routing math of SPEC.md sections 3-4, as small pure functions.
 
 Everything here is independent of the model so that tests can check it against
-hand-computed values.
+hand-computed values. The model's forward and the inference runner both route and combine
+through these functions (``token_choice``, ``continues``, ``combine``), so the rule has
+one definition.
 """
 
 from __future__ import annotations
@@ -64,6 +66,45 @@ def gate_scores(logits: torch.Tensor, func: str, alpha: float) -> torch.Tensor:
 def router_probs(logits: torch.Tensor, func: str) -> torch.Tensor:
     """Normalised router probabilities (no alpha), used by the balancing loss and entropy."""
     return torch.softmax(logits, dim=-1) if func == "softmax" else torch.sigmoid(logits)
+
+
+def token_choice(logits: torch.Tensor, func: str, alpha: float, bias: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token-choice assignment from the router's logits (..., N_r) on H^1 (SPEC section 4).
+
+    Returns (probs, choice, gate): the probabilities, the chosen depth minus one (argmax of
+    probabilities + the loss-free balancing bias, which enters only here) and the router
+    weight g (..., 1) of the chosen depth."""
+    probs = router_probs(logits, func)
+    choice = torch.argmax(probs + bias, dim=-1)
+    gate = gate_scores(logits, func, alpha).gather(-1, choice[..., None])
+    return probs, choice, gate
+
+
+def continues(decision_logits: torch.Tensor, capacity: float) -> torch.Tensor:
+    """The causal expert-choice rule: a candidate runs the recursion iff its (decision)
+    router logit is > 0 (sigmoid > 0.5), or always when the capacity is 1."""
+    if capacity >= 1.0:
+        return torch.ones_like(decision_logits, dtype=torch.bool)
+    return decision_logits > 0
+
+
+def combine(cfg, h: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None = None,
+            is_last: torch.Tensor | None = None, h_first: torch.Tensor | None = None) -> torch.Tensor:
+    """Hidden state of a token after it ran a recursion: h entered it, y = block(h) is the
+    shared block's output (with its own residual stream), gate the router weight g (broadcast
+    against h). SPEC sections 3-4 and the paper's equations 2.1 / 2.2:
+
+    * recursive, or ``gate_combine="pass_through"``: y;
+    * expert-choice: h + g * y;
+    * token-choice: at the token's last recursion (``is_last``) H^1 + g * y with H^1 =
+      ``h_first``; before it y, or g * y with ``gate_every_recursion`` (equation 2.2)."""
+    if cfg.architecture == "recursive" or cfg.gate_combine == "pass_through":
+        return y
+    if cfg.router_type == "expert":
+        return h + gate * y
+    before_last = gate * y if cfg.gate_every_recursion else y
+    return torch.where(is_last, h_first + gate * y, before_last)
 
 
 def num_selected(capacity: float, seq_len: int) -> int:

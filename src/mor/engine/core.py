@@ -1,19 +1,22 @@
 """The engine: scheduler + KV pool + runner, driven one step at a time.
 
-One ``step()`` (continuous depth-wise batching, the default for MoR models):
+``step()`` reads: ``plan = scheduler.schedule()`` -> ``runner.execute(plan)`` -> postprocess.
 
-1. routing decisions for tokens that finished a recursion in the previous step;
-2. tokens that leave the recursions run the suffix, the LM head and sampling; their
-   request either finishes (slot and KV blocks freed at once) or its new token enters;
-3. waiting requests are admitted into free slots and their prompts prefilled;
-4. KV blocks are reserved for every write of this step (preempting if the pool is dry);
-5. entering tokens run the embedding and prefix layers;
-6. the shared block runs ONCE on every in-flight token, each at its own recursion depth.
+* schedule (``scheduler.py``): admit waiting requests into free slots, reserve KV room for
+  every write of the step, preempt when the pool is dry;
+* execute (``runner.py``): prefill admitted prompts; entering tokens run the embedding and
+  prefix layers; routing decisions; the shared block runs ONCE on every in-flight token,
+  each at its own recursion depth (continuous depth-wise batching, the default for MoR);
+  decisions again; tokens that leave the recursions run the suffix, the LM head and
+  sampling;
+* postprocess (here): record the written cache entries in the pool; each sampled token is
+  appended to its request (stop rules: ``Request.append_token``), which either finishes
+  (slot and KV blocks freed at once) or enters its new token next step.
 
 So a token of depth d spends d steps in the shared block, and an exiting token's slot is
 refilled in the very next block call by its sequence's next token (or a new request's).
-With ``schedule="sequence"`` step 6 repeats (decide, run) until every token has left the
-recursions, so each step produces one token per running sequence: continuous
+With ``schedule="sequence"`` the shared block repeats (run, decide) until every token has
+left the recursions, so each step produces one token per running sequence: continuous
 sequence-wise batching, used for vanilla and recursive models (for which it is the same
 as running the layers in order).
 """
@@ -28,15 +31,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cache import PoolExhausted, make_pool
+from ..cache import make_pool
 from ..model import MoRForCausalLM
 from ..runtime import find_eos
-from .request import Request, RequestError, RequestOutput, SamplingParams
-from .runner import ModelRunner
-from .sampling import sample
-from .scheduler import Scheduler
+from .request import Request, RequestError, RequestOutput, SamplingParams, Stage
+from .runner import ModelRunner, StepOutput
+from .scheduler import SCHEDULES as SCHEDULE_KINDS
+from .scheduler import Scheduler, StepPlan
 
-SCHEDULES = ("auto", "depth", "sequence")
+SCHEDULES = ("auto",) + SCHEDULE_KINDS
 
 
 @dataclass
@@ -84,7 +87,7 @@ class EngineStats:
     @property
     def mean_depth(self) -> float:
         n = sum(self.exit_counts)
-        return sum(d * c for d, c in enumerate(self.exit_counts)) / max(1, n)
+        return sum(depth * count for depth, count in enumerate(self.exit_counts)) / max(1, n)
 
     @property
     def mean_running(self) -> float:
@@ -154,20 +157,20 @@ class Engine:
         p = model.model.embed_tokens.weight
         self.device, self.dtype = p.device, p.dtype
         self.pool = make_pool(cfg, max_seqs=max_batch, max_len=self.max_model_len, dtype=self.dtype,
-                              device=self.device, block_size=block_size, num_blocks=num_blocks,
-                              memory_bytes=kv_memory_bytes)
-        self.runner = ModelRunner(model, self.pool, max_batch, merge_ratio=attention_merge_ratio)
-        self.scheduler = Scheduler(max_batch)
+                              block_size=block_size, num_blocks=num_blocks, memory_bytes=kv_memory_bytes)
         if schedule == "auto":
             schedule = "depth" if cfg.architecture == "mor" else "sequence"
         self.schedule = schedule
+        self.scheduler = Scheduler(max_batch, self.pool, schedule)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed if seed is not None else random.randrange(2**62))
+        self.runner = ModelRunner(model, self.pool, max_batch, merge_ratio=attention_merge_ratio,
+                                  generator=self.generator)
         if eos_token_id is None:
             found = find_eos(tokenizer) if tokenizer is not None else None
             eos_token_id = found[0] if found else 0
         self.eos_token_id = eos_token_id
         self.record_logits = record_logits
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed if seed is not None else random.randrange(2**62))
         self._next_id = 0
         self.reset_stats()
 
@@ -229,9 +232,14 @@ class Engine:
             gen.manual_seed(params.seed)
         rid = self._next_id
         self._next_id += 1
-        self.scheduler.add(Request(request_id=rid, prompt_ids=ids, params=params, prompt=text, generator=gen,
-                                   arrival=rid))
+        self.scheduler.add(Request(request_id=rid, prompt_ids=ids, params=params, prompt=text, generator=gen))
         return rid
+
+    def abort(self, request_id: int) -> bool:
+        """Cancel a waiting or running request: its slot and KV blocks are freed at once and
+        no further events are produced for it. Returns False when no unfinished request has
+        that id (unknown, finished or already aborted). Call it between steps."""
+        return self.scheduler.abort(request_id)
 
     @property
     def has_unfinished(self) -> bool:
@@ -241,183 +249,51 @@ class Engine:
     def step(self) -> list[StepEvent]:
         """Run one engine step (see the module docstring); returns the tokens it produced."""
         t0 = time.perf_counter()
-        events: list[StepEvent] = []
-        sched = self.scheduler
-        self._decide(sched.in_stage("pending"))
-        self._exit(sched.in_stage("exit"), events)
-        self._admit()
-        self._enter()
-        self._decide(sched.in_stage("pending"))  # entering tokens when recursion 1 is not certain
-        if self.schedule == "depth":
-            self._recurse()
-        else:
-            while self._recurse():
-                self._decide(sched.in_stage("pending"))
+        plan = self.scheduler.schedule()
+        out = self.runner.execute(plan)
+        events = self._postprocess(plan, out)
         self.stats.steps += 1
-        self.stats.running_sum += len(sched.running)
+        self.stats.running_sum += len(self.scheduler.running)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.stats.step_time_s += time.perf_counter() - t0
         self._update_kv_stats()
         return events
 
-    def _decide(self, reqs: list[Request]) -> None:
-        if not reqs:
-            return
-        go = self.runner.decide(np.array([r.slot for r in reqs]), np.array([r.rec for r in reqs]),
-                                np.array([r.token_depth for r in reqs]))
-        for r, g in zip(reqs, go):
-            r.stage = "run" if g else "exit"
-
-    def _exit(self, reqs: list[Request], events: list[StepEvent]) -> None:
-        if not reqs:
-            return
-        slots = np.array([r.slot for r in reqs])
-        logits = self.runner.finish(slots, np.array([r.position for r in reqs]))
-        tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs], self.generator).tolist()
-        for i, (req, tok) in enumerate(zip(reqs, tokens)):
-            self.stats.exit_counts[req.rec] += 1
-            self.stats.generated_tokens += 1
-            if self.record_logits:
-                req.logits.append(logits[i].detach().cpu())
-            reason, delta = self._append(req, tok, req.rec)
-            out = None
-            if reason is not None:
-                slot = self.scheduler.finish(req, reason)
-                self.pool.free_seq(slot)
-                self.stats.requests_finished += 1
-                out = req.to_output()
-            else:
-                req.stage, req.rec, req.token_depth = "enter", 0, -1
-            events.append(StepEvent(req.request_id, tok, delta, reason is not None, out))
-
-    def _append(self, req: Request, tok: int, depth: int) -> tuple[str | None, str]:
-        """Record a sampled token; returns (finish reason or None, new streamable text)."""
-        p = req.params
-        req.output_ids.append(tok)
-        req.depths.append(depth)
-        reason = None
-        if tok == self.eos_token_id and not p.ignore_eos:
-            reason = "stop"
-        elif p.stop_token_ids and tok in p.stop_token_ids:
-            reason = "stop"
-        elif len(req.output_ids) >= p.max_tokens:
-            reason = "length"
-        if self.tokenizer is None:
-            return reason, ""
-        text = self.tokenizer.decode(req.output_ids)
-        hold = 0
-        if p.stop:
-            hits = [i for i in (text.find(s) for s in p.stop) if i >= 0]
-            if hits:  # cut the text before the earliest stop string
-                text, reason = text[:min(hits)], "stop"
-            elif reason is None:  # keep back a tail that may grow into a stop string
-                hold = max((k for s in p.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        if reason is None and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence
-            hold = max(hold, 1)
-        emitted = req.text_emitted
-        upto = len(text) - hold
-        delta = text[emitted:upto] if upto > emitted else ""
-        req.text_emitted = max(emitted, upto)
-        req.text = text
-        return reason, delta
-
-    def _admit(self) -> None:
-        """Admit waiting requests while the pool keeps room for each prompt's worst case
-        (every token in every recursion) plus one new block per group for every running
-        sequence; prefill the admitted prompts."""
-        budget = [self.pool.free_blocks]
-
-        def fits(req: Request) -> bool:
-            worst = self.pool.worst_case_blocks(len(req.all_ids))
-            growth = (len(self.scheduler.running) + 1) * self.pool.layout.total_layers
-            if budget[0] < worst + growth:
-                return False
-            budget[0] -= worst
-            return True
-
-        admitted = self.scheduler.admit(fits)
-        todo = [r for r in admitted if len(r.all_ids) > 1]
-        if not todo:
-            return
-        for r in todo:  # reserve the worst case, prefill, give back what was not used
-            n = len(r.all_ids) - 1
-            for g in range(self.pool.layout.num_groups):
-                self.pool.ensure(g, [r.slot], [n + 1 if g == self.pool.layout.full else n])
-        depth = self.runner.prefill([r.slot for r in todo], [r.all_ids[:-1] for r in todo])
-        for i, r in enumerate(todo):
-            self.pool.trim(r.slot)
-            n = len(r.all_ids) - 1
-            self.stats.prompt_tokens += n
-            d = depth[i, :n]
+    def _postprocess(self, plan: StepPlan, out: StepOutput) -> list[StepEvent]:
+        """Record what the step wrote and produced: KV counts, request states, stats, events."""
+        st, pool = self.stats, self.pool
+        pool.add_written(out.written)
+        for req, depths in zip(plan.prefill, out.prefill_depths):
+            pool.trim(req.slot)  # give back the worst-case reservation the prompt did not use
+            st.prompt_tokens += len(depths)
             for k in range(self.runner.num_recursions):
-                self.stats.prefill_recursion_tokens[k] += int((d > k).sum())
-
-    def _reserve(self, entering: list[Request], running: list[Request]) -> tuple[list[Request], list[Request]]:
-        """Reserve one cache entry for each write this step will make; preempt the newest
-        requests while the pool cannot. Returns the lists without preempted requests."""
-        layout, pool = self.pool.layout, self.pool
-        first = self.runner.first_recursion_is_certain()
-        while True:
-            try:
-                if entering:
-                    slots = np.array([r.slot for r in entering])
-                    if layout.full is not None:
-                        pool.ensure(layout.full, slots, np.array([r.position + 1 for r in entering]))
-                    if first and layout.rec_write[0] is not None:
-                        g = layout.rec_write[0]
-                        pool.ensure(g, slots, pool.lens[g, slots] + 1)
-                for r in range(self.runner.num_recursions):
-                    g = layout.rec_write[r]
-                    group = [q for q in running if q.rec == r]
-                    if g is not None and group:
-                        slots = np.array([q.slot for q in group])
-                        pool.ensure(g, slots, pool.lens[g, slots] + 1)
-                return entering, running
-            except PoolExhausted:
-                victim = self.scheduler.victim()
-                if victim is None:
-                    raise RuntimeError("KV pool exhausted by a single request (admission check failed)") from None
-                slot = self.scheduler.preempt(victim)
-                pool.free_seq(slot)
-                self.stats.preemptions += 1
-                entering = [q for q in entering if q is not victim]
-                running = [q for q in running if q is not victim]
-
-    def _enter(self) -> None:
-        entering = self.scheduler.in_stage("enter")
-        if not entering:
-            return
-        entering, _ = self._reserve(entering, self.scheduler.in_stage("run"))
-        if not entering:
-            return
-        depths = self.runner.enter(np.array([r.slot for r in entering]),
-                                   np.array([r.all_ids[-1] for r in entering]),
-                                   np.array([r.position for r in entering]))
-        nxt = "run" if self.runner.first_recursion_is_certain() else (
-            "pending" if self.runner.num_recursions else "exit")
-        for i, r in enumerate(entering):
-            r.rec = 0
-            r.token_depth = int(depths[i]) if depths is not None else -1
-            r.stage = nxt
-
-    def _recurse(self) -> bool:
-        """Run one recursion for every token in stage "run"; False if there were none."""
-        running = self.scheduler.in_stage("run")
-        if not running:
-            return False
-        _, running = self._reserve([], running)
-        if not running:
-            return False
-        recs = np.array([r.rec for r in running])
-        self.runner.recurse(np.array([r.slot for r in running]), recs, np.array([r.position for r in running]))
-        for r in running:
-            self.stats.recursion_tokens[r.rec] += 1
-            r.rec += 1
-            r.stage = "pending"
-        self.stats.block_calls += 1
-        self.stats.block_tokens += len(running)
-        return True
+                st.prefill_recursion_tokens[k] += int((depths > k).sum())
+        for recs in out.block_recs:
+            st.block_calls += 1
+            st.block_tokens += len(recs)
+            for r in recs.tolist():
+                st.recursion_tokens[r] += 1
+        for req in plan.enter + plan.run:
+            if req.slot in out.recs:
+                req.stage, req.rec = Stage.RUN, out.recs[req.slot]
+        events: list[StepEvent] = []
+        for i, (req, tok, depth) in enumerate(zip(out.exits, out.tokens, out.exit_depths)):
+            st.exit_counts[depth] += 1
+            st.generated_tokens += 1
+            if self.record_logits:
+                req.logits.append(out.logits[i].detach().cpu())
+            reason, delta = req.append_token(tok, depth, self.eos_token_id, self.tokenizer)
+            output = None
+            if reason is not None:
+                self.scheduler.finish(req, reason)
+                st.requests_finished += 1
+                output = req.to_output()
+            else:
+                req.stage, req.rec = Stage.ENTER, 0
+            events.append(StepEvent(req.request_id, tok, delta, reason is not None, output))
+        st.preemptions = self.scheduler.preemptions - self._preemptions_at_reset
+        return events
 
     def _update_kv_stats(self) -> None:
         self.stats.kv = self.pool.stats()
@@ -428,8 +304,8 @@ class Engine:
         self.stats = EngineStats(max_batch=self.scheduler.max_batch, num_recursions=nr, schedule=self.schedule,
                                  recursion_tokens=[0] * nr, prefill_recursion_tokens=[0] * nr,
                                  exit_counts=[0] * (nr + 1))
-        self.pool.peak_used = self.pool.used_blocks
-        self.pool.group_peak = self.pool.group_used_blocks()
+        self._preemptions_at_reset = self.scheduler.preemptions
+        self.pool.restart_peaks()
         self._update_kv_stats()
 
     # .................................................................. convenience

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,7 +77,8 @@ class RequestOutput:
     ``depths[i]`` is the number of recursions the model ran on the position whose output
     produced ``token_ids[i]`` (0 for vanilla models; N_r for recursive ones).
     ``finish_reason``: "length" (max_tokens), "stop" (end-of-text, a stop token or string),
-    or "error" (the request was rejected; ``error`` says why and nothing was generated)."""
+    "abort" (``Engine.abort``), or "error" (the request was rejected; ``error`` says why and
+    nothing was generated)."""
 
     request_id: int
     prompt: str | None
@@ -93,8 +95,19 @@ class RequestOutput:
         return self.finish_reason is not None
 
 
-# request life cycle
-WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+class Status(enum.Enum):
+    """A request's life cycle."""
+
+    WAITING = "waiting"  # queued (new or preempted)
+    RUNNING = "running"  # holds a sequence slot and KV blocks
+    FINISHED = "finished"
+
+
+class Stage(enum.Enum):
+    """What a running request's in-flight token (its newest token) runs next step."""
+
+    ENTER = "enter"  # embedding + prefix layers, then (usually) recursion 1
+    RUN = "run"  # recursion ``Request.rec`` (it ran ``rec`` recursions and continues)
 
 
 @dataclass
@@ -106,8 +119,7 @@ class Request:
     params: SamplingParams
     prompt: str | None = None
     generator: torch.Generator | None = None
-    arrival: int = 0
-    status: str = WAITING
+    status: Status = Status.WAITING
     slot: int = -1
     output_ids: list[int] = field(default_factory=list)
     depths: list[int] = field(default_factory=list)
@@ -116,10 +128,9 @@ class Request:
     text_emitted: int = 0  # characters of ``text`` already streamed
     finish_reason: str | None = None
     preemptions: int = 0
-    # decode-stage bookkeeping (valid while RUNNING)
-    stage: str = ""  # "enter" | "run" | "pending" | "exit"
-    rec: int = 0  # recursions done by the in-flight token
-    token_depth: int = -1  # token-choice: assigned depth of the in-flight token (host mirror)
+    # the in-flight token (valid while RUNNING)
+    stage: Stage = Stage.ENTER
+    rec: int = 0  # recursions it ran
 
     @property
     def all_ids(self) -> list[int]:
@@ -129,6 +140,40 @@ class Request:
     def position(self) -> int:
         """Position of the in-flight token (the last token of the sequence so far)."""
         return len(self.prompt_ids) + len(self.output_ids) - 1
+
+    def append_token(self, token: int, depth: int, eos_token_id: int, tokenizer: Any = None) -> tuple[str | None, str]:
+        """Record a sampled token produced by a position that ran ``depth`` recursions.
+        Returns (the finish reason or None, the new text that may be streamed).
+
+        Stop strings cut the text before the earliest one; while none matched, a tail that
+        could still grow into one (or an incomplete UTF-8 sequence) is held back."""
+        p = self.params
+        self.output_ids.append(token)
+        self.depths.append(depth)
+        reason = None
+        if token == eos_token_id and not p.ignore_eos:
+            reason = "stop"
+        elif p.stop_token_ids and token in p.stop_token_ids:
+            reason = "stop"
+        elif len(self.output_ids) >= p.max_tokens:
+            reason = "length"
+        if tokenizer is None:
+            return reason, ""
+        text = tokenizer.decode(self.output_ids)
+        hold = 0
+        if p.stop:
+            hits = [i for i in (text.find(s) for s in p.stop) if i >= 0]
+            if hits:
+                text, reason = text[:min(hits)], "stop"
+            elif reason is None:
+                hold = max((k for s in p.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        if reason is None and text.endswith("\ufffd"):
+            hold = max(hold, 1)
+        upto = len(text) - hold
+        delta = text[self.text_emitted:upto] if upto > self.text_emitted else ""
+        self.text_emitted = max(self.text_emitted, upto)
+        self.text = text
+        return reason, delta
 
     def to_output(self) -> RequestOutput:
         return RequestOutput(

@@ -12,7 +12,14 @@ follows the causal rule of ``model(ids, routing="threshold")`` (SPEC.md sections
   probabilities + loss-free bias); the last recursion ends with H^1 + g * block(H);
 * recursive: every recursion; vanilla: no recursions.
 
-Work comes in four kinds of calls, each on a batch of sequence slots:
+The routing decisions and the update of a token's hidden state are ``mor.routing``'s
+``token_choice`` / ``continues`` / ``combine``, the model's own definitions.
+
+``execute(plan)`` runs one engine step (:class:`mor.engine.scheduler.StepPlan`) and returns
+a :class:`StepOutput`: prefill the admitted prompts, enter the new tokens, decide, run the
+shared block (once, on tokens at mixed depths; or until every token left, for the
+sequence schedule), decide again, and finish + sample the tokens that leave. It is built
+from these calls, each on a batch of sequence slots:
 
 * ``prefill``  - prompt tokens (all but the last) through the whole model at once, the
   compacted computation of the model's forward, writing every cache it touches;
@@ -22,27 +29,53 @@ Work comes in four kinds of calls, each on a batch of sequence slots:
   runs once on the whole batch when the sharing scheme is Cycle / Middle-Cycle);
 * ``finish``   - suffix layers, final norm and LM head for tokens that leave the recursions.
 
-Attention always reads the pool: K/V of the new tokens are written first, then each
+Attention always reads the cache: K/V of the new tokens are written first, then each
 query attends to the cache entries of its group with index <= its own (``qidx``), which
-is causal attention among the tokens present at that depth.
+is causal attention among the tokens present at that depth. The runner owns the K/V
+tensors (:class:`mor.cache.KVCache`) and only reads the pool's bookkeeping: it counts the
+entries it wrote in ``written`` (group x slot) and the engine records them in the pool.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import routing as R
-from ..cache import KVPool
-from ..model import MoRForCausalLM, apply_rope, rope_cos_sin
+from ..cache import KVCache, KVPool
+from ..model import MoRForCausalLM, apply_rope, gather_tokens, rope_cos_sin, scatter_tokens
+from ..routing import combine, continues, gate_scores, pack_mask, token_choice
+from .request import Request
+from .sampling import sample
+from .scheduler import StepPlan
 
 
 @dataclass
-class _Segment:
+class StepOutput:
+    """What ``ModelRunner.execute`` did.
+
+    ``exits``: requests whose token left the recursions, in sampling order, with the sampled
+    ``tokens``, the depth of the producing position ``exit_depths`` and the ``logits`` (N, V).
+    ``recs``: slot -> recursions run by the in-flight token of a request that continues.
+    ``prefill_depths``: per prefilled request, the depth of each prompt token.
+    ``block_recs``: for each shared-block call, the recursion index of each row.
+    ``written``: (groups, slots) cache entries written."""
+
+    exits: list[Request] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    exit_depths: list[int] = field(default_factory=list)
+    logits: torch.Tensor | None = None
+    recs: dict[int, int] = field(default_factory=dict)
+    prefill_depths: list[np.ndarray] = field(default_factory=list)
+    block_recs: list[np.ndarray] = field(default_factory=list)
+    written: np.ndarray | None = None
+
+
+@dataclass
+class AttentionSegment:
     """Rows [a, b) of a batch that attend to the same cache group."""
 
     a: int
@@ -51,25 +84,21 @@ class _Segment:
     mask: torch.Tensor  # (b - a, 1, Q, nb * block_size): key index <= the query's cache index
 
 
-def _gather(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return h.gather(1, idx[..., None].expand(-1, -1, h.size(-1)))
-
-
-def _scatter(h: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    return h.scatter(1, idx[..., None].expand(-1, -1, h.size(-1)), src)
-
-
 class ModelRunner:
     """Executes prefill / enter / recurse / finish for one model and one KV pool."""
 
-    def __init__(self, model: MoRForCausalLM, pool: KVPool, max_seqs: int, merge_ratio: float = 1.5):
+    def __init__(self, model: MoRForCausalLM, pool: KVPool, max_seqs: int, merge_ratio: float = 1.5,
+                 generator: torch.Generator | None = None):
         self.model = model
-        self.cfg = cfg = model.config
+        self.config = cfg = model.config
         self.core = model.model
-        self.pool = pool
+        self.pool = pool  # read only: block tables and token counts
         self.layout = pool.layout
+        self.generator = generator  # for sampling rows whose request has no generator of its own
         p = model.model.embed_tokens.weight
         self.device, self.dtype = p.device, p.dtype
+        self.cache = KVCache(pool, self.device)
+        self.written = np.zeros((self.layout.num_groups, max_seqs), dtype=np.int64)
         self.prefix, self.chunks, self.suffix = cfg.structure()
         self.num_recursions = len(self.chunks)
         self.merge_ratio = merge_ratio
@@ -85,16 +114,17 @@ class ModelRunner:
         self._cos, self._sin = cos[0, 0], sin[0, 0]  # (max_len + 1, head_dim)
         d = cfg.hidden_size
         self.h = torch.zeros(max_seqs, d, dtype=self.dtype, device=self.device)  # in-flight residual stream
-        if self.kind == "token":
-            self.h1 = torch.zeros(max_seqs, d, dtype=self.dtype, device=self.device)  # first recursion's input
-            self.tc_gate = torch.zeros(max_seqs, 1, dtype=self.dtype, device=self.device)
-            self.tc_depth = torch.zeros(max_seqs, dtype=torch.long, device=self.device)
+        if self.kind == "token":  # per slot: the first recursion's input, the gate and the depth
+            self.h_first = torch.zeros(max_seqs, d, dtype=self.dtype, device=self.device)
+            self.token_gate = torch.zeros(max_seqs, 1, dtype=self.dtype, device=self.device)
+            self.token_depth = torch.zeros(max_seqs, dtype=torch.long, device=self.device)
+            self.token_depth_host = np.zeros(max_seqs, dtype=np.int64)
 
     # .................................................................. small helpers
     def capacity(self, r: int) -> float:
         """Capacity of recursion r as the model's threshold forward sees it (the final capacities:
         the training-time warm-up does not apply to the causal rule)."""
-        return self.cfg.resolved_capacities()[r]
+        return self.config.resolved_capacities()[r]
 
     def first_recursion_is_certain(self) -> bool:
         """Whether every entering token surely runs recursion 1 (no router decision needed)."""
@@ -111,33 +141,37 @@ class ModelRunner:
         p = self._long(positions)
         return self._cos[p][:, None], self._sin[p][:, None]
 
-    def _segment(self, group: int, slots: np.ndarray, qidx: np.ndarray, a: int, b: int) -> _Segment:
+    def _segment(self, group: int, slots: np.ndarray, qidx: np.ndarray, a: int, b: int) -> AttentionSegment:
         qidx = np.asarray(qidx, dtype=np.int64).reshape(len(slots), -1)
         nb = int(qidx.max()) // self.pool.block_size + 1
         return self._make_segment(self.pool.block_table(group, slots, nb), qidx, a, b)
 
-    def _make_segment(self, blocks: np.ndarray, qidx: np.ndarray, a: int, b: int) -> _Segment:
+    def _make_segment(self, blocks: np.ndarray, qidx: np.ndarray, a: int, b: int) -> AttentionSegment:
         nb = blocks.shape[1]
         keys = torch.arange(nb * self.pool.block_size, device=self.device)
         mask = keys[None, None, None, :] <= self._long(qidx)[:, None, :, None]
-        return _Segment(a, b, self._long(blocks), mask)
+        return AttentionSegment(a, b, self._long(blocks), mask)
 
     @staticmethod
-    def _clip(segs: list[_Segment], a: int, b: int) -> list[_Segment]:
+    def _clip(segs: list[AttentionSegment], a: int, b: int) -> list[AttentionSegment]:
         out = []
         for s in segs:
             lo, hi = max(s.a, a), min(s.b, b)
             if lo < hi:
-                out.append(_Segment(lo - a, hi - a, s.blocks[lo - s.a:hi - s.a], s.mask[lo - s.a:hi - s.a]))
+                out.append(AttentionSegment(lo - a, hi - a, s.blocks[lo - s.a:hi - s.a], s.mask[lo - s.a:hi - s.a]))
         return out
 
     # .................................................................. one layer
-    def _attend(self, q: torch.Tensor, seg: _Segment, j: int) -> torch.Tensor:
-        k, v = self.pool.gather(seg.blocks[..., j])
+    def _cache_index(self, group: int, slots: np.ndarray) -> np.ndarray:
+        """Index of the next entry of each slot in ``group``: recorded plus written this step."""
+        return self.pool.num_tokens(group, slots) + self.written[group, slots]
+
+    def _attend(self, q: torch.Tensor, seg: AttentionSegment, j: int) -> torch.Tensor:
+        k, v = self.cache.gather(seg.blocks[..., j])
         return F.scaled_dot_product_attention(q, k, v, attn_mask=seg.mask, enable_gqa=self.n_kv != self.n_heads)
 
     def _layer(self, u: int, x: torch.Tensor, cos, sin, n_write: int, rows: torch.Tensor | None,
-               segs: list[_Segment], j: int) -> torch.Tensor:
+               segs: list[AttentionSegment], j: int) -> torch.Tensor:
         """Decoder layer ``u`` on x (n, Q, d). The first ``n_write`` rows compute K/V and store
         them at physical ``rows`` (n_write * Q,); every row attends through ``segs``; ``j`` is
         the layer's index within its cache group."""
@@ -151,7 +185,7 @@ class ModelRunner:
             k = apply_rope(at.k_proj(aw).view(n_write, Q, self.n_kv, self.hd).transpose(1, 2),
                            cos[:n_write], sin[:n_write])
             v = at.v_proj(aw).view(n_write * Q, self.n_kv, self.hd)
-            self.pool.write(rows, k.transpose(1, 2).reshape(n_write * Q, self.n_kv, self.hd), v)
+            self.cache.write(rows, k.transpose(1, 2).reshape(n_write * Q, self.n_kv, self.hd), v)
         outs = [self._attend(q[s.a:s.b], s, j) for s in segs]
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
         hh = x + at.o_proj(o.transpose(1, 2).reshape(n, Q, self.n_heads * self.hd))
@@ -175,10 +209,61 @@ class ModelRunner:
             x = self._layer(u, x, cos, sin, n, rows[..., j].reshape(-1), [seg], j)
         return x
 
+    # .................................................................. one step
+    @torch.no_grad()
+    def execute(self, plan: StepPlan) -> StepOutput:
+        """Run one planned step: prefill, enter, decide, the shared block (once, or until every
+        token left with the sequence schedule), decide, finish and sample the leaving tokens."""
+        out = StepOutput()
+        if plan.prefill:
+            depths = self.prefill([r.slot for r in plan.prefill], [r.all_ids[:-1] for r in plan.prefill])
+            out.prefill_depths = [depths[i, :len(r.all_ids) - 1] for i, r in enumerate(plan.prefill)]
+        recs = {r.slot: r.rec for r in plan.run}
+        position = {r.slot: r.position for r in plan.enter + plan.run}
+        leaving: list[int] = []
+        running = [r.slot for r in plan.run]
+        if plan.enter:
+            slots = np.array([r.slot for r in plan.enter])
+            self.enter(slots, np.array([r.all_ids[-1] for r in plan.enter]), np.array([r.position for r in plan.enter]))
+            go = self.decide(slots, np.zeros(len(slots), dtype=np.int64))
+            recs.update((int(s), 0) for s in slots)
+            running += slots[go].tolist()
+            leaving += slots[~go].tolist()
+        while running:  # one shared-block call per pass
+            running.sort(key=lambda s: (recs[s], s))
+            slots = np.array(running)
+            done = np.array([recs[s] for s in running])
+            self.recurse(slots, done, np.array([position[s] for s in running]))
+            out.block_recs.append(done)
+            for s in running:
+                recs[s] += 1
+            go = self.decide(slots, done + 1)
+            leaving += slots[~go].tolist()
+            running = slots[go].tolist()
+            if plan.schedule == "depth":
+                break
+        if leaving:
+            leaving.sort(key=lambda s: (recs[s], s))
+            by_slot = {r.slot: r for r in plan.enter + plan.run}
+            out.exits = [by_slot[s] for s in leaving]
+            out.exit_depths = [recs.pop(s) for s in leaving]
+            out.logits = self.finish(np.array(leaving), np.array([position[s] for s in leaving]))
+            out.tokens = sample(out.logits, [r.params for r in out.exits], [r.generator for r in out.exits],
+                                self.generator).tolist()
+        out.recs = recs
+        out.written = self.take_written()
+        return out
+
+    def take_written(self) -> np.ndarray:
+        """Cache entries written since the last call, (groups, slots); the counter restarts."""
+        written = self.written.copy()
+        self.written[:] = 0
+        return written
+
     # .................................................................. prefill
     @torch.no_grad()
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> np.ndarray:
-        """Run whole prompts (fresh slots; the caller reserved worst-case blocks) through the
+        """Run whole prompts (fresh slots with room reserved for their worst case) through the
         model, writing every cache. Returns per-prompt-token depths (n, T) (-1 = padding)."""
         slots = np.asarray(slots, dtype=np.int64)
         n, T = len(prompts), max(len(p) for p in prompts)
@@ -191,127 +276,121 @@ class ModelRunner:
         pos_np = np.broadcast_to(np.arange(T), (n, T))
         h = self.core.embed_tokens(ids)
         h = self._full_layers(self.prefix, 0, h, slots, pos_np, valid_np)
-        if self.layout.full is not None:
-            self.pool.lens[self.layout.full, slots] = lens
         valid = torch.as_tensor(valid_np, device=self.device)
         depth = torch.zeros(n, T + 1, dtype=torch.long, device=self.device)
         if self.num_recursions:
             h = self._prefill_recursions(h, valid, slots, depth)
         h = self._full_layers(self.suffix, self.layout.num_prefix, h, slots, pos_np, valid_np)
+        if self.layout.full is not None:
+            self.written[self.layout.full, slots] += lens
         d = depth[:, :T].cpu().numpy()
         d[~valid_np] = -1
         return d
 
-    def _prefill_chunk(self, r: int, x: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor,
-                       slots: np.ndarray) -> torch.Tensor:
+    def _prefill_recursion(self, r: int, x: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor,
+                           slots: np.ndarray) -> torch.Tensor:
         """Recursion r on packed tokens x (n, K, d) at positions ``idx`` (n, K; padding = T)."""
         n, K = idx.shape
         valid_np = valid.cpu().numpy()
         pos_np = idx.cpu().numpy()
-        gw, gr = self.layout.rec_write[r], self.layout.rec_read[r]
+        write_group, read_group = self.layout.rec_write[r], self.layout.rec_read[r]
         rows, n_write = None, 0
-        if gw is not None:  # this recursion stores K/V: entries follow the group's count
-            cidx = self.pool.lens[gw, slots][:, None] + np.arange(K)[None, :]
-            rows = self._long(self.pool.row_index(gw, slots, np.where(valid_np, cidx, -1)))
+        if write_group is not None:  # this recursion stores K/V: entries follow the group's count
+            cidx = self._cache_index(write_group, slots)[:, None] + np.arange(K)[None, :]
+            rows = self._long(self.pool.row_index(write_group, slots, np.where(valid_np, cidx, -1)))
             qidx = np.where(valid_np, cidx, 0)
             n_write = n
         else:  # recursive KV sharing: read recursion 1's cache, indexed by position
             qidx = np.where(valid_np, pos_np, 0)
-        seg = self._segment(gr, slots, qidx, 0, n)
+        seg = self._segment(read_group, slots, qidx, 0, n)
         cos, sin = self._rope(np.where(valid_np, pos_np, 0))
         for j, u in enumerate(self.chunks[r]):
             x = self._layer(u, x, cos, sin, n_write, None if rows is None else rows[..., j].reshape(-1), [seg], j)
-        if gw is not None:
-            self.pool.lens[gw, slots] += valid_np.sum(axis=1)
+        if write_group is not None:
+            self.written[write_group, slots] += valid_np.sum(axis=1)
         return x
 
     def _prefill_recursions(self, h: torch.Tensor, valid: torch.Tensor, slots: np.ndarray,
                             depth: torch.Tensor) -> torch.Tensor:
-        c = self.cfg
+        """The recursions of whole prompts: the model's compacted threshold forward."""
+        cfg = self.config
         n, T, _ = h.shape
         hp = F.pad(h, (0, 0, 0, 1))  # row T absorbs the padding of packed rows
         arange = torch.arange(T, device=h.device).expand(n, T)
         if self.kind == "token":
-            logits = self.core.router(h).float()
-            probs = R.router_probs(logits, c.router_func)
-            gates = R.gate_scores(logits, c.router_func, c.router_alpha)
-            choice = torch.argmax(probs + self.core.balance_bias, dim=-1)
-            g_ext = F.pad(gates.gather(-1, choice[..., None]).to(h.dtype), (0, 0, 0, 1))
-            d_ext = F.pad(choice + 1, (0, 1))
-            h1_ext = hp
+            _, choice, g = token_choice(self.core.router(h).float(), cfg.router_func, cfg.router_alpha,
+                                        self.core.balance_bias)
+            token_gate = F.pad(g.to(h.dtype), (0, 0, 0, 1))
+            assigned = F.pad(choice + 1, (0, 1))
+            h_first = hp
         cand_idx, cand_valid = arange, valid
         for r in range(self.num_recursions):
-            gate = None
+            gate = is_last = first = None
             if self.kind == "expert":
-                x_c = _gather(hp, cand_idx)
+                x_c = gather_tokens(hp, cand_idx)
                 logits = self.core.routers[r](x_c).squeeze(-1).float()
-                dec = self.core.aux_routers[r](x_c).squeeze(-1).float() if c.use_aux_router else logits
-                sel_c = cand_valid & (dec > 0) if self.capacity(r) < 1.0 else cand_valid
-                top, sel_valid = R.pack_mask(sel_c, pad_index=0)
+                decision = self.core.aux_routers[r](x_c).squeeze(-1).float() if cfg.use_aux_router else logits
+                top, sel_valid = pack_mask(cand_valid & continues(decision, self.capacity(r)), pad_index=0)
                 sel_idx = torch.where(sel_valid, cand_idx.gather(1, top), T)
-                gate = R.gate_scores(logits.gather(1, top), c.router_func, c.router_alpha)[..., None]
+                gate = gate_scores(logits.gather(1, top), cfg.router_func, cfg.router_alpha)[..., None]
             elif self.kind == "token":
-                sel_idx, sel_valid = R.pack_mask(valid & (d_ext[:, :T] >= r + 1), pad_index=T)
+                sel_idx, sel_valid = pack_mask(valid & (assigned[:, :T] >= r + 1), pad_index=T)
             else:
                 sel_idx, sel_valid = arange, valid
             if sel_idx.size(1) == 0:
                 break
-            x = _gather(hp, sel_idx)
-            y = self._prefill_chunk(r, x, sel_idx, sel_valid, slots)
-            if c.gate_combine == "pass_through" or self.kind == "recursive":
-                new = y
-            elif self.kind == "expert":
-                new = x + gate.to(y.dtype) * y
-            else:
-                gs = _gather(g_ext, sel_idx)
-                last = _gather(d_ext[..., None], sel_idx) == r + 1
-                cont = x + gs * y if c.gate_every_recursion else y
-                new = torch.where(last, _gather(h1_ext, sel_idx) + gs * y, cont)
-            hp = _scatter(hp, sel_idx, new)
+            x = gather_tokens(hp, sel_idx)
+            y = self._prefill_recursion(r, x, sel_idx, sel_valid, slots)
+            if self.kind == "token":
+                gate = gather_tokens(token_gate, sel_idx)
+                is_last = gather_tokens(assigned[..., None], sel_idx) == r + 1
+                first = gather_tokens(h_first, sel_idx)
+            elif gate is not None:
+                gate = gate.to(y.dtype)
+            hp = scatter_tokens(hp, sel_idx, combine(cfg, x, y, gate, is_last, first))
             depth.scatter_add_(1, sel_idx, sel_valid.long())
             cand_idx, cand_valid = sel_idx, sel_valid
         return hp[:, :T]
 
     # .................................................................. decode
     @torch.no_grad()
-    def enter(self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray | None:
+    def enter(self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray) -> None:
         """Embedding + prefix layers for each slot's newest token; the result becomes the
-        slot's in-flight hidden state. Token-choice: returns the routed depths (host)."""
+        slot's in-flight hidden state. Token-choice: the router fixes the token's depth."""
         slots = np.asarray(slots, dtype=np.int64)
         positions = np.asarray(positions, dtype=np.int64)
         x = self.core.embed_tokens(self._long(tokens))[:, None, :]
         x = self._full_layers(self.prefix, 0, x, slots, positions[:, None])
         if self.layout.full is not None:
-            self.pool.lens[self.layout.full, slots] = positions + 1
+            self.written[self.layout.full, slots] += 1
         st = self._long(slots)
         self.h.index_copy_(0, st, x[:, 0])
-        if self.kind != "token":
-            return None
-        c = self.cfg
-        logits = self.core.router(x[:, 0]).float()
-        probs = R.router_probs(logits, c.router_func)
-        choice = torch.argmax(probs + self.core.balance_bias, dim=-1)
-        gate = R.gate_scores(logits, c.router_func, c.router_alpha).gather(-1, choice[:, None])
-        self.h1.index_copy_(0, st, x[:, 0])
-        self.tc_gate.index_copy_(0, st, gate.to(self.dtype))
-        self.tc_depth.index_copy_(0, st, choice + 1)
-        return (choice + 1).cpu().numpy()
+        if self.kind == "token":
+            cfg = self.config
+            _, choice, gate = token_choice(self.core.router(x[:, 0]).float(), cfg.router_func, cfg.router_alpha,
+                                           self.core.balance_bias)
+            self.h_first.index_copy_(0, st, x[:, 0])
+            self.token_gate.index_copy_(0, st, gate.to(self.dtype))
+            self.token_depth.index_copy_(0, st, choice + 1)
+            self.token_depth_host[slots] = (choice + 1).cpu().numpy()
 
     @torch.no_grad()
-    def decide(self, slots: np.ndarray, recs: np.ndarray, token_depths: np.ndarray | None = None) -> np.ndarray:
+    def decide(self, slots: np.ndarray, recs: np.ndarray) -> np.ndarray:
         """Whether each in-flight token (having run ``recs`` recursions) runs one more.
         ``slots`` sorted by ``recs``. One host sync at most (expert-choice with c_r < 1)."""
+        slots = np.asarray(slots, dtype=np.int64)
         recs = np.asarray(recs, dtype=np.int64)
         go = recs < self.num_recursions
         if self.kind == "token":
-            go &= recs < np.asarray(token_depths)
+            go &= recs < self.token_depth_host[slots]
         elif self.kind == "expert":
             certain = np.array([self.capacity(r) >= 1.0 for r in range(self.num_recursions)] + [True])
             rows = np.nonzero(go & ~certain[recs])[0]
             if rows.size:
-                routers = self.core.aux_routers if self.cfg.use_aux_router else self.core.routers
-                x = self.h.index_select(0, self._long(np.asarray(slots)[rows]))
-                go[rows] = (self._router_logits(routers, x, recs[rows]) > 0).cpu().numpy()
+                routers = self.core.aux_routers if self.config.use_aux_router else self.core.routers
+                x = self.h.index_select(0, self._long(slots[rows]))
+                logits = self._router_logits(routers, x, recs[rows])
+                go[rows] = continues(logits, 0.0).cpu().numpy()
         return go
 
     def _router_logits(self, routers, x: torch.Tensor, recs: np.ndarray) -> torch.Tensor:
@@ -331,7 +410,7 @@ class ModelRunner:
             out[rows] = routers[int(r)](x.index_select(0, rows)).squeeze(-1).float()
         return out
 
-    def _plan_attention(self, segs: list[tuple], recs: np.ndarray, slots: np.ndarray) -> list[_Segment]:
+    def _plan_attention(self, segs: list[tuple], recs: np.ndarray, slots: np.ndarray) -> list[AttentionSegment]:
         """One attention call per cache group read, or a single call for the whole batch (each
         row reading its own group's blocks, padded to the longest) when padding costs less than
         ``merge_ratio`` times the split's reads: fewer, larger calls for short contexts."""
@@ -351,7 +430,7 @@ class ModelRunner:
     def recurse(self, slots: np.ndarray, recs: np.ndarray, positions: np.ndarray) -> None:
         """One recursion (index ``recs[i]``) for each slot's in-flight token. ``slots`` must be
         sorted by ``recs``; the caller reserved room for one entry in each written group."""
-        c = self.cfg
+        cfg = self.config
         slots = np.asarray(slots, dtype=np.int64)
         recs = np.asarray(recs, dtype=np.int64)
         positions = np.asarray(positions, dtype=np.int64)
@@ -366,16 +445,16 @@ class ModelRunner:
         rows_parts, segs = [], []
         for a, b in ranges:
             r = int(recs[a])
-            gw, gr = self.layout.rec_write[r], self.layout.rec_read[r]
+            write_group, read_group = self.layout.rec_write[r], self.layout.rec_read[r]
             sl = slots[a:b]
-            if gw is not None:
-                cidx = self.pool.lens[gw, sl]
-                rows_parts.append(self.pool.row_index(gw, sl, cidx))
+            if write_group is not None:
+                cidx = self._cache_index(write_group, sl)
+                rows_parts.append(self.pool.row_index(write_group, sl, cidx))
                 n_write = b
                 qidx = cidx
             else:
                 qidx = positions[a:b]
-            if segs and self.layout.rec_read[int(recs[segs[-1][0]])] == gr:
+            if segs and self.layout.rec_read[int(recs[segs[-1][0]])] == read_group:
                 segs[-1] = (segs[-1][0], b, np.r_[segs[-1][2], qidx])
             else:
                 segs.append((a, b, qidx))
@@ -404,23 +483,19 @@ class ModelRunner:
                 parts.append(self._layer(u, x[a:b], cos[a:b], sin[a:b], nw, rw, self._clip(segments, a, b), j))
             x = torch.cat(parts, dim=0)
         y = x[:, 0]
-        # combine (SPEC sections 3-4)
-        if self.kind == "recursive" or c.gate_combine == "pass_through":
-            new = y
-        elif self.kind == "expert":
+        gate = is_last = first = None
+        if self.kind == "expert" and cfg.gate_combine != "pass_through":
             logits = self._router_logits(self.core.routers, x_in, recs)
-            g = R.gate_scores(logits, c.router_func, c.router_alpha)[:, None].to(y.dtype)
-            new = x_in + g * y
-        else:
-            g = self.tc_gate.index_select(0, st)
-            last = (self.tc_depth.index_select(0, st) == self._long(recs) + 1)[:, None]
-            cont = x_in + g * y if c.gate_every_recursion else y
-            new = torch.where(last, self.h1.index_select(0, st) + g * y, cont)
-        self.h.index_copy_(0, st, new)
+            gate = gate_scores(logits, cfg.router_func, cfg.router_alpha)[:, None].to(y.dtype)
+        elif self.kind == "token":
+            gate = self.token_gate.index_select(0, st)
+            is_last = (self.token_depth.index_select(0, st) == self._long(recs) + 1)[:, None]
+            first = self.h_first.index_select(0, st)
+        self.h.index_copy_(0, st, combine(cfg, x_in, y, gate, is_last, first))
         for a, b in ranges:
-            gw = self.layout.rec_write[int(recs[a])]
-            if gw is not None:
-                self.pool.lens[gw, slots[a:b]] += 1
+            write_group = self.layout.rec_write[int(recs[a])]
+            if write_group is not None:
+                self.written[write_group, slots[a:b]] += 1
 
     @torch.no_grad()
     def finish(self, slots: np.ndarray, positions: np.ndarray) -> torch.Tensor:

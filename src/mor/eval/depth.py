@@ -65,7 +65,7 @@ def forward_depth(model, input_ids: torch.Tensor, *, routing: str = "topk", max_
     records: list[RouterRecord] = []
     h, aux = model.model(input_ids, routing=routing, max_depth=max_depth if cfg.architecture != "vanilla" else None,
                          records=records if record else None)
-    depth = aux["depth"]
+    depth = aux.depth
     if cfg.architecture == "recursive":
         depth = torch.full(input_ids.shape, max_depth, dtype=torch.long, device=h.device)
     return DepthOutput(logits=model.lm_head(h), depth=depth, records=records)
