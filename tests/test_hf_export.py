@@ -107,6 +107,11 @@ NO_MOR_SCRIPT = textwrap.dedent('''
         res[name]["ll"] = lm.loglikelihood(reqs, disable_tqdm=True)
         reqs = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=0) for t in spec["rolling"]]
         res[name]["rolling"] = lm.loglikelihood_rolling(reqs, disable_tqdm=True)
+    # model_args reach from_pretrained: the causal rule allows padded batches
+    lm = HFLM(pretrained=spec["exports"]["expert"], trust_remote_code=True, batch_size=4, device="cpu",
+              routing="threshold")
+    reqs = [Instance(request_type="loglikelihood", doc={}, arguments=tuple(p), idx=0) for p in spec["pairs"]]
+    res["expert"]["ll_threshold"] = lm.loglikelihood(reqs, disable_tqdm=True)
     res["_mor_modules"] = sorted(k for k, v in sys.modules.items() if v is not None and (k == "mor" or k.startswith("mor.")))
     torch.save(res, sys.argv[2])
 ''')
@@ -193,6 +198,13 @@ def test_hf_lm_eval_equals_native_adapter(exported, name):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
     reqs = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=0) for t in ROLLING]
     assert native.loglikelihood_rolling(reqs) == pytest.approx(res[name]["rolling"], abs=1e-3)
+    if name == "expert":
+        native = MoRLM(model=models[name], tokenizer=tok, batch_size=4, routing="threshold")
+        reqs = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=0) for p in _pairs()]
+        thr = native.loglikelihood(reqs)
+        for (a, ga), (b, gb) in zip(thr, res[name]["ll_threshold"]):
+            assert a == pytest.approx(b, abs=1e-4) and ga == gb
+        assert [a for a, _ in thr] != pytest.approx([b for b, _ in res[name]["ll"]], abs=1e-3)  # the rules differ
 
 
 def test_export_layout(exported):
