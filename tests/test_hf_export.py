@@ -229,6 +229,10 @@ def test_export_layout(exported):
         imports = [ln.strip() for ln in f.read_text().splitlines() if ln.strip().startswith(("import ", "from "))]
         assert not [ln for ln in imports if ln.startswith(("from mor", "import mor", "from .."))], f.name
     assert "is part of the mor library" in (ex / "mor_model.py").read_text()
+    # transformers (and the Hub) copy exactly the files modeling_mor.py names, recursively
+    from transformers.dynamic_module_utils import get_relative_import_files
+    named = {Path(p).name for p in get_relative_import_files(str(ex / "modeling_mor.py"))}
+    assert named == {f.name for f in ex.glob("*.py")} - {"modeling_mor.py"}
 
 
 def test_auto_classes_know_mor_when_registered(exported):
