@@ -376,3 +376,51 @@ def test_failure_while_writing_leaves_out_untouched(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp-", ".old-"))]
     with pytest.raises(ExportError, match="routing"):
         export_hf(ck, tmp_path / "o2", routing="random")
+
+
+LM_EVAL_NO_MOR = textwrap.dedent('''
+    import sys
+    sys.modules["mor"] = None  # `import mor` raises ImportError from here on
+    from lm_eval.__main__ import cli_evaluate
+    sys.argv = ["lm_eval"] + sys.argv[1:]
+    cli_evaluate()
+''')
+
+
+def _samples(out_dir: Path) -> dict[int, list]:
+    f = next(out_dir.rglob("samples_mor_piqa_*.jsonl"))
+    rows = [json.loads(line) for line in f.read_text().splitlines()]
+    return {r["doc_id"]: r["filtered_resps"] for r in rows}
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_hf_model_equals_native_adapter(tmp_path):
+    """`lm_eval --model hf --model_args pretrained=OUT,trust_remote_code=True` (mor not importable)
+    scores an offline task exactly as the native adapter does."""
+    from mor.eval import tasks as T
+    from test_eval import make_checkpoint
+
+    ck = make_checkpoint(tmp_path / "ck", "mor", seed=4, max_position_embeddings=256)
+    out = export_hf(ck, tmp_path / "hf")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "mor_piqa.yaml").write_text((T.write_task_dir(tmp_path / "all") / "mor_piqa.yaml").read_text())
+    (tmp_path / "run.py").write_text(LM_EVAL_NO_MOR)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    common = ["--tasks", "mor_piqa", "--limit", "6", "--log_samples", "--include_path", str(tasks), "--device", "cpu"]
+    p = subprocess.run([sys.executable, "-s", str(tmp_path / "run.py"), "--model", "hf", "--model_args",
+                        f"pretrained={out},trust_remote_code=True", "--output_path", str(tmp_path / "r_hf"), *common],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    env_native = dict(os.environ, HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "mor.eval.lm_eval_cli", "--model", "mor", "--model_args",
+                        f"pretrained={ck}", "--output_path", str(tmp_path / "r_mor"), *common[:-2]],
+                       cwd=tmp_path, env=env_native, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = _samples(tmp_path / "r_hf"), _samples(tmp_path / "r_mor")
+    assert sorted(a) == sorted(b) and len(a) == 6
+    for k in a:
+        for (la, ga), (lb, gb) in zip(a[k], b[k]):
+            assert float(la) == pytest.approx(float(lb), abs=1e-4) and ga == gb
