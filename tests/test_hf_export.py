@@ -424,3 +424,17 @@ def test_lm_eval_cli_hf_model_equals_native_adapter(tmp_path):
     for k in a:
         for (la, ga), (lb, gb) in zip(a[k], b[k]):
             assert float(la) == pytest.approx(float(lb), abs=1e-4) and ga == gb
+
+
+def test_mor_export_reads_back(exported, tmp_path, capsys):
+    """A `mor export` directory (e.g. from the Hub) loads back into mor: from_hf and the CLI."""
+    root, models, _, _ = exported
+    d = root / "hf" / "expert_mlp_untied"
+    m = MoRForCausalLM.from_hf(d)
+    assert m.config == models["expert_mlp_untied"].config
+    with torch.no_grad():
+        torch.testing.assert_close(m(X).logits, models["expert_mlp_untied"](X).logits, atol=0, rtol=0)
+    rc, out, _ = _run(["export", str(root / "hf" / "token"), str(tmp_path / "ck")], capsys)
+    assert rc == 0 and out["format"] == "mor"
+    with torch.no_grad():
+        torch.testing.assert_close(ckpt.load_model(tmp_path / "ck")(X).logits, models["token"](X).logits, atol=0, rtol=0)

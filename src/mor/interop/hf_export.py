@@ -27,7 +27,6 @@ import torch
 
 from ..checkpoint import CheckpointError, load_model, load_tokenizer, resolve_checkpoint, unique_state_dict
 from ..config import ModelConfig
-from .hf_llama import HFFormatError
 
 FORMATS = ("hf", "mor")
 REMOTE_ROOTS = {"mor.interop.hf_remote.modeling_mor": "modeling_mor",
