@@ -85,7 +85,7 @@ NO_MOR_SCRIPT = textwrap.dedent('''
     for name, d in spec["exports"].items():
         remote = name != "vanilla"
         m = transformers.AutoModelForCausalLM.from_pretrained(d, trust_remote_code=remote).eval()
-        tok = transformers.AutoTokenizer.from_pretrained(d)
+        tok = transformers.AutoTokenizer.from_pretrained(d, trust_remote_code=remote)
         r = {"class": type(m).__module__ + "." + type(m).__name__}
         with torch.no_grad():
             r["logits"] = m(x).logits
@@ -98,6 +98,11 @@ NO_MOR_SCRIPT = textwrap.dedent('''
             ids = tok(p, return_tensors="pt").input_ids
             g = m.generate(ids, max_new_tokens=spec["max_new"], do_sample=False)
             r["generated"].append(g[0, ids.shape[1]:].tolist())
+        if name == "expert":  # save_pretrained (as push_to_hub does) carries the code along
+            m.save_pretrained(d + "-resaved")
+            m2 = transformers.AutoModelForCausalLM.from_pretrained(d + "-resaved", trust_remote_code=True).eval()
+            with torch.no_grad():
+                r["resaved_logits"] = m2(x).logits
         res[name] = r
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
@@ -138,7 +143,7 @@ def exported(tmp_path_factory):
     env.update(HF_MODULES_CACHE=str(root / "modules"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-s", str(root / "run.py"), str(root / "spec.json"), str(root / "res.pt")],
-                       cwd=root, env=env, capture_output=True, text=True, timeout=600)
+                       cwd=root, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stderr[-3000:]
     return root, models, tok, torch.load(root / "res.pt", weights_only=False)
 
@@ -165,6 +170,11 @@ def test_hf_logits_equal_mor_logits(exported, name):
             # Hugging Face labels (= input_ids, shifted inside) -> mor's next-token targets, plus aux losses
             mor_labels = torch.nn.functional.pad(X[:, 1:], (0, 1), value=-100)
             torch.testing.assert_close(res[name]["loss"], model(X, labels=mor_labels).loss, atol=1e-5, rtol=1e-5)
+
+
+def test_save_pretrained_of_an_export_loads_again(exported):
+    _, models, _, res = exported
+    torch.testing.assert_close(res["expert"]["resaved_logits"], res["expert"]["logits"], atol=0, rtol=0)
 
 
 def test_routing_modes_differ_for_expert_choice(exported):
@@ -412,12 +422,13 @@ def test_lm_eval_cli_hf_model_equals_native_adapter(tmp_path):
     common = ["--tasks", "mor_piqa", "--limit", "6", "--log_samples", "--include_path", str(tasks), "--device", "cpu"]
     p = subprocess.run([sys.executable, "-s", str(tmp_path / "run.py"), "--model", "hf", "--model_args",
                         f"pretrained={out},trust_remote_code=True", "--output_path", str(tmp_path / "r_hf"), *common],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stderr[-3000:]
     env_native = dict(os.environ, HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "mor.eval.lm_eval_cli", "--model", "mor", "--model_args",
                         f"pretrained={ck}", "--output_path", str(tmp_path / "r_mor"), *common[:-2]],
-                       cwd=tmp_path, env=env_native, capture_output=True, text=True, timeout=900)
+                       cwd=tmp_path, env=env_native, capture_output=True, text=True, timeout=900,
+                       stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = _samples(tmp_path / "r_hf"), _samples(tmp_path / "r_mor")
     assert sorted(a) == sorted(b) and len(a) == 6
