@@ -20,7 +20,7 @@ import mor.interop
 from mor import MoRForCausalLM, checkpoint as ckpt, preset
 from mor.cli import main
 from mor.interop.hf_export import ExportError, export_hf
-from test_eval import _docs
+from helpers import random_docs as _docs
 
 transformers = pytest.importorskip("transformers")
 
@@ -408,7 +408,7 @@ def test_lm_eval_cli_hf_model_equals_native_adapter(tmp_path):
     """`lm_eval --model hf --model_args pretrained=OUT,trust_remote_code=True` (mor not importable)
     scores an offline task exactly as the native adapter does."""
     from mor.eval import tasks as T
-    from test_eval import make_checkpoint
+    from helpers import make_checkpoint
 
     ck = make_checkpoint(tmp_path / "ck", "mor", seed=4, max_position_embeddings=256)
     out = export_hf(ck, tmp_path / "hf")

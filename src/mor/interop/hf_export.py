@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..runtime import atomic_directory
 from ..checkpoint import CheckpointError, load_model, load_tokenizer, resolve_checkpoint, unique_state_dict
 from ..config import ModelConfig
 
@@ -97,7 +96,10 @@ def export_model(model, out: str | os.PathLike, *, tokenizer: str | os.PathLike 
             {"mor_version": __version__, "exported_at": time.time(), "architecture": cfg.architecture,
              "format": "llama" if cfg.architecture == "vanilla" else "mor-remote-code"}, indent=2) + "\n")
 
-    return write_dir_atomically(out, write, overwrite)
+    _check_out(out, overwrite)
+    with atomic_directory(out) as tmp:
+        write(tmp)
+    return out
 
 
 def import_hf(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -168,14 +170,9 @@ def _as_tokenizer(tokenizer):
 
 def _eos(tok) -> tuple[int, str] | None:
     """(id, text) of the tokenizer's end-of-text token, or None (no tokenizer, or none found)."""
-    from ..data import DataError, _find_eos
+    from ..runtime import find_eos
 
-    if tok is None:
-        return None
-    try:
-        return _find_eos(tok)
-    except DataError:
-        return None
+    return None if tok is None else find_eos(tok)
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -183,24 +180,3 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise ExportError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"output directory {out} is not empty; choose a new directory or pass --force")
-
-
-def write_dir_atomically(out: Path, write, overwrite: bool) -> Path:
-    """Call ``write(tmp)`` on a fresh directory next to ``out`` and rename it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
-    try:
-        write(tmp)
-        old = None
-        if out.exists():
-            _check_out(out, overwrite)
-            old = out.parent / f".old-{out.name}-{os.getpid()}-{time.time_ns()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
