@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from ..runtime import atomic_directory
 from ..checkpoint import CheckpointError, load_model, load_tokenizer, resolve_checkpoint, unique_state_dict
