@@ -30,7 +30,7 @@ import torch
 
 from ..cache import PoolExhausted, make_pool
 from ..model import MoRForCausalLM
-from .request import Request, RequestError, RequestOutput, SamplingParams
+from .request import FINISHED, Request, RequestError, RequestOutput, SamplingParams
 from .runner import ModelRunner
 from .sampling import sample
 from .scheduler import Scheduler
@@ -233,6 +233,23 @@ class Engine:
         self.scheduler.add(Request(request_id=rid, prompt_ids=ids, params=params, prompt=text, generator=gen,
                                    arrival=rid))
         return rid
+
+    def abort(self, request_id: int) -> bool:
+        """Cancel a waiting or running request: it leaves the queue or its slot, and its KV
+        blocks return to the pool at once; it produces no further events. Returns False when
+        the id is unknown or the request already finished. Call between steps."""
+        sched = self.scheduler
+        for req in sched.waiting:
+            if req.request_id == request_id:
+                sched.waiting.remove(req)
+                req.status, req.finish_reason = FINISHED, "abort"
+                return True
+        for req in list(sched.running.values()):
+            if req.request_id == request_id:
+                self.pool.free_seq(sched.finish(req, "abort"))
+                self._update_kv_stats()
+                return True
+        return False
 
     @property
     def has_unfinished(self) -> bool:
