@@ -89,9 +89,14 @@ class _ClientGone(Exception):
 
 
 def _param_of(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p != "body"]
-    # drop pydantic's union-branch tags ("str", "list[int]", ...) from the path
-    parts = [p for p in parts if not any(c in p for c in "[]") and p not in ("str", "int", "float", "bool")]
+    """The parameter a pydantic error is about ("messages.0.content"); a union's branch tags
+    ("str", "list[int]", ...) end the path."""
+    parts = []
+    for p in loc[1:] if loc and loc[0] == "body" else loc:
+        p = str(p)
+        if any(c in p for c in "[]") or p in ("str", "int", "float", "bool", "function-after"):
+            break
+        parts.append(p)
     return ".".join(parts) or None
 
 
