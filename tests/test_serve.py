@@ -187,20 +187,33 @@ def test_logprobs_seeds_n_echo_stop(server, llm):
 
 
 async def _many(url, jobs, stream_every=2):
+    """(token ids, token logprobs) of greedy completions, every other one streamed."""
     async with httpx.AsyncClient(base_url=url, timeout=60) as cl:
         async def one(i, prompt, n):
-            body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+            body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "return_token_ids": True,
+                    "logprobs": 0}
             if i % stream_every:
-                return await _stream_tokens(cl, body)
+                toks, lps, done = [], [], False
+                async with cl.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                    async for line in r.aiter_lines():
+                        if line == "data: [DONE]":
+                            done = True
+                        elif line.startswith("data: "):
+                            c = json.loads(line[6:])["choices"][0]
+                            toks += c["token_ids"]
+                            lps += c["logprobs"]["token_logprobs"]
+                assert done
+                return toks, lps
             r = await cl.post("/v1/completions", json=body)
             assert r.status_code == 200, r.text
-            return r.json()["choices"][0]["token_ids"]
+            c = r.json()["choices"][0]
+            return c["token_ids"], c["logprobs"]["token_logprobs"]
 
         return await asyncio.gather(*(one(i, p, n) for i, (p, n) in enumerate(jobs)))
 
 
 async def _stream_tokens(cl, body, stop_after=None):
-    """Token ids of a streamed completion; closes the connection after ``stop_after`` chunks."""
+    """Token ids of a streamed completion; closes the connection after ``stop_after`` tokens."""
     toks, done = [], False
     async with cl.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
         assert r.status_code == 200, await r.aread()
@@ -216,15 +229,21 @@ async def _stream_tokens(cl, body, stop_after=None):
     return toks, done
 
 
-def test_32_concurrent_requests_equal_llm(server, llm):
+def test_32_concurrent_requests_equal_llm_with_logprobs(server, llm):
     g = torch.Generator().manual_seed(1)
     jobs = [(torch.randint(3, 290, (int(n),), generator=g).tolist(), int(m))
             for n, m in zip(torch.randint(1, 30, (32,), generator=g), torch.randint(1, 20, (32,), generator=g))]
     got = asyncio.run(_many(server.url, jobs))
     ref = reference(llm, [p for p, _ in jobs], [SamplingParams(max_tokens=m, **GREEDY) for _, m in jobs])
-    for i, (g_, (toks, _, _)) in enumerate(zip(got, ref)):
-        g_ = g_[0] if isinstance(g_, tuple) else g_
-        assert g_ == toks, f"request {i}"
+    # per-token logprobs: the engine's own logits of each sampled token (record_logits)
+    eng = Engine(llm.model, llm.tokenizer, max_batch=8, record_logits=True)
+    for p, m in jobs:
+        eng.add_request(p, SamplingParams(max_tokens=m, **GREEDY))
+    logits = [o.logits for o in eng.run_until_done()]
+    for i, ((toks, lps), (want, _, _), lg) in enumerate(zip(got, ref, logits)):
+        assert toks == want, f"request {i}"
+        lp = torch.log_softmax(lg.float(), -1)[torch.arange(len(want)), torch.tensor(want)]
+        assert lps == pytest.approx(lp.tolist(), abs=1e-5), f"request {i}"
     wait_idle(server)
 
 
@@ -335,6 +354,7 @@ def test_disconnect_cancels_and_full_queue_is_503(tmp_path):
         m = metric_values(httpx.get(srv.url + "/metrics").text)
         assert m[("mor:request_success_total", frozenset({("finished_reason", "abort")}))] == 1
         assert m[("mor:generation_tokens_total", frozenset())] < 2000
+        assert srv.state.engine.stats.generated_tokens < 2000  # the engine stopped it, not just the server
         assert m[("mor:kv_cache_usage_perc", frozenset())] == 0
         assert m[("mor:request_errors_total", frozenset({("status", "503")}))] == 1
         r = httpx.post(srv.url + "/v1/completions", json={"prompt": "a", "max_tokens": 2, "ignore_eos": True})
