@@ -454,3 +454,79 @@ def test_sigterm_finishes_running_requests_cancels_after_grace_and_exits_0(tmp_p
 async def _async_stream(url, body):
     async with httpx.AsyncClient(base_url=url, timeout=60) as cl:
         return await _stream_tokens(cl, body)
+
+
+# ---------------------------------------------------------------------- load
+def test_load_200_requests_64_clients_preemption_and_disconnects(tmp_path):
+    """200 requests from 64 concurrent clients, mixed lengths, a KV pool that forces
+    preemption, every 5th streamed client hanging up after 3 tokens: the others complete
+    with the right tokens (= mor.LLM), nothing is lost or duplicated, the pool ends empty
+    and /health answers throughout."""
+    ck = make_checkpoint(tmp_path / "load", max_position_embeddings=256, seed=3)
+    g = torch.Generator().manual_seed(5)
+    n_req = 200
+    plen = torch.randint(1, 16, (n_req,), generator=g).tolist()
+    mlen = torch.randint(1, 64, (n_req,), generator=g).tolist()
+    jobs = [(torch.randint(3, 290, (p,), generator=g).tolist(), m) for p, m in zip(plen, mlen)]
+    cancel = {i for i in range(n_req) if i % 5 == 1 and mlen[i] >= 20}
+    block = 2 * 4 * 2 * 16 * 4  # K+V bytes of one 4-token block of the tiny preset (fp32)
+    with LiveServer(ck, max_batch=16, block_size=4, kv_memory_gb=200 * block / 2**30, max_queue=256) as srv:
+        health: list[tuple[int, float]] = []
+        stop = threading.Event()
+
+        def poll():
+            with httpx.Client(base_url=srv.url, timeout=10) as cl:
+                while not stop.is_set():
+                    t = time.perf_counter()
+                    health.append((cl.get("/health").status_code, time.perf_counter() - t))
+                    time.sleep(0.05)
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+
+        async def main():
+            sem = asyncio.Semaphore(64)
+            async with httpx.AsyncClient(base_url=srv.url, timeout=120,
+                                         limits=httpx.Limits(max_connections=64)) as cl:
+                async def one(i):
+                    p, m = jobs[i]
+                    body = {"prompt": p, "max_tokens": m, "temperature": 0, "ignore_eos": True,
+                            "return_token_ids": True}
+                    async with sem:
+                        if i % 5 == 1:
+                            return await _stream_tokens(cl, body, stop_after=3 if i in cancel else None)
+                        r = await cl.post("/v1/completions", json=body)
+                        assert r.status_code == 200, r.text
+                        c = r.json()
+                        return c["choices"][0]["token_ids"], c["id"]
+
+                return await asyncio.gather(*(one(i) for i in range(n_req)))
+
+        try:
+            got = asyncio.run(main())
+            wait_idle(srv, timeout=60)
+        finally:
+            stop.set()
+            poller.join()
+        st = srv.state
+        print(f"preemptions: {st.engine.stats.preemptions}, health checks: {len(health)}, slowest "
+              f"{max(t for _, t in health):.3f} s")
+        assert st.engine.stats.preemptions > 0, "the KV pool should have been small enough to preempt"
+        assert st.engine.stats.kv["kv_used_bytes"] == 0 and not st.engine.has_unfinished
+        assert health and all(code == 200 for code, _ in health)
+        ids = [x[1] for i, x in enumerate(got) if i % 5 != 1]
+        assert len(set(ids)) == len(ids)  # no duplicated answers
+        keep = [i for i in range(n_req) if i not in cancel]
+        ref = reference(mor.LLM(ck, max_batch=16), [jobs[i][0] for i in keep],
+                        [SamplingParams(max_tokens=jobs[i][1], **GREEDY) for i in keep])
+        for i, (want, _, _) in zip(keep, ref):
+            toks = got[i][0]
+            assert len(toks) == jobs[i][1] and toks == want, f"request {i}"
+            if i % 5 == 1:
+                assert got[i][1] is True  # the stream ended with [DONE]
+        m = metric_values(httpx.get(srv.url + "/metrics").text)
+        done = m[("mor:request_success_total", frozenset({("finished_reason", "length")}))]
+        aborted = m[("mor:request_success_total", frozenset({("finished_reason", "abort")}))]
+        assert done + aborted == n_req and 1 <= aborted <= len(cancel)
+        assert st.engine.stats.requests_finished == done
+        assert m[("mor:num_preemptions_total", frozenset())] == st.engine.stats.preemptions
