@@ -350,7 +350,8 @@ def create_app(cfg: ServeConfig, state: ServerState | None = None) -> FastAPI:
             "id": st.name, "object": "model", "created": st.created, "owned_by": "mor", "root": str(cfg.checkpoint),
             "max_model_len": st.max_model_len,
             "mor": {"architecture": st.model_config.architecture, "num_recursions": st.engine.stats.num_recursions,
-                    "schedule": st.engine.schedule}}]}
+                    "schedule": st.engine.schedule, "vocab_size": st.vocab_size,
+                    "max_batch": st.engine.stats.max_batch}}]}
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest, request: Request):
