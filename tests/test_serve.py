@@ -435,6 +435,10 @@ def test_sigterm_finishes_running_requests_cancels_after_grace_and_exits_0(tmp_p
         while httpx.get(url + "/metrics").text.count('mor:num_requests_running{model_name="long"} 2.0') == 0:
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert threads[1].is_alive()  # the long request still runs during the grace period...
+        with pytest.raises(httpx.ConnectError):  # ...but no new connection is accepted
+            httpx.get(url + "/health")
         for t in threads:
             t.join(60)
         assert proc.wait(60) == 0
@@ -444,8 +448,6 @@ def test_sigterm_finishes_running_requests_cancels_after_grace_and_exits_0(tmp_p
         assert done and len(toks) == 40  # finished during the grace period
         long_res = results["long"]
         assert isinstance(long_res, Exception) or (not long_res[1] and len(long_res[0]) < 4000)  # cancelled
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(url + "/health")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -531,3 +533,31 @@ def test_load_requests_from_concurrent_clients_preemption_and_disconnects(tmp_pa
         assert done + aborted == n_req and 1 <= aborted <= len(cancel)
         assert st.engine.stats.requests_finished == done
         assert m[("mor:num_preemptions_total", frozenset())] == st.engine.stats.preemptions
+
+
+# ---------------------------------------------------------------------- mor bench serve
+def test_bench_serve_against_a_running_server(server, capsys):
+    from mor.bench.serve import summarize, workload
+    from mor.cli import main
+
+    jobs = workload(6, 5, 7, 0.5, 320, seed=0)
+    assert [len(p) for p, _ in jobs] != [5] * 6 and all(3 <= n <= 11 for _, n in jobs)
+    assert all(0 < t < 320 for p, _ in jobs for t in p)
+    rc = main(["bench", "serve", "--url", server.url, "--concurrency", "1", "3", "--request-rate", "50",
+               "--num-requests", "6", "--prompt-len", "5", "--output-len", "7", "--warmup", "1"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0
+    s = json.loads(out[-1])
+    assert s["status"] == "ok" and "TTFT" in "\n".join(out[:-1])
+    (t,) = s["targets"]
+    assert t["architecture"] == "mor" and 1 <= t["mean_depth"] <= 3
+    assert [p["load"] for p in t["points"]] == ["c=1", "c=3", "rate=50/s"]
+    for p in t["points"]:
+        assert p["completed"] == 6 and p["failed"] == 0
+        assert p["output_tokens"] == sum(n for _, n in jobs)  # ignore_eos: every drawn length is produced
+        assert p["ttft_ms"]["p50"] <= p["ttft_ms"]["p99"] and p["e2e_ms"]["mean"] >= p["ttft_ms"]["mean"]
+    # the summary of hand-made results
+    r = summarize([{"ttft": 0.1, "e2e": 0.5, "itl": [0.2, 0.2], "tokens": 3}, {"error": "HTTP 503: full"}], 2.0)
+    assert r["completed"] == 1 and r["failed"] == 1 and r["errors"] == ["HTTP 503: full"]
+    assert r["tpot_ms"]["mean"] == pytest.approx(200.0) and r["output_tokens_per_s"] == 1.5
+    wait_idle(server)
