@@ -308,6 +308,33 @@ def test_bad_inputs_get_status_and_error_body_and_running_requests_are_unchanged
     wait_idle(server)
 
 
+GARBAGE = [None, -1, 0, 2**70, -2**70, 1e300, 1e-300, "x", "", [], {}, [1, "a"], [[]], True, [2**70]]
+PARAMS = ["prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "stop_token_ids", "seed",
+          "logprobs", "echo", "stream", "ignore_eos", "stream_options", "model", "best_of", "suffix"]
+
+
+def test_no_500_for_any_garbage_value(server):
+    """Every parameter with every odd value: an answer (200 or a 4xx), never a 500, and the
+    engine keeps running."""
+    statuses = set()
+    with httpx.Client(base_url=server.url, timeout=60) as cl:
+        for p in PARAMS:
+            for v in GARBAGE:
+                body = {"prompt": [5, 6], "max_tokens": 2, p: v}
+                r = cl.post("/v1/completions", json=body)
+                statuses.add(r.status_code)
+                assert r.status_code in (200, 400, 404), (p, v, r.text)
+                if r.status_code != 200:
+                    assert r.json()["error"]["message"]
+            for v in GARBAGE:
+                r = cl.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                          "max_tokens": 2, p if p != "prompt" else "messages": v})
+                assert r.status_code in (200, 400, 404), (p, v, r.text)
+        assert cl.get("/health").status_code == 200
+    assert {200, 400} <= statuses
+    wait_idle(server)
+
+
 def test_chat_without_template_is_a_clear_400(tmp_path):
     ck = make_checkpoint(tmp_path / "plain", arch="vanilla", chat_template=None)
     with LiveServer(ck) as srv:

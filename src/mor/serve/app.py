@@ -138,7 +138,7 @@ def _sampling(st: ServerState, req: _Sampling, max_tokens: int | None) -> dict[s
         bad("repetition_penalty", f"{req.repetition_penalty}: not supported (give 1 or leave it out)")
     if req.logit_bias:
         bad("logit_bias", "not supported by this server")
-    return dict(temperature=float(t), top_p=float(top_p), top_k=top_k, stop=stop or None,
+    return dict(temperature=float(t), top_p=float(top_p), top_k=min(top_k, st.vocab_size), stop=stop or None,
                 stop_token_ids=list(ids) if ids else None, ignore_eos=req.ignore_eos)
 
 
