@@ -24,7 +24,7 @@ openai = pytest.importorskip("openai")
 
 import mor  # noqa: E402
 from mor.engine import Engine, SamplingParams  # noqa: E402
-from serve_utils import LiveServer, bpe_tokenizer, make_checkpoint  # noqa: E402
+from serve_utils import LiveServer, make_checkpoint  # noqa: E402
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 

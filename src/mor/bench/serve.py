@@ -267,8 +267,9 @@ def make_random_pair(out: str | Path, preset_name: str = "small", layers: int = 
     mm = _build(mcfg, dev, torch.float32, seed + 1)
     vm = _build(vcfg, dev, torch.float32, seed)
     L = mcfg.num_hidden_layers
-    v = save_checkpoint(out / f"vanilla-{L}L", vm, meta={"note": "random weights (mor bench serve --random-pair)"})
-    m = save_checkpoint(out / f"mor{recursions}-{L}L", mm, meta={"note": "random weights (mor bench serve --random-pair)"})
+    note = {"note": "random weights (mor bench serve --random-pair)"}
+    v = save_checkpoint(out / f"vanilla-{L}L", vm, meta=note)
+    m = save_checkpoint(out / f"mor{recursions}-{L}L", mm, meta=note)
     return v, m
 
 

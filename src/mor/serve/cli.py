@@ -15,7 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 and /tokenize (default: $MOR_API_KEY if set)")
     p.add_argument("--max-batch", type=int, default=32, help="concurrent sequences in the engine (default 32)")
     p.add_argument("--kv-memory-gb", type=float, default=None,
-                   help="KV pool size (default: worst case of max-batch full sequences, capped at 1 GB CPU / 8 GB CUDA)")
+                   help="KV pool size (default: worst case of max-batch full sequences, capped at 1 GB on CPU, "
+                        "8 GB on CUDA)")
     p.add_argument("--max-model-len", type=int, default=None, help="tokens per sequence (default: the model's context)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests waiting beyond the running batch before new ones get 503 (default 256)")
