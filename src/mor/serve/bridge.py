@@ -82,9 +82,11 @@ class RequestStream:
 
 
 class EngineThread:
-    """Runs an ``Engine`` in a thread; ``submit`` / ``abort`` from the event loop."""
+    """Runs an ``Engine`` in a thread; ``submit`` / ``abort`` from the event loop.
+    ``lm_head``: the served model's LM head (its outputs give the logprobs)."""
 
-    def __init__(self, engine: Engine, metrics: ServerMetrics, loop: asyncio.AbstractEventLoop):
+    def __init__(self, engine: Engine, metrics: ServerMetrics, loop: asyncio.AbstractEventLoop,
+                 lm_head: torch.nn.Module):
         self.engine, self.metrics, self.loop = engine, metrics, loop
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[int, RequestStream] = {}  # engine request id -> stream (engine thread only)
@@ -93,7 +95,7 @@ class EngineThread:
         self._want_logprobs = 0
         self._captured: list[torch.Tensor] = []
         self._logprobs_ok = True
-        self._hook = engine.model.lm_head.register_forward_hook(self._capture)
+        self._hook = lm_head.register_forward_hook(self._capture)
         self._thread = threading.Thread(target=self._run, name="mor-engine", daemon=True)
         self._stopping = False
 

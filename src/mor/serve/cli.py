@@ -47,4 +47,9 @@ def run(args: argparse.Namespace) -> dict:
                       max_queue=args.max_queue, max_logprobs=args.max_logprobs, chat_template=args.chat_template,
                       schedule=args.schedule, device=args.device, dtype=args.dtype, seed=args.seed,
                       shutdown_grace_s=args.shutdown_grace, log_level=args.log_level)
-    return serve(cfg)
+    try:
+        return serve(cfg)
+    except OSError as e:
+        from ..cli import CLIError
+
+        raise CLIError(str(e)) from None

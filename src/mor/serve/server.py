@@ -64,10 +64,14 @@ def build_server(cfg: ServeConfig, state: ServerState | None = None) -> _Server:
 def serve(cfg: ServeConfig) -> dict:
     """Serve until stopped; returns what was served (requests, tokens)."""
     server = build_server(cfg)
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits when it cannot bind
+        if server.bound is not None:
+            raise
     st = server.mor_state
     if server.bound is None:
-        raise OSError(f"could not listen on {cfg.host}:{cfg.port}")
+        raise OSError(f"could not listen on {cfg.host}:{cfg.port} (address in use?)")
     stats = st.engine.stats
     print(f"mor serve: stopped after {stats.requests_finished} finished requests", file=sys.stderr)
     return {"model": st.name, "checkpoint": str(cfg.checkpoint), "url": f"http://{server.bound[0]}:{server.bound[1]}",
