@@ -353,6 +353,7 @@ def test_api_key(ck):
         r = httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert httpx.post(srv.url + "/tokenize", json={"prompt": "a"}).status_code == 401
+        assert httpx.post(srv.url + "/v1/completions", json={"temperature": -1}).status_code == 401  # key first
         assert httpx.get(srv.url + "/health").status_code == 200  # health and metrics stay open
         assert httpx.get(srv.url + "/metrics").status_code == 200
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="sesame")

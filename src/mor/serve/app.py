@@ -251,14 +251,8 @@ def create_app(cfg: ServeConfig, state: ServerState | None = None) -> FastAPI:
     async def _internal(request: Request, e: Exception):
         return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", None, "internal_error"))
 
-    def authorize(request: Request) -> None:
-        if cfg.api_key is None:
-            return
-        got = request.headers.get("authorization", "")
-        token = got[7:] if got[:7].lower() == "bearer " else ""
-        if not hmac.compare_digest(token.encode(), cfg.api_key.encode()):
-            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')", None,
-                           "invalid_api_key")
+    if cfg.api_key is not None:
+        app.add_middleware(_APIKey, key=cfg.api_key, on_fail=error_response)
 
     def admit(n_new: int) -> EngineThread:
         th = st.thread
@@ -345,7 +339,6 @@ def create_app(cfg: ServeConfig, state: ServerState | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request):
-        authorize(request)
         return {"object": "list", "data": [{
             "id": st.name, "object": "model", "created": st.created, "owned_by": "mor", "root": str(cfg.checkpoint),
             "max_model_len": st.max_model_len,
@@ -355,7 +348,6 @@ def create_app(cfg: ServeConfig, state: ServerState | None = None) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest, request: Request):
-        authorize(request)
         _check_model(st, body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", "prompt", "invalid_value")
@@ -367,7 +359,6 @@ def create_app(cfg: ServeConfig, state: ServerState | None = None) -> FastAPI:
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest, request: Request):
-        authorize(request)
         _check_model(st, body.model)
         bad = next((t for t in body.tokens if not 0 <= t < st.vocab_size), None)
         if bad is not None:
@@ -379,7 +370,6 @@ def create_app(cfg: ServeConfig, state: ServerState | None = None) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        authorize(request)
         _check_model(st, body.model)
         fields = _sampling(st, body, body.max_tokens)
         if body.suffix:
@@ -478,7 +468,6 @@ def create_app(cfg: ServeConfig, state: ServerState | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
-        authorize(request)
         _check_model(st, body.model)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -609,6 +598,26 @@ async def _disconnected(request: Request) -> None:
         msg = await request.receive()
         if msg["type"] == "http.disconnect":
             return
+
+
+class _APIKey:
+    """ASGI middleware: ``Authorization: Bearer KEY`` on /v1/*, /tokenize and /detokenize
+    (checked before the body is read, so a bad key is a 401 whatever the body)."""
+
+    def __init__(self, app, key: str, on_fail: Callable[[APIError], Response]):
+        self.app, self.key, self.on_fail = app, key.encode(), on_fail
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path.startswith("/v1/") or path in ("/tokenize", "/detokenize")):
+            got = dict(scope.get("headers") or []).get(b"authorization", b"")
+            token = got[7:] if got[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(token, self.key):
+                resp = self.on_fail(APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                                             None, "invalid_api_key"))
+                await resp(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class EventStream(StreamingResponse):
