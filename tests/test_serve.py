@@ -589,3 +589,21 @@ def test_bench_serve_against_a_running_server(server, capsys):
     assert r["completed"] == 1 and r["failed"] == 1 and r["errors"] == ["HTTP 503: full"]
     assert r["tpot_ms"]["mean"] == pytest.approx(200.0) and r["output_tokens_per_s"] == 1.5
     wait_idle(server)
+
+
+@pytest.mark.slow
+def test_bench_serve_random_pair_serves_both_checkpoints(tmp_path, capsys):
+    """The checkpoint path: a random vanilla + MoR pair of one shape, each served by a child
+    process, the same workload, and the MoR / vanilla ratios."""
+    from mor.cli import main
+
+    rc = main(["bench", "serve", "--random-pair", str(tmp_path / "pair"), "--preset", "tiny", "--layers", "8",
+               "--max-position", "128", "--concurrency", "2", "--num-requests", "4", "--prompt-len", "4",
+               "--output-len", "6", "--warmup", "1", "--max-batch", "4"])
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and [t["architecture"] for t in s["targets"]] == ["vanilla", "mor"]
+    assert all(t["points"][0]["completed"] == 4 for t in s["targets"])
+    v, m = (t["points"][0]["output_tokens"] for t in s["targets"])
+    assert v == m  # the same workload
+    (r,) = s["ratios"]
+    assert r["load"] == "c=2" and r["tokens_per_s_ratio"] > 0
