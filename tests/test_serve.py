@@ -455,12 +455,14 @@ def test_sigterm_finishes_running_requests_cancels_after_grace_and_exits_0(tmp_p
             except Exception as e:  # noqa: BLE001
                 results[key] = e
 
-        short = {"prompt": [5, 6], "max_tokens": 40, "ignore_eos": True, "return_token_ids": True}
+        short = {"prompt": [5, 6], "max_tokens": 150, "ignore_eos": True, "return_token_ids": True}
         long = {"prompt": [7, 8], "max_tokens": 4000, "ignore_eos": True, "return_token_ids": True}
         threads = [threading.Thread(target=run, args=(k, b)) for k, b in (("short", short), ("long", long))]
         for t in threads:
             t.start()
-        while httpx.get(url + "/metrics").text.count('mor:num_requests_running{model_name="long"} 2.0') == 0:
+        t0 = time.time()
+        while 'mor:num_requests_running{model_name="long"} 2.0' not in httpx.get(url + "/metrics").text:
+            assert time.time() - t0 < 60 and "short" not in results, "both requests should be running"
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
@@ -473,7 +475,7 @@ def test_sigterm_finishes_running_requests_cancels_after_grace_and_exits_0(tmp_p
         out = proc.stdout.read().strip().splitlines()
         assert json.loads(out[-1])["status"] == "ok"
         toks, done = results["short"]
-        assert done and len(toks) == 40  # finished during the grace period
+        assert done and len(toks) == 150  # finished during the grace period
         long_res = results["long"]
         assert isinstance(long_res, Exception) or (not long_res[1] and len(long_res[0]) < 4000)  # cancelled
     finally:
