@@ -212,7 +212,9 @@ class EngineThread:
                     continue
                 try:
                     rid = eng.add_request(s.prompt_ids, s.params)
-                except RequestError as e:
+                except Exception as e:  # noqa: BLE001 - a rejected request; the engine is untouched
+                    if not isinstance(e, RequestError):
+                        log.exception("add_request failed")
                     out.append((s, e))
                     continue
                 s.request_id = rid
