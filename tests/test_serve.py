@@ -177,6 +177,14 @@ def test_logprobs_seeds_n_echo_stop(server, llm):
     assert [c["token_ids"] for c in a["choices"]] == [c["token_ids"] for c in b["choices"]]
     ref = llm.generate([prompt, prompt], SamplingParams(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True))
     assert [c["token_ids"] for c in a["choices"]] == [o.token_ids for o in ref]
+    # streamed n=2 with echo: per choice, the prompt first, then pieces adding up to the same text
+    texts = {0: "", 1: ""}
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "echo": True, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for c in json.loads(line[6:])["choices"]:
+                    texts[c["index"]] += c["text"]
+    assert texts == {c["index"]: prompt + c["text"] for c in a["choices"]}
     # stop strings and stop tokens
     free = llm.generate(prompt, SamplingParams(max_tokens=12, **GREEDY))[0]
     stop_tok = free.token_ids[3]
