@@ -195,29 +195,26 @@ def test_logprobs_seeds_n_echo_stop(server, llm):
 
 
 async def _many(url, jobs, stream_every=2):
-    """(token ids, token logprobs) of greedy completions, every other one streamed."""
-    async with httpx.AsyncClient(base_url=url, timeout=60) as cl:
-        async def one(i, prompt, n):
-            body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "return_token_ids": True,
-                    "logprobs": 0}
-            if i % stream_every:
-                toks, lps, done = [], [], False
-                async with cl.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
-                    async for line in r.aiter_lines():
-                        if line == "data: [DONE]":
-                            done = True
-                        elif line.startswith("data: "):
-                            c = json.loads(line[6:])["choices"][0]
-                            toks += c["token_ids"]
-                            lps += c["logprobs"]["token_logprobs"]
-                assert done
-                return toks, lps
-            r = await cl.post("/v1/completions", json=body)
-            assert r.status_code == 200, r.text
-            c = r.json()["choices"][0]
-            return c["token_ids"], c["logprobs"]["token_logprobs"]
+    """(token ids, token logprobs) of greedy completions by the async ``openai`` client, all
+    at once, every other one streamed."""
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
 
+    async def one(i, prompt, n):
+        kw = dict(model="tiny-mor", prompt=prompt, max_tokens=n, temperature=0, logprobs=0,
+                  extra_body={"ignore_eos": True, "return_token_ids": True})
+        if i % stream_every:
+            toks, lps = [], []
+            async for ch in await client.completions.create(stream=True, **kw):
+                toks += extra(ch.choices[0], "token_ids")
+                lps += ch.choices[0].logprobs.token_logprobs
+            return toks, lps
+        r = await client.completions.create(**kw)
+        return extra(r.choices[0], "token_ids"), r.choices[0].logprobs.token_logprobs
+
+    try:
         return await asyncio.gather(*(one(i, p, n) for i, (p, n) in enumerate(jobs)))
+    finally:
+        await client.close()
 
 
 async def _stream_tokens(cl, body, stop_after=None):
