@@ -392,6 +392,15 @@ def test_disconnect_cancels_and_full_queue_is_503(tmp_path):
         assert m[("mor:request_errors_total", frozenset({("status", "503")}))] == 1
         r = httpx.post(srv.url + "/v1/completions", json={"prompt": "a", "max_tokens": 2, "ignore_eos": True})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+        # a client that gives up on a non-streamed answer is cancelled too
+        before = srv.state.engine.stats.generated_tokens
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.url + "/v1/completions", json={"prompt": [5], "max_tokens": 2000, "ignore_eos": True},
+                       timeout=0.5)
+        wait_idle(srv)
+        m = metric_values(httpx.get(srv.url + "/metrics").text)
+        assert m[("mor:request_success_total", frozenset({("finished_reason", "abort")}))] == 2
+        assert srv.state.engine.stats.generated_tokens - before < 2000
 
 
 def test_metrics_parse_and_match_what_was_served(ck):
