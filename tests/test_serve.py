@@ -71,7 +71,7 @@ def wait_idle(srv, timeout=20.0):
     t0 = time.time()
     while time.time() - t0 < timeout:
         st = srv.state
-        if st.thread.inflight == 0 and not st.engine.has_unfinished and st.engine.stats.kv["kv_used_bytes"] == 0:
+        if st.thread.inflight == 0 and not st.engine.has_unfinished and st.engine.pool.used_blocks == 0:
             return
         time.sleep(0.02)
     raise AssertionError("the server did not become idle (a request was lost or KV blocks leaked)")
@@ -93,7 +93,7 @@ def test_engine_abort_frees_slot_and_blocks_and_leaves_others_unchanged(ck):
     outs = eng.run_until_done()
     assert [o.request_id for o in outs] == [a]
     assert (outs[0].token_ids, outs[0].depths) == alone[0][:2]
-    assert eng.stats.kv["kv_used_bytes"] == 0 and not eng.has_unfinished
+    assert eng.pool.used_blocks == 0 and not eng.has_unfinished
     assert not eng.abort(a)  # finished
     # the freed slot serves a new request correctly
     d = eng.add_request(ps[2], sp)
@@ -380,7 +380,7 @@ def test_disconnect_cancels_and_full_queue_is_503(tmp_path):
                     full = await cl.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})
                     assert full.status_code == 503 and full.json()["error"]["code"] == "queue_full"
                     assert full.headers.get("retry-after") == "1"
-                    assert srv.state.engine.stats.kv["kv_used_bytes"] > 0
+                    assert srv.state.engine.pool.used_blocks > 0
                 # the stream is closed: the request is cancelled at the next step
         asyncio.run(main())
         wait_idle(srv)
@@ -559,7 +559,7 @@ def test_load_requests_from_concurrent_clients_preemption_and_disconnects(tmp_pa
         print(f"preemptions: {st.engine.stats.preemptions}, health checks: {len(health)}, slowest "
               f"{max(t for _, t in health):.3f} s")
         assert st.engine.stats.preemptions > 0, "the KV pool should have been small enough to preempt"
-        assert st.engine.stats.kv["kv_used_bytes"] == 0 and not st.engine.has_unfinished
+        assert st.engine.pool.used_blocks == 0 and not st.engine.has_unfinished
         assert health and all(code == 200 for code, _ in health)
         ids = [x[1] for i, x in enumerate(got) if i % 5 != 1]
         assert len(set(ids)) == len(ids)  # no duplicated answers

@@ -247,7 +247,6 @@ class Engine:
         for req in list(sched.running.values()):
             if req.request_id == request_id:
                 self.pool.free_seq(sched.finish(req, "abort"))
-                self._update_kv_stats()
                 return True
         return False
 

@@ -85,12 +85,12 @@ class ServerMetrics:
         self._seen_preemptions = 0
         self._seen_exits: list[int] = [0] * (num_recursions + 1)
 
-    def observe_engine(self, stats: EngineStats, running: int, waiting: int) -> None:
-        """Refresh the gauges from the engine's cumulative stats (engine thread, after a step)."""
+    def observe_engine(self, stats: EngineStats, kv: dict, running: int, waiting: int) -> None:
+        """Refresh the gauges from the engine's cumulative stats and the KV pool's current
+        usage (``kv``: the pool's stats dict; engine thread, after a step or an abort)."""
         n = self.model_name
         self.running.labels(n).set(running)
         self.waiting.labels(n).set(waiting)
-        kv = stats.kv
         if kv.get("kv_pool_bytes"):
             self.kv_usage.labels(n).set(kv["kv_used_bytes"] / kv["kv_pool_bytes"])
             self.kv_pool_bytes.labels(n).set(kv["kv_pool_bytes"])
