@@ -234,14 +234,18 @@ async def _stream_tokens(cl, body, stop_after=None):
     return toks, done
 
 
-def test_32_concurrent_requests_equal_llm_with_logprobs(server, llm):
-    g = torch.Generator().manual_seed(1)
-    jobs = [(torch.randint(3, 290, (int(n),), generator=g).tolist(), int(m))
-            for n, m in zip(torch.randint(1, 30, (32,), generator=g), torch.randint(1, 20, (32,), generator=g))]
-    got = asyncio.run(_many(server.url, jobs))
+def _concurrent_jobs(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(3, 290, (int(a),), generator=g).tolist(), int(b))
+            for a, b in zip(torch.randint(1, 30, (n,), generator=g), torch.randint(1, 20, (n,), generator=g))]
+
+
+def _check_concurrent(url, llm, jobs, schedule="auto"):
+    """Served greedy tokens equal mor.LLM's; served logprobs equal the engine's own logits."""
+    got = asyncio.run(_many(url, jobs))
     ref = reference(llm, [p for p, _ in jobs], [SamplingParams(max_tokens=m, **GREEDY) for _, m in jobs])
     # per-token logprobs: the engine's own logits of each sampled token (record_logits)
-    eng = Engine(llm.model, llm.tokenizer, max_batch=8, record_logits=True)
+    eng = Engine(llm.model, llm.tokenizer, max_batch=8, record_logits=True, schedule=schedule)
     for p, m in jobs:
         eng.add_request(p, SamplingParams(max_tokens=m, **GREEDY))
     logits = [o.logits for o in eng.run_until_done()]
@@ -249,7 +253,18 @@ def test_32_concurrent_requests_equal_llm_with_logprobs(server, llm):
         assert toks == want, f"request {i}"
         lp = torch.log_softmax(lg.float(), -1)[torch.arange(len(want)), torch.tensor(want)]
         assert lps == pytest.approx(lp.tolist(), abs=1e-5), f"request {i}"
+
+
+def test_32_concurrent_requests_equal_llm_with_logprobs(server, llm):
+    _check_concurrent(server.url, llm, _concurrent_jobs(32))
     wait_idle(server)
+
+
+def test_concurrent_logprobs_with_sequence_wise_batching(ck, llm):
+    """The LM-head rows of a step follow its tokens also when tokens leave the recursions in
+    several rounds of one step (sequence-wise schedule)."""
+    with LiveServer(ck, max_batch=8, schedule="sequence") as srv:
+        _check_concurrent(srv.url, llm, _concurrent_jobs(12, seed=4), schedule="sequence")
 
 
 # ---------------------------------------------------------------------- errors
