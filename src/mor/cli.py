@@ -20,6 +20,7 @@ VERBS = {
     "eval": ("mor.eval.cli", "validation NLL and few-shot tasks (lm-eval)"),
     "analyze": ("mor.eval.analyze", "per-token recursion depth, router histograms, depth scaling"),
     "bench": ("mor.bench", "benchmarks: `mor bench train`, `mor bench infer`"),
+    "serve": ("mor.serve.cli", "OpenAI-compatible HTTP server on the continuous-batching engine"),
     "experiment": ("mor.experiment", "isoFLOP comparisons of vanilla, recursive and MoR models"),
     "export": ("mor.interop.cli", "Hugging Face transformers directory <-> mor checkpoint"),
 }

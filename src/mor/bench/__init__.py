@@ -12,6 +12,7 @@ import importlib
 BENCHES = {
     "train": ("mor.bench.train", "training throughput, MFU and memory: vanilla vs recursive vs MoR"),
     "infer": ("mor.bench.infer", "generation throughput in the engine: MoR vs vanilla (and transformers)"),
+    "serve": ("mor.bench.serve", "load test of OpenAI-compatible servers: mor serve of MoR vs vanilla checkpoints"),
 }
 
 
