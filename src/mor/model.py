@@ -424,6 +424,14 @@ class MoRForCausalLM(nn.Module):
             out.loss = out.lm_loss + aux_loss
         return out
 
+    @classmethod
+    def from_hf(cls, path, device="cpu", dtype=torch.float32) -> "MoRForCausalLM":
+        """A vanilla model with the weights of a Hugging Face transformers Llama directory
+        (safetensors or ``pytorch_model.bin``, sharded or not); see ``mor.interop.hf_llama``."""
+        from .interop.hf_llama import load_llama
+
+        return load_llama(path, device=device, dtype=dtype)[0]
+
     # .................................................................. utilities
     def set_step(self, step: int) -> None:
         """Tell the model the current optimizer step (capacity warm-up)."""
