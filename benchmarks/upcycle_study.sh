@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Up-training study (docs/results.md, "Up-training from a pretrained vanilla model"):
+# pretrain a small vanilla Llama on Shakespeare, then up-train a Middle-Cycle N_r=3 recursive
+# and an expert-choice MoR model from it with every init strategy for one short budget, and
+# train both from scratch with the same recipe. Prints the table of final validation NLLs.
+#
+#   benchmarks/upcycle_study.sh            # OUT=runs/upcycle-study PY=python STEPS=100
+#
+# Reruns skip the finished parts (the corpus, the vanilla model, finished runs).
+set -euo pipefail
+OUT=${OUT:-runs/upcycle-study}
+PY=${PY:-python}
+STEPS=${STEPS:-100}
+STRATEGIES=${STRATEGIES:-"stepwise average lower upper random"}
+ARCHS=${ARCHS:-"recursive mor"}
+[ -f "$OUT/data/meta.json" ] || $PY -m mor prepare shakespeare --out "$OUT/data" --vocab-size 2048 --val-fraction 0.02
+[ -d "$OUT/vanilla/checkpoints" ] || $PY -m mor train -c configs/upcycle/vanilla.yaml data="$OUT/data" out_dir="$OUT/vanilla"
+run() {  # name, extra args...
+  local name=$1; shift
+  [ -d "$OUT/$name/checkpoints" ] && return 0
+  $PY -m mor train -c configs/upcycle/uptrain.yaml data="$OUT/data" out_dir="$OUT/$name" max_steps="$STEPS" "$@" \
+    > "$OUT/$name.log" 2>&1
+}
+for arch in $ARCHS; do
+  for s in $STRATEGIES; do
+    run "$arch-$s" --init-from-hf "$OUT/vanilla" model.architecture="$arch" init_strategy="$s"
+  done
+  run "$arch-scratch" model.architecture="$arch"
+done
+$PY benchmarks/upcycle_table.py "$OUT"
