@@ -15,16 +15,16 @@ STRATEGIES=${STRATEGIES:-"stepwise average lower upper random"}
 ARCHS=${ARCHS:-"recursive mor"}
 [ -f "$OUT/data/meta.json" ] || $PY -m mor prepare shakespeare --out "$OUT/data" --vocab-size 2048 --val-fraction 0.02
 [ -d "$OUT/vanilla/checkpoints" ] || $PY -m mor train -c configs/upcycle/vanilla.yaml data="$OUT/data" out_dir="$OUT/vanilla"
-run() {  # name, extra args...
-  local name=$1; shift
+run() {  # name, flags (before the overrides), overrides...
+  local name=$1 flags=$2; shift 2
   [ -d "$OUT/$name/checkpoints" ] && return 0
-  $PY -m mor train -c configs/upcycle/uptrain.yaml data="$OUT/data" out_dir="$OUT/$name" max_steps="$STEPS" "$@" \
-    > "$OUT/$name.log" 2>&1
+  $PY -m mor train $flags -c configs/upcycle/uptrain.yaml data="$OUT/data" out_dir="$OUT/$name" max_steps="$STEPS" \
+    "$@" > "$OUT/$name.log" 2>&1
 }
 for arch in $ARCHS; do
   for s in $STRATEGIES; do
-    run "$arch-$s" --init-from-hf "$OUT/vanilla" model.architecture="$arch" init_strategy="$s"
+    run "$arch-$s" "--init-from-hf $OUT/vanilla" model.architecture="$arch" init_strategy="$s"
   done
-  run "$arch-scratch" model.architecture="$arch"
+  run "$arch-scratch" "" model.architecture="$arch"
 done
 $PY benchmarks/upcycle_table.py "$OUT"
