@@ -173,7 +173,7 @@ def layer_plan(L_src: int, target: ModelConfig, strategy: str, seed: int = 0) ->
     if strategy == "average":
         for u in body_units:
             plan[u] = [eff[l] for l in range(lo, hi + 1) if lmap[l] == u]
-        return plan
+        return dict(sorted(plan.items()))
     if strategy == "stepwise":
         src = [round(float(v)) for v in np.linspace(lo, hi, B)]
     elif strategy == "lower":
@@ -184,7 +184,7 @@ def layer_plan(L_src: int, target: ModelConfig, strategy: str, seed: int = 0) ->
         src = sorted(random.Random(seed).sample(range(lo, hi + 1), B))
     for j, u in enumerate(body_units):
         plan[u] = [eff[src[j]]]
-    return plan
+    return dict(sorted(plan.items()))
 
 
 _LAYER_KEYS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
