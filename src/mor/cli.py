@@ -21,6 +21,7 @@ VERBS = {
     "analyze": ("mor.eval.analyze", "per-token recursion depth, router histograms, depth scaling"),
     "bench": ("mor.bench", "benchmarks: `mor bench train`, `mor bench infer`"),
     "experiment": ("mor.experiment", "isoFLOP comparisons of vanilla, recursive and MoR models"),
+    "export": ("mor.interop.cli", "Hugging Face transformers directory <-> mor checkpoint"),
     "import-official": ("mor.interop.official", "convert a checkpoint of the authors' MoR code into a mor checkpoint"),
 }
 

@@ -12,4 +12,12 @@ directory needs only safetensors/torch.
 
 from .hf_llama import HFFormatError, read_llama_dir
 
-__all__ = ["HFFormatError", "read_llama_dir"]
+__all__ = ["HFFormatError", "read_llama_dir", "register_hf"]
+
+
+def register_hf() -> None:
+    """Make transformers' ``AutoConfig`` / ``AutoModelForCausalLM`` load ``model_type="mor"``
+    directories with this library's classes, without ``trust_remote_code`` (needs transformers)."""
+    from . import hf_auto
+
+    hf_auto.register()
