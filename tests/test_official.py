@@ -266,6 +266,14 @@ def test_missing_yaml_key_is_refused(tmp_path):
     _refused(tmp_path, d, y, "mor.capacity")
 
 
+def test_null_capacity_is_the_official_default(tmp_path):
+    r = _recipe()
+    r["mor"]["capacity"] = None  # the released configs leave it null: (N_r - i) / N_r
+    d, y = _copy_fixture(tmp_path, r)
+    m, _, _ = load_official(d, y)
+    assert m.config.resolved_capacities() == pytest.approx([1.0, 2 / 3, 1 / 3])
+
+
 def test_relaxation_variant_is_refused(tmp_path):
     r = _recipe()
     r["relaxation"]["enable"] = True

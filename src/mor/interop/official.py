@@ -174,6 +174,8 @@ def official_model_config(hf: dict[str, Any], recipe: _Recipe, source: str = "co
         if kind == "expert":
             func = recipe.choice(f"{sec}.router_func", ("sigmoid", "tanh"))
             caps = recipe.get("mor.capacity")
+            if caps is None:  # the official default (util/config.py): (N_r - i) / N_r
+                caps = [(nr - i) / nr for i in range(nr)]
             try:
                 caps = [float(c) for c in (caps.split(",") if isinstance(caps, str) else caps)]
             except (TypeError, ValueError):
