@@ -341,19 +341,9 @@ def _train(cfg: TrainConfig, dist, *, resume: bool, init_from: str | None, init_
 
     meta = load_meta(cfg.data)
     if init_from_hf:  # up-training (mor.upcycle): the pretrained model's shape, the recipe's recursion
-        from . import upcycle
+        from .upcycle import prepare_upcycle
 
-        if init_from:
-            raise TrainError("give one of --init-from and --init-from-hf")
-        if (cfg.init_strategy or "stepwise") not in upcycle.INIT_STRATEGIES:
-            raise ConfigError(f"init_strategy={cfg.init_strategy!r} is not valid; choose one of: "
-                              f"{', '.join(upcycle.INIT_STRATEGIES)}")
-        try:
-            source = upcycle.load_source(init_from_hf)
-            mcfg = upcycle.target_config(source.config, cfg.model, vocab_size=meta["vocab_size"])
-            upcycle.check_tokenizers(source.tokenizer, Path(cfg.data) / "tokenizer.json")
-        except upcycle.UpcycleError as e:
-            raise TrainError(str(e)) from None
+        mcfg, source = prepare_upcycle(init_from_hf, cfg, meta["vocab_size"], init_from=init_from)
     elif cfg.init_strategy is not None:
         raise TrainError(f"init_strategy={cfg.init_strategy!r} needs --init-from-hf DIR (the pretrained model)")
     else:
@@ -399,12 +389,8 @@ def _train(cfg: TrainConfig, dist, *, resume: bool, init_from: str | None, init_
         if model.config != mcfg:
             raise TrainError(f"--init-from {init_from}: its config.json differs from the recipe's model")
     elif init_from_hf:
-        model, plan = upcycle.upcycle(source.config, source.state, mcfg, cfg.init_strategy or "stepwise", seed=cfg.seed)
-        model.to(device)
+        model = source.build(mcfg, cfg.init_strategy, cfg.seed, device, verbose=master)
         del source
-        if master:
-            print(f"[mor train] up-training from {init_from_hf} ({cfg.init_strategy or 'stepwise'}): unique layer <- "
-                  f"source layers {plan}", file=sys.stderr)
     else:
         with torch.device(device):
             model = MoRForCausalLM(mcfg)

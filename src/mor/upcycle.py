@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,7 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention
                 "head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings")
 
 
-class UpcycleError(ValueError):
+class UpcycleError(ConfigError):
     """The pretrained model and the requested recursive / MoR target do not fit."""
 
 
@@ -64,6 +65,32 @@ class Source:
     state: dict[str, torch.Tensor]
     tokenizer: Path | None
     path: Path
+
+    def build(self, target: ModelConfig, strategy: str | None, seed: int, device="cpu",
+              verbose: bool = False) -> MoRForCausalLM:
+        """The up-training start: ``target`` initialised from this model (``upcycle``)."""
+        strategy = strategy or "stepwise"
+        model, plan = upcycle(self.config, self.state, target, strategy, seed=seed)
+        if verbose:
+            print(f"[mor train] up-training from {self.path} ({strategy}): unique layer <- source layers {plan}",
+                  file=sys.stderr)
+        return model.to(device)
+
+
+def prepare_upcycle(path: str | Path, train_cfg, data_vocab: int, init_from: str | None = None
+                    ) -> tuple[ModelConfig, Source]:
+    """What ``mor train --init-from-hf`` needs before building the model: the pretrained
+    source and the target config (checked against the recipe, the data's tokenizer and the
+    ``init_strategy``)."""
+    if init_from:
+        raise UpcycleError("give one of --init-from and --init-from-hf")
+    strategy = train_cfg.init_strategy or "stepwise"
+    if strategy not in INIT_STRATEGIES:
+        raise ConfigError(f"init_strategy={strategy!r} is not valid; choose one of: {', '.join(INIT_STRATEGIES)}")
+    source = load_source(path)
+    target = target_config(source.config, train_cfg.model, vocab_size=data_vocab)
+    check_tokenizers(source.tokenizer, Path(train_cfg.data) / "tokenizer.json")
+    return target, source
 
 
 def load_source(path: str | Path) -> Source:
