@@ -427,7 +427,8 @@ class MoRForCausalLM(nn.Module):
     @classmethod
     def from_hf(cls, path, device="cpu", dtype=torch.float32) -> "MoRForCausalLM":
         """A vanilla model with the weights of a Hugging Face transformers Llama directory
-        (safetensors or ``pytorch_model.bin``, sharded or not); see ``mor.interop.hf_llama``."""
+        (safetensors or ``pytorch_model.bin``, sharded or not), or the model of a ``mor export``
+        directory; see ``mor.interop.hf_llama``."""
         from .interop.hf_llama import load_llama
 
         return load_llama(path, device=device, dtype=dtype)[0]

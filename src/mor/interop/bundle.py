@@ -34,12 +34,13 @@ def package_dir() -> Path:
     return Path(__file__).resolve().parents[1]  # src/mor
 
 
-def module_file(name: str) -> Path | None:
-    """The source file of module ``name`` (``mor...``), or None if there is no such module."""
+def module_file(name: str, pkg: Path | None = None) -> Path | None:
+    """The source file of module ``name`` (``mor...``) in the package directory ``pkg``
+    (default: this library), or None if there is no such module."""
     parts = name.split(".")
     if parts[0] != PACKAGE:
         return None
-    base = package_dir().joinpath(*parts[1:])
+    base = (pkg or package_dir()).joinpath(*parts[1:])
     if base.with_suffix(".py").is_file() and len(parts) > 1:
         return base.with_suffix(".py")
     if (base / "__init__.py").is_file():
@@ -47,8 +48,8 @@ def module_file(name: str) -> Path | None:
     return None
 
 
-def _is_package(name: str) -> bool:
-    f = module_file(name)
+def _is_package(name: str, pkg: Path) -> bool:
+    f = module_file(name, pkg)
     return f is not None and f.name == "__init__.py"
 
 
@@ -69,10 +70,10 @@ class _Imp:
     items: list[tuple[str, str, str | None, str]]
 
 
-def _resolve(cur: str, level: int, module: str | None) -> str:
+def _resolve(cur: str, level: int, module: str | None, pkg_dir: Path) -> str:
     if level == 0:
         return module or ""
-    pkg = cur if _is_package(cur) else cur.rpartition(".")[0]
+    pkg = cur if _is_package(cur, pkg_dir) else cur.rpartition(".")[0]
     for _ in range(level - 1):
         pkg = pkg.rpartition(".")[0]
     return f"{pkg}.{module}" if module else pkg
@@ -82,21 +83,20 @@ def _intra(name: str) -> bool:
     return name == PACKAGE or name.startswith(PACKAGE + ".")
 
 
-def _imports(cur: str, tree: ast.Module) -> list[_Imp]:
+def _imports(cur: str, tree: ast.Module, pkg: Path) -> list[_Imp]:
     out: list[_Imp] = []
+    where = module_file(cur, pkg)
 
     def visit(nodes, eager: bool):
         for n in nodes:
             if isinstance(n, ast.ImportFrom):
-                base = _resolve(cur, n.level, n.module)
+                base = _resolve(cur, n.level, n.module, pkg)
                 if not _intra(base):
                     continue
                 items = []
                 for a in n.names:
-                    if a.name == "*":
-                        raise BundleError(f"{module_file(cur)}:{n.lineno}: star imports of mor modules cannot be bundled")
                     sub = f"{base}.{a.name}"
-                    if module_file(sub) is not None:
+                    if a.name != "*" and module_file(sub, pkg) is not None:
                         items.append(("module", sub, None, a.asname or a.name))
                     else:
                         items.append(("attr", base, a.name, a.asname or a.name))
@@ -106,12 +106,12 @@ def _imports(cur: str, tree: ast.Module) -> list[_Imp]:
                 for a in n.names:
                     if _intra(a.name):
                         if a.asname is None:
-                            raise BundleError(f"{module_file(cur)}:{n.lineno}: 'import {a.name}' binds the package "
+                            raise BundleError(f"{where}:{n.lineno}: 'import {a.name}' binds the package "
                                               f"name; write 'from ... import' or 'import {a.name} as NAME'")
                         items.append(("module", a.name, None, a.asname))
                 if items:
                     if len(items) != len(n.names):
-                        raise BundleError(f"{module_file(cur)}:{n.lineno}: mixes mor and other modules in one import")
+                        raise BundleError(f"{where}:{n.lineno}: mixes mor and other modules in one import")
                     out.append(_Imp(n, eager, items))
             elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
                 visit(n.body, False)
@@ -130,19 +130,20 @@ def _is_type_checking(test: ast.expr) -> bool:
         (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def closure(roots: list[str]) -> dict[str, tuple[str, list[_Imp]]]:
+def closure(roots: list[str], pkg: Path | None = None) -> dict[str, tuple[str, list[_Imp]]]:
     """Module name -> (source, imports) of the roots and every mor module they import eagerly."""
+    pkg = pkg or package_dir()
     seen: dict[str, tuple[str, list[_Imp]]] = {}
     todo = list(roots)
     while todo:
         name = todo.pop()
         if name in seen:
             continue
-        f = module_file(name)
+        f = module_file(name, pkg)
         if f is None:
-            raise BundleError(f"module {name} not found under {package_dir()}")
+            raise BundleError(f"module {name} not found under {pkg}")
         src = f.read_text()
-        imps = _imports(name, ast.parse(src, filename=str(f)))
+        imps = _imports(name, ast.parse(src, filename=str(f)), pkg)
         seen[name] = (src, imps)
         for imp in imps:
             if imp.eager:
@@ -150,7 +151,7 @@ def closure(roots: list[str]) -> dict[str, tuple[str, list[_Imp]]]:
     return seen
 
 
-def _rewrite(name: str, src: str, imps: list[_Imp], names: dict[str, str]) -> str:
+def _rewrite(where: Path, src: str, imps: list[_Imp], names: dict[str, str]) -> str:
     lines = src.splitlines(keepends=True)
     # replace from the bottom so line numbers stay valid
     for imp in sorted(imps, key=lambda i: i.node.lineno, reverse=True):
@@ -159,7 +160,7 @@ def _rewrite(name: str, src: str, imps: list[_Imp], names: dict[str, str]) -> st
         indent = first[: len(first) - len(first.lstrip())]
         rest = lines[n.end_lineno - 1][n.end_col_offset:].strip()
         if n.col_offset != len(indent) or (rest and not rest.startswith("#")):
-            raise BundleError(f"{module_file(name)}:{n.lineno}: put each mor import on its own line to bundle it")
+            raise BundleError(f"{where}:{n.lineno}: put each mor import on its own line to bundle it")
         missing = sorted({t for _, t, _, _ in imp.items if t not in names})
         if missing:
             msg = f"{missing[0]} is part of the mor library, not of this exported model; install mor to use it"
@@ -177,20 +178,22 @@ def _rewrite(name: str, src: str, imps: list[_Imp], names: dict[str, str]) -> st
     return "".join(lines)
 
 
-def bundle(roots: dict[str, str]) -> tuple[dict[str, str], str]:
+def bundle(roots: dict[str, str], pkg: Path | None = None) -> tuple[dict[str, str], str]:
     """Sources of the bundle: ``roots`` maps root module names to their file stems in the bundle
     (e.g. ``{"mor.interop.hf_remote.modeling_mor": "modeling_mor"}``); every other module gets
-    :func:`flat_name`. Returns (file name -> source, the import block that names every
-    bundled file, for the entry module)."""
-    mods = closure(list(roots))
+    :func:`flat_name`. ``pkg``: the package directory (default: this library). Returns
+    (file name -> source, the import block that names every bundled file, for the entry
+    module)."""
+    pkg = pkg or package_dir()
+    mods = closure(list(roots), pkg)
     names = {m: flat_name(m, roots) for m in mods}
     if len(set(names.values())) != len(names):
         raise BundleError(f"two modules flatten to one file name: {sorted(names.values())}")
     files = {}
     for m, (src, imps) in sorted(mods.items()):
-        rel = module_file(m).relative_to(package_dir().parent)
-        header = f"# Generated by `mor export` from {rel.as_posix()} (mor library); do not edit.\n"
-        files[names[m] + ".py"] = header + _rewrite(m, src, imps, names)
+        f = module_file(m, pkg)
+        header = f"# Generated by `mor export` from {f.relative_to(pkg.parent).as_posix()} (mor library); do not edit.\n"
+        files[names[m] + ".py"] = header + _rewrite(f, src, imps, names)
     block = ("\n\n# transformers copies the files named by this module's relative imports: every bundled module\n"
              + "".join(f"from .{stem} import __name__ as _bundled_{stem}  # noqa: E402,F401\n"
                        for m, stem in sorted(names.items(), key=lambda kv: kv[1]) if m not in roots))

@@ -27,14 +27,12 @@ import torch
 
 from ..checkpoint import CheckpointError, load_model, load_tokenizer, resolve_checkpoint, unique_state_dict
 from ..config import ModelConfig
-from .hf_llama import HFFormatError
 
 FORMATS = ("hf", "mor")
 REMOTE_ROOTS = {"mor.interop.hf_remote.modeling_mor": "modeling_mor",
                 "mor.interop.hf_remote.configuration_mor": "configuration_mor"}
 AUTO_MAP = {"AutoConfig": "configuration_mor.MoRConfig",
             "AutoModelForCausalLM": "modeling_mor.MoRForCausalLM"}
-EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 
 
 class ExportError(CheckpointError):
@@ -169,13 +167,15 @@ def _as_tokenizer(tokenizer):
 
 
 def _eos(tok) -> tuple[int, str] | None:
+    """(id, text) of the tokenizer's end-of-text token, or None (no tokenizer, or none found)."""
+    from ..data import DataError, _find_eos
+
     if tok is None:
         return None
-    for t in EOS_CANDIDATES:
-        i = tok.token_to_id(t)
-        if i is not None:
-            return int(i), t
-    return None
+    try:
+        return _find_eos(tok)
+    except DataError:
+        return None
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

@@ -14,6 +14,7 @@ attention dropout) are refused with the value named, never silently ignored.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 from pathlib import Path
@@ -55,13 +56,31 @@ def read_llama_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tenso
     return cfg, state, (tok if tok.is_file() else None)
 
 
+def read_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Path | None]:
+    """Like :func:`read_llama_dir`, also accepting a directory written by ``mor export``
+    (``model_type="mor"``: a recursive or MoR model, e.g. downloaded from the Hub)."""
+    d = _check_dir(path)
+    hf = read_json(d / "config.json")
+    if hf.get("model_type") != "mor":
+        return read_llama_dir(d)
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    try:
+        cfg = ModelConfig.from_dict({k: v for k, v in hf.items() if k in names})
+    except (ConfigError, TypeError) as e:
+        raise HFFormatError(f"{d / 'config.json'}: {e}") from None
+    state = check_state(read_weights(d), cfg, source=d)
+    tok = d / "tokenizer.json"
+    return cfg, state, (tok if tok.is_file() else None)
+
+
 def load_llama(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32):
-    """A vanilla ``MoRForCausalLM`` (eval mode) with the weights of a transformers Llama
-    directory, and the path of its tokenizer.json (or None). ``dtype=None`` keeps the stored
-    dtype; the default is float32 like a freshly built mor model."""
+    """A ``MoRForCausalLM`` (eval mode) with the weights of a transformers Llama directory
+    (a vanilla model) or of a ``mor export`` directory, and the path of its tokenizer.json (or
+    None). ``dtype=None`` keeps the stored dtype; the default is float32 like a freshly built
+    mor model."""
     from ..model import MoRForCausalLM
 
-    cfg, state, tok = read_llama_dir(path)
+    cfg, state, tok = read_hf_dir(path)
     return model_from_state(MoRForCausalLM, cfg, state, device=device, dtype=dtype), tok
 
 
