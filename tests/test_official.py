@@ -82,6 +82,9 @@ def test_imported_checkpoint_generates_and_evaluates(tmp_path, data_dir, capsys)
                  "--tokenizer", data_dir]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["status"] == "ok" and last["router_type"] == "expert"
+    assert main(["generate", str(out), "--prompt", "the quick", "--max-tokens", "5", "--temperature", "0"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["status"] == "ok"
     llm = LLM(str(out))
     res = llm.generate(["the quick brown", "a lazy dog"], SamplingParams(max_tokens=6, temperature=0.0))
     assert len(res) == 2 and all(len(r.token_ids) == 6 for r in res)
@@ -112,7 +115,19 @@ def _layer(sd: dict, name: str, model: MoRForCausalLM, unique: int) -> None:
         sd[f"{name}.{p}.weight"] = model.state_dict()[f"model.layers.{unique}.{p}.weight"].clone()
 
 
-def _write_official(d: Path, model: MoRForCausalLM, recipe: dict, hf_extra: dict | None = None) -> None:
+def _router(sd: dict, name: str, router, scale: float = 1.0) -> None:
+    """A router as the official LinearRouter / MLPRouter stores it: `router.weight`, or
+    `router.0.weight` and `router.2.weight` (Linear, GELU, Linear)."""
+    net = router.net
+    if isinstance(net, torch.nn.Linear):
+        sd[f"{name}.router.weight"] = net.weight.detach().clone() * scale
+    else:
+        sd[f"{name}.router.0.weight"] = net[0].weight.detach().clone() * scale
+        sd[f"{name}.router.2.weight"] = net[2].weight.detach().clone()
+
+
+def _write_official(d: Path, model: MoRForCausalLM, recipe: dict, hf_extra: dict | None = None,
+                    router_scale: float = 1.0) -> None:
     """The README's layout (Middle-Cycle, L layers, N_r recursions, B = (L-2)/N_r): layer 0,
     expert-choice wrappers model.layers.{1+r}.block.{j} + mor_router (one per recursion) or
     ONE token-choice wrapper model.layers.1.block_list.{r}.{j} + mor_router [N_r, d] +
@@ -128,13 +143,15 @@ def _write_official(d: Path, model: MoRForCausalLM, recipe: dict, hf_extra: dict
         for r in range(nr):
             for j in range(B):
                 _layer(sd, f"model.layers.{1 + r}.block.{j}", model, 1 + j)
-            sd[f"model.layers.{1 + r}.mor_router.router.weight"] = st[f"model.routers.{r}.net.weight"].clone()
+            _router(sd, f"model.layers.{1 + r}.mor_router", model.model.routers[r], router_scale)
+            if c.use_aux_router:
+                _router(sd, f"model.layers.{1 + r}.mlp_router", model.model.aux_routers[r], router_scale)
         last = nr + 1
     else:
         for r in range(nr):
             for j in range(B):
                 _layer(sd, f"model.layers.1.block_list.{r}.{j}", model, 1 + j)
-        sd["model.layers.1.mor_router.router.weight"] = st["model.router.net.weight"].clone()
+        _router(sd, "model.layers.1.mor_router", model.model.router, router_scale)
         if c.balancing == "loss_free":  # official units: added to alpha * probability
             sd["model.layers.1.router_bias"] = st["model.balance_bias"] * c.router_alpha
         last = 2
@@ -211,6 +228,24 @@ def test_kv_sharing_expert_fixture_imports(tmp_path):
     m, _, _ = load_official(tmp_path / "kv", tmp_path / "kv" / "mor_cfg.yaml")
     assert m.config.kv_mode == "shared"
     _check_same(m, src)
+
+
+def test_mlp_aux_router_with_temperature_imports(tmp_path):
+    """MLP routers, the auxiliary router (`mlp_router`) and mor.temp: the official router
+    sees x / temp, so its stored first layer is temp times the equivalent mor weight."""
+    src = _random_model(architecture="mor", router_type="expert", router_arch="mlp", use_aux_router=True)
+    r = _recipe()
+    r["mor"].update(router_type="wide_mlp", temp=2.0)  # the official wide_mlp has the mlp's shape
+    r["mor"]["expert"].update(sampling="aux_router")
+    _write_official(tmp_path / "mlp", src, r, router_scale=2.0)
+    m, _, notes = load_official(tmp_path / "mlp", tmp_path / "mlp" / "mor_cfg.yaml")
+    assert (m.config.router_arch, m.config.use_aux_router) == ("mlp", True)
+    assert any("temp" in n for n in notes)
+    _check_same(m, src)
+    with torch.no_grad():  # the auxiliary routers decide the causal (threshold) routing
+        x = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(m(x, routing="threshold").logits, src(x, routing="threshold").logits,
+                                   rtol=0, atol=1e-5)
 
 
 def test_recursive_and_vanilla_official_checkpoints(tmp_path):
