@@ -23,6 +23,7 @@ VERBS = {
     "serve": ("mor.serve.cli", "OpenAI-compatible HTTP server on the continuous-batching engine"),
     "experiment": ("mor.experiment", "isoFLOP comparisons of vanilla, recursive and MoR models"),
     "export": ("mor.interop.cli", "Hugging Face transformers directory <-> mor checkpoint"),
+    "import-official": ("mor.interop.official", "convert a checkpoint of the authors' MoR code into a mor checkpoint"),
 }
 
 

@@ -91,6 +91,7 @@ class TrainConfig:
     parallel: str = "ddp"  # ddp | fsdp2 (used under torchrun; see docs/distributed.md)
     dist_timeout: float = 600.0  # seconds before a stuck collective fails (env MOR_DIST_TIMEOUT overrides)
     overwrite: bool = False  # a fresh run may replace the checkpoints/metrics already in out_dir
+    init_strategy: str | None = None  # with --init-from-hf: stepwise (default) | average | lower | upper | random
 
     def __post_init__(self):
         coerce_numbers(self)
@@ -261,7 +262,8 @@ def evaluate(model, stream, cfg: TrainConfig, device, autocast, dist=None) -> di
 
 
 # ---------------------------------------------------------------------- the trainer
-def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = None) -> dict | None:
+def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = None,
+          init_from_hf: str | None = None) -> dict | None:
     """Train from a recipe; returns the run summary (on rank 0; None on other ranks).
 
     Under ``torchrun`` (WORLD_SIZE > 1) this joins the process group first (see
@@ -274,7 +276,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
     except dist_util.DistributedError as e:
         raise TrainError(str(e)) from None
     try:
-        summary = _train(cfg, dist, resume=resume, init_from=init_from)
+        summary = _train(cfg, dist, resume=resume, init_from=init_from, init_from_hf=init_from_hf)
     except Exception as e:
         if dist.enabled and dist_util.is_collective_failure(e):
             raise TrainError(dist_util.failure_message(e, dist)) from e
@@ -282,7 +284,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
     return summary if dist.is_master else None
 
 
-def _train(cfg: TrainConfig, dist, *, resume: bool, init_from: str | None) -> dict:
+def _train(cfg: TrainConfig, dist, *, resume: bool, init_from: str | None, init_from_hf: str | None = None) -> dict:
     from .data import TokenLoader, load_meta, read_split
     from . import distributed as dist_util
 
@@ -294,7 +296,14 @@ def _train(cfg: TrainConfig, dist, *, resume: bool, init_from: str | None) -> di
     out_dir = Path(cfg.out_dir)
 
     meta = load_meta(cfg.data)
-    mcfg = cfg.model_config(vocab_size=meta["vocab_size"])
+    if init_from_hf:  # up-training (mor.upcycle): the pretrained model's shape, the recipe's recursion
+        from .upcycle import prepare_upcycle
+
+        mcfg, source = prepare_upcycle(init_from_hf, cfg, meta["vocab_size"], init_from=init_from)
+    elif cfg.init_strategy is not None:
+        raise TrainError(f"init_strategy={cfg.init_strategy!r} needs --init-from-hf DIR (the pretrained model)")
+    else:
+        mcfg = cfg.model_config(vocab_size=meta["vocab_size"])
     train_loader = TokenLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed,
                                rank=dist.rank, world_size=dist.world_size)
     # validation: the first eval_batches global batches' worth of windows of the val split
@@ -338,6 +347,9 @@ def _train(cfg: TrainConfig, dist, *, resume: bool, init_from: str | None) -> di
         model = ckpt.load_model(init_from, device=device)
         if model.config != mcfg:
             raise TrainError(f"--init-from {init_from}: its config.json differs from the recipe's model")
+    elif init_from_hf:
+        model = source.build(mcfg, cfg.init_strategy, cfg.seed, device, verbose=master)
+        del source
     else:
         with torch.device(device):
             model = MoRForCausalLM(mcfg)
@@ -534,8 +546,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue exactly from the run's latest checkpoint")
     g.add_argument("--init-from", metavar="CHECKPOINT", help="start from a checkpoint's weights with fresh state")
+    p.add_argument("--init-from-hf", metavar="DIR", help="up-train: build the recipe's recursive / MoR model from a "
+                   "pretrained vanilla model (Hugging Face Llama directory or mor checkpoint) with init_strategy")
 
 
 def run(args: argparse.Namespace) -> dict:
     cfg = load_recipe(args.config, args.overrides)
-    return train(cfg, resume=args.resume, init_from=args.init_from)
+    return train(cfg, resume=args.resume, init_from=args.init_from, init_from_hf=args.init_from_hf)
