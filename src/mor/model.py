@@ -14,6 +14,9 @@ MoR routing (SPEC.md sections 3-5):
   logit > 0 - causal, used for generation;
 * token-choice: one router on the first recursion's input assigns every token a depth.
 
+A token's hidden state after a recursion is ``mor.routing.combine`` (also used by the
+inference runner).
+
 ``kv_mode="recursion_wise"``: attention only among the tokens active at that recursion.
 ``kv_mode="shared"``: recursion 1 runs on every token and its K/V are reused by all deeper
 recursions, which compute queries only and skip their K/V projections.
@@ -165,6 +168,7 @@ class MoROutput:
     selected: list[torch.Tensor] | None = None  # per recursion: (B, K) positions (pad = T), or None = all
 
 
+# ---------------------------------------------------------------------- compaction
 def gather_tokens(h: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
     """Rows ``idx`` (B, K) of h (B, T, d); None: all of h."""
     if idx is None:
@@ -353,7 +357,14 @@ class MoRModel(nn.Module):
             completed = r + 1
         if completed == nr and max_depth > nr:
             h = self._extra_passes(h, depth, cand_idx, cand_valid, shared_kv, max_depth - nr)
-        depth = depth[:, :T]
+        aux = self._expert_losses_and_stats(depth[:, :T], selected, bce, z, accuracy, entropy, fraction)
+        return h[:, :T], aux
+
+    def _expert_losses_and_stats(self, depth: torch.Tensor, selected: list, bce: list, z: list, accuracy: list,
+                                 entropy: list, fraction: list) -> RoutingAux:
+        """The weighted auxiliary losses and the diagnostics from per-recursion pieces."""
+        cfg = self.config
+        nr = cfg.num_recursions
         aux = RoutingAux(depth=depth, selected=selected)
         if bce:
             key = "aux_router_bce" if cfg.use_aux_router else "router_bce"
@@ -362,13 +373,13 @@ class MoRModel(nn.Module):
             aux.losses["z_loss"] = cfg.z_loss_coeff * torch.stack(z).sum()
         stats = aux.stats
         stats["selected_fraction"] = torch.stack(
-            fraction + [torch.zeros((), device=h.device)] * (nr - len(fraction))).detach()
+            fraction + [torch.zeros((), device=depth.device)] * (nr - len(fraction))).detach()
         stats["router_entropy"] = torch.stack(entropy).detach()
         if accuracy:
             stats["sampling_accuracy"] = torch.stack(accuracy).detach()
         # positions never selected at the last recursion by any sequence of the batch
         stats["dead_token_ratio"] = 1.0 - (depth == nr).any(dim=0).float().mean()
-        return h[:, :T], aux
+        return aux
 
     @staticmethod
     def _count_depth(depth: torch.Tensor, idx: torch.Tensor | None, valid: torch.Tensor | None,

@@ -120,17 +120,13 @@ class ModelRunner:
             self.token_depth = torch.zeros(max_seqs, dtype=torch.long, device=self.device)
             self.token_depth_host = np.zeros(max_seqs, dtype=np.int64)
 
-    # .................................................................. small helpers
-    def capacity(self, r: int) -> float:
-        """Capacity of recursion r as the model's threshold forward sees it (the final capacities:
-        the training-time warm-up does not apply to the causal rule)."""
-        return self.config.resolved_capacities()[r]
+        # capacities as the model's threshold forward sees them (the final ones: the training-time
+        # warm-up does not apply to the causal rule); whether recursion r needs a router decision
+        self.capacities = cfg.resolved_capacities() if self.kind == "expert" else []
+        needs = [cap < 1.0 for cap in self.capacities]
+        self.needs_decision = np.array(needs + [False] * (self.num_recursions + 1 - len(needs)))
 
-    def first_recursion_is_certain(self) -> bool:
-        """Whether every entering token surely runs recursion 1 (no router decision needed)."""
-        if self.num_recursions == 0:
-            return False
-        return self.kind != "expert" or self.capacity(0) >= 1.0
+    # .................................................................. small helpers
 
     def _long(self, a) -> torch.Tensor:
         return torch.from_numpy(np.array(a, dtype=np.int64)).to(self.device)
@@ -330,7 +326,7 @@ class ModelRunner:
                 x_c = gather_tokens(hp, cand_idx)
                 logits = self.core.routers[r](x_c).squeeze(-1).float()
                 decision = self.core.aux_routers[r](x_c).squeeze(-1).float() if cfg.use_aux_router else logits
-                top, sel_valid = pack_mask(cand_valid & continues(decision, self.capacity(r)), pad_index=0)
+                top, sel_valid = pack_mask(cand_valid & continues(decision, self.capacities[r]), pad_index=0)
                 sel_idx = torch.where(sel_valid, cand_idx.gather(1, top), T)
                 gate = gate_scores(logits.gather(1, top), cfg.router_func, cfg.router_alpha)[..., None]
             elif self.kind == "token":
@@ -384,8 +380,7 @@ class ModelRunner:
         if self.kind == "token":
             go &= recs < self.token_depth_host[slots]
         elif self.kind == "expert":
-            certain = np.array([self.capacity(r) >= 1.0 for r in range(self.num_recursions)] + [True])
-            rows = np.nonzero(go & ~certain[recs])[0]
+            rows = np.nonzero(go & self.needs_decision[recs])[0]
             if rows.size:
                 routers = self.core.aux_routers if self.config.use_aux_router else self.core.routers
                 x = self.h.index_select(0, self._long(slots[rows]))
