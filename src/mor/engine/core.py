@@ -122,6 +122,7 @@ class StepEvent:
     text_delta: str
     finished: bool
     output: RequestOutput | None = None  # set when finished
+    depth: int = -1  # recursions run by the position whose output produced ``token``
 
 
 class Engine:
@@ -292,7 +293,7 @@ class Engine:
                 output = req.to_output()
             else:
                 req.stage, req.rec = Stage.ENTER, 0
-            events.append(StepEvent(req.request_id, tok, delta, reason is not None, output))
+            events.append(StepEvent(req.request_id, tok, delta, reason is not None, output, depth))
         st.preemptions = self.scheduler.preemptions - self._preemptions_at_reset
         return events
 
