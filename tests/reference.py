@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 
 
 def rms(x, w, eps):
@@ -50,7 +50,7 @@ def layer(cfg, L, x, allowed, active, kv=None):
     o = (p @ vr).transpose(1, 2).reshape(B, T, H * hd) @ L.self_attn.o_proj.weight.T
     h = x + o
     m = rms(h, L.post_attention_layernorm.weight, cfg.rms_norm_eps)
-    mlp = (F.silu(m @ L.mlp.gate_proj.weight.T) * (m @ L.mlp.up_proj.weight.T)) @ L.mlp.down_proj.weight.T
+    mlp = (functional.silu(m @ L.mlp.gate_proj.weight.T) * (m @ L.mlp.up_proj.weight.T)) @ L.mlp.down_proj.weight.T
     out = torch.where(active[..., None], h + mlp, torch.zeros_like(h))
     return out, (k, v)
 

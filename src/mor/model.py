@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from torch.nn import functional
 
 from .config import ModelConfig
 from .routing import (Router, RouterRecord, balancing_loss, bce_selection_loss, binary_entropy, categorical_entropy,
@@ -100,7 +100,7 @@ class Attention(nn.Module):
         q = apply_rope(self.q_proj(x).view(B, K, self.n_heads, self.hd).transpose(1, 2), cos, sin)
         own_kv = kv is None
         k, v = self.kv(x, cos, sin) if own_kv else kv
-        out = F.scaled_dot_product_attention(
+        out = functional.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
             enable_gqa=self.n_kv != self.n_heads,
         )
@@ -117,7 +117,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(f, d, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -321,7 +321,7 @@ class MoRModel(nn.Module):
         B, T, _ = h.shape
         nr = cfg.num_recursions
         if routing == "threshold":  # a dummy row at index T receives the padding of variable-length rows
-            h = F.pad(h, (0, 0, 0, 1))
+            h = functional.pad(h, (0, 0, 0, 1))
         depth = torch.zeros(B, T + 1, dtype=torch.long, device=h.device)
         cand_idx, cand_valid = None, None
         shared_kv: list = []
@@ -425,9 +425,9 @@ class MoRModel(nn.Module):
         if self.training and cfg.balancing == "loss_free":
             self.balance_load += load
         # row T of the padded tensors receives the padding of variable-length rows
-        h_first = F.pad(h, (0, 0, 0, 1))
-        gate = F.pad(g.to(h.dtype), (0, 0, 0, 1))
-        assigned = F.pad(depth, (0, 1))[..., None]
+        h_first = functional.pad(h, (0, 0, 0, 1))
+        gate = functional.pad(g.to(h.dtype), (0, 0, 0, 1))
+        assigned = functional.pad(depth, (0, 1))[..., None]
         h = h_first
         shared_kv: list = []
         fraction, selected = [], []
@@ -488,7 +488,7 @@ class MoRForCausalLM(nn.Module):
         out = MoROutput(logits=logits, aux_loss=aux_loss, aux_losses=losses, router_stats=aux.stats,
                         depth=aux.depth, selected=aux.selected)
         if labels is not None:
-            out.lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1),
+            out.lm_loss = functional.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1),
                                           ignore_index=-100)
             out.loss = out.lm_loss + aux_loss
         return out

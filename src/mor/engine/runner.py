@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from torch.nn import functional
 
 from ..cache import KVCache, KVPool
 from ..model import MoRForCausalLM, apply_rope, gather_tokens, rope_cos_sin, scatter_tokens
@@ -164,7 +164,7 @@ class ModelRunner:
 
     def _attend(self, q: torch.Tensor, seg: AttentionSegment, j: int) -> torch.Tensor:
         k, v = self.cache.gather(seg.blocks[..., j])
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=seg.mask, enable_gqa=self.n_kv != self.n_heads)
+        return functional.scaled_dot_product_attention(q, k, v, attn_mask=seg.mask, enable_gqa=self.n_kv != self.n_heads)
 
     def _layer(self, u: int, x: torch.Tensor, cos, sin, n_write: int, rows: torch.Tensor | None,
                segs: list[AttentionSegment], j: int) -> torch.Tensor:
@@ -311,13 +311,13 @@ class ModelRunner:
         """The recursions of whole prompts: the model's compacted threshold forward."""
         cfg = self.config
         n, T, _ = h.shape
-        hp = F.pad(h, (0, 0, 0, 1))  # row T absorbs the padding of packed rows
+        hp = functional.pad(h, (0, 0, 0, 1))  # row T absorbs the padding of packed rows
         arange = torch.arange(T, device=h.device).expand(n, T)
         if self.kind == "token":
             _, choice, g = token_choice(self.core.router(h).float(), cfg.router_func, cfg.router_alpha,
                                         self.core.balance_bias)
-            token_gate = F.pad(g.to(h.dtype), (0, 0, 0, 1))
-            assigned = F.pad(choice + 1, (0, 1))
+            token_gate = functional.pad(g.to(h.dtype), (0, 0, 0, 1))
+            assigned = functional.pad(choice + 1, (0, 1))
             h_first = hp
         cand_idx, cand_valid = arange, valid
         for r in range(self.num_recursions):
@@ -394,7 +394,7 @@ class ModelRunner:
         nets = [r.net for r in routers]
         if all(isinstance(n, nn.Linear) for n in nets):
             W = torch.cat([n.weight for n in nets])  # (N_r, d)
-            out = F.linear(x, W)
+            out = functional.linear(x, W)
             if any(n.bias is not None for n in nets):
                 out = out + torch.cat([n.bias if n.bias is not None else torch.zeros_like(n.weight[:, 0])
                                        for n in nets])
