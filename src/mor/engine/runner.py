@@ -219,12 +219,16 @@ class ModelRunner:
         leaving: list[int] = []
         running = [r.slot for r in plan.run]
         if plan.enter:
-            slots = np.array([r.slot for r in plan.enter])
-            self.enter(slots, np.array([r.all_ids[-1] for r in plan.enter]), np.array([r.position for r in plan.enter]))
-            go = self.decide(slots, np.zeros(len(slots), dtype=np.int64))
-            recs.update((int(s), 0) for s in slots)
-            running += slots[go].tolist()
-            leaving += slots[~go].tolist()
+            slots = [r.slot for r in plan.enter]
+            self.enter(np.array(slots), np.array([r.all_ids[-1] for r in plan.enter]),
+                       np.array([position[s] for s in slots]))
+            recs.update((s, 0) for s in slots)
+            if self.num_recursions:
+                go = self.decide(np.array(slots), np.zeros(len(slots), dtype=np.int64)).tolist()
+                running += [s for s, g in zip(slots, go) if g]
+                leaving += [s for s, g in zip(slots, go) if not g]
+            else:
+                leaving += slots
         while running:  # one shared-block call per pass
             running.sort(key=lambda s: (recs[s], s))
             slots = np.array(running)
