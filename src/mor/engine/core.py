@@ -266,8 +266,9 @@ class Engine:
         """Record what the step wrote and produced: KV counts, request states, stats, events."""
         st, pool = self.stats, self.pool
         pool.add_written(out.written)
-        for req, depths in zip(plan.prefill, out.prefill_depths):
-            pool.trim(req.slot)  # give back the worst-case reservation the prompt did not use
+        for req in plan.admitted:
+            pool.trim(req.slot)  # give back the worst-case reservation the sequence did not use
+        for depths in out.prefill_depths:
             st.prompt_tokens += len(depths)
             for k in range(self.runner.num_recursions):
                 st.prefill_recursion_tokens[k] += int((depths > k).sum())
