@@ -27,7 +27,7 @@ CONFIGS = {
     "expert_aux_router": dict(use_aux_router=True),
     "expert_mlp_nr2": dict(num_recursions=2, router_arch="mlp"),
     "token_softmax": dict(router_type="token", router_func="softmax"),
-    "token_sigmoid_gate_all": dict(router_type="token", gate_every_recursion=True),
+    "token_sigmoid_gate_all": dict(router_type="token", router_func="sigmoid", gate_every_recursion=True),
     "recursive": dict(architecture="recursive"),
     "vanilla": dict(architecture="vanilla", num_recursions=1),
 }

@@ -447,6 +447,7 @@ def test_abort_frees_slot_and_blocks_and_stops_events():
     events = []
     outs = eng.run_until_done(on_event=events.append)
     assert {e.request_id for e in events} == {ids[1]}
+    assert [e.depth for e in events] == outs[0].depths[-len(events):]
     assert [o.request_id for o in outs] == [ids[1]]
     toks, _, _ = reference_greedy(model, ps[1], 10)
     assert outs[0].token_ids == toks

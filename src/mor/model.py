@@ -14,6 +14,9 @@ MoR routing (SPEC.md sections 3-5):
   logit > 0 - causal, used for generation;
 * token-choice: one router on the first recursion's input assigns every token a depth.
 
+A token's hidden state after a recursion is ``mor.routing.combine`` (also used by the
+inference runner).
+
 ``kv_mode="recursion_wise"``: attention only among the tokens active at that recursion.
 ``kv_mode="shared"``: recursion 1 runs on every token and its K/V are reused by all deeper
 recursions, which compute queries only and skip their K/V projections.
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from torch.nn import functional
 
 from .config import ModelConfig
 from .routing import (Router, RouterRecord, balancing_loss, bce_selection_loss, binary_entropy, categorical_entropy,
@@ -97,7 +100,7 @@ class Attention(nn.Module):
         q = apply_rope(self.q_proj(x).view(B, K, self.n_heads, self.hd).transpose(1, 2), cos, sin)
         own_kv = kv is None
         k, v = self.kv(x, cos, sin) if own_kv else kv
-        out = F.scaled_dot_product_attention(
+        out = functional.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
             enable_gqa=self.n_kv != self.n_heads,
         )
@@ -114,7 +117,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(f, d, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -165,6 +168,7 @@ class MoROutput:
     selected: list[torch.Tensor] | None = None  # per recursion: (B, K) positions (pad = T), or None = all
 
 
+# ---------------------------------------------------------------------- compaction
 def gather_tokens(h: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
     """Rows ``idx`` (B, K) of h (B, T, d); None: all of h."""
     if idx is None:
@@ -317,7 +321,7 @@ class MoRModel(nn.Module):
         B, T, _ = h.shape
         nr = cfg.num_recursions
         if routing == "threshold":  # a dummy row at index T receives the padding of variable-length rows
-            h = F.pad(h, (0, 0, 0, 1))
+            h = functional.pad(h, (0, 0, 0, 1))
         depth = torch.zeros(B, T + 1, dtype=torch.long, device=h.device)
         cand_idx, cand_valid = None, None
         shared_kv: list = []
@@ -353,7 +357,14 @@ class MoRModel(nn.Module):
             completed = r + 1
         if completed == nr and max_depth > nr:
             h = self._extra_passes(h, depth, cand_idx, cand_valid, shared_kv, max_depth - nr)
-        depth = depth[:, :T]
+        aux = self._expert_losses_and_stats(depth[:, :T], selected, bce, z, accuracy, entropy, fraction)
+        return h[:, :T], aux
+
+    def _expert_losses_and_stats(self, depth: torch.Tensor, selected: list, bce: list, z: list, accuracy: list,
+                                 entropy: list, fraction: list) -> RoutingAux:
+        """The weighted auxiliary losses and the diagnostics from per-recursion pieces."""
+        cfg = self.config
+        nr = cfg.num_recursions
         aux = RoutingAux(depth=depth, selected=selected)
         if bce:
             key = "aux_router_bce" if cfg.use_aux_router else "router_bce"
@@ -362,13 +373,13 @@ class MoRModel(nn.Module):
             aux.losses["z_loss"] = cfg.z_loss_coeff * torch.stack(z).sum()
         stats = aux.stats
         stats["selected_fraction"] = torch.stack(
-            fraction + [torch.zeros((), device=h.device)] * (nr - len(fraction))).detach()
+            fraction + [torch.zeros((), device=depth.device)] * (nr - len(fraction))).detach()
         stats["router_entropy"] = torch.stack(entropy).detach()
         if accuracy:
             stats["sampling_accuracy"] = torch.stack(accuracy).detach()
         # positions never selected at the last recursion by any sequence of the batch
         stats["dead_token_ratio"] = 1.0 - (depth == nr).any(dim=0).float().mean()
-        return h[:, :T], aux
+        return aux
 
     @staticmethod
     def _count_depth(depth: torch.Tensor, idx: torch.Tensor | None, valid: torch.Tensor | None,
@@ -414,9 +425,9 @@ class MoRModel(nn.Module):
         if self.training and cfg.balancing == "loss_free":
             self.balance_load += load
         # row T of the padded tensors receives the padding of variable-length rows
-        h_first = F.pad(h, (0, 0, 0, 1))
-        gate = F.pad(g.to(h.dtype), (0, 0, 0, 1))
-        assigned = F.pad(depth, (0, 1))[..., None]
+        h_first = functional.pad(h, (0, 0, 0, 1))
+        gate = functional.pad(g.to(h.dtype), (0, 0, 0, 1))
+        assigned = functional.pad(depth, (0, 1))[..., None]
         h = h_first
         shared_kv: list = []
         fraction, selected = [], []
@@ -477,7 +488,7 @@ class MoRForCausalLM(nn.Module):
         out = MoROutput(logits=logits, aux_loss=aux_loss, aux_losses=losses, router_stats=aux.stats,
                         depth=aux.depth, selected=aux.selected)
         if labels is not None:
-            out.lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1),
+            out.lm_loss = functional.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1),
                                           ignore_index=-100)
             out.loss = out.lm_loss + aux_loss
         return out

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from torch.nn import functional
 
 
 @dataclass
@@ -123,7 +123,7 @@ def bce_selection_loss(logits: torch.Tensor, selected: torch.Tensor, valid: torc
     """Binary cross-entropy on raw router logits: target 1 for selected candidates, 0 otherwise,
     averaged over the (valid) candidates."""
     target = selected.to(logits.dtype)
-    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    loss = functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
     if valid is None:
         return loss.mean()
     v = valid.to(loss.dtype)
@@ -160,7 +160,7 @@ def max_violation(load: torch.Tensor) -> torch.Tensor:
 def binary_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of Bernoulli(sigmoid(logits)), elementwise."""
     p = torch.sigmoid(logits)
-    return F.binary_cross_entropy_with_logits(logits, p, reduction="none")
+    return functional.binary_cross_entropy_with_logits(logits, p, reduction="none")
 
 
 def categorical_entropy(probs: torch.Tensor) -> torch.Tensor:

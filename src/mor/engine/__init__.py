@@ -5,8 +5,10 @@ caches and a continuous depth-wise batching engine (docs/inference.md).
     outs = llm.generate(["To be, or not"], mor.SamplingParams(max_tokens=40, temperature=0.8))
     outs[0].text, outs[0].token_ids, outs[0].depths
 
-Parts: ``scheduler`` (requests, admission, stages), ``mor.cache`` (the KV pool), ``runner``
-(batch tensors, the model's modules), ``core.Engine`` (the step loop), ``llm.LLM``.
+Parts: ``scheduler`` (admission, KV reservation, preemption -> a ``StepPlan``), ``mor.cache``
+(``KVPool`` bookkeeping, ``KVCache`` tensors), ``runner`` (executes a plan with the model's
+modules), ``request`` (requests, stages, stop rules), ``core.Engine`` (schedule -> execute ->
+postprocess; ``add_request``, ``step``, ``abort``), ``llm.LLM``.
 """
 
 from .core import Engine, EngineStats, StepEvent

@@ -122,6 +122,7 @@ class StepEvent:
     text_delta: str
     finished: bool
     output: RequestOutput | None = None  # set when finished
+    depth: int = -1  # recursions run by the position whose output produced ``token``
 
 
 class Engine:
@@ -264,8 +265,9 @@ class Engine:
         """Record what the step wrote and produced: KV counts, request states, stats, events."""
         st, pool = self.stats, self.pool
         pool.add_written(out.written)
-        for req, depths in zip(plan.prefill, out.prefill_depths):
-            pool.trim(req.slot)  # give back the worst-case reservation the prompt did not use
+        for req in plan.admitted:
+            pool.trim(req.slot)  # give back the worst-case reservation the sequence did not use
+        for depths in out.prefill_depths:
             st.prompt_tokens += len(depths)
             for k in range(self.runner.num_recursions):
                 st.prefill_recursion_tokens[k] += int((depths > k).sum())
@@ -291,7 +293,7 @@ class Engine:
                 output = req.to_output()
             else:
                 req.stage, req.rec = Stage.ENTER, 0
-            events.append(StepEvent(req.request_id, tok, delta, reason is not None, output))
+            events.append(StepEvent(req.request_id, tok, delta, reason is not None, output, depth))
         st.preemptions = self.scheduler.preemptions - self._preemptions_at_reset
         return events
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from torch.nn import functional
 
 from ..cache import KVCache, KVPool
 from ..model import MoRForCausalLM, apply_rope, gather_tokens, rope_cos_sin, scatter_tokens
@@ -120,17 +120,13 @@ class ModelRunner:
             self.token_depth = torch.zeros(max_seqs, dtype=torch.long, device=self.device)
             self.token_depth_host = np.zeros(max_seqs, dtype=np.int64)
 
-    # .................................................................. small helpers
-    def capacity(self, r: int) -> float:
-        """Capacity of recursion r as the model's threshold forward sees it (the final capacities:
-        the training-time warm-up does not apply to the causal rule)."""
-        return self.config.resolved_capacities()[r]
+        # capacities as the model's threshold forward sees them (the final ones: the training-time
+        # warm-up does not apply to the causal rule); whether recursion r needs a router decision
+        self.capacities = cfg.resolved_capacities() if self.kind == "expert" else []
+        needs = [cap < 1.0 for cap in self.capacities]
+        self.needs_decision = np.array(needs + [False] * (self.num_recursions + 1 - len(needs)))
 
-    def first_recursion_is_certain(self) -> bool:
-        """Whether every entering token surely runs recursion 1 (no router decision needed)."""
-        if self.num_recursions == 0:
-            return False
-        return self.kind != "expert" or self.capacity(0) >= 1.0
+    # .................................................................. small helpers
 
     def _long(self, a) -> torch.Tensor:
         return torch.from_numpy(np.array(a, dtype=np.int64)).to(self.device)
@@ -168,7 +164,7 @@ class ModelRunner:
 
     def _attend(self, q: torch.Tensor, seg: AttentionSegment, j: int) -> torch.Tensor:
         k, v = self.cache.gather(seg.blocks[..., j])
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=seg.mask, enable_gqa=self.n_kv != self.n_heads)
+        return functional.scaled_dot_product_attention(q, k, v, attn_mask=seg.mask, enable_gqa=self.n_kv != self.n_heads)
 
     def _layer(self, u: int, x: torch.Tensor, cos, sin, n_write: int, rows: torch.Tensor | None,
                segs: list[AttentionSegment], j: int) -> torch.Tensor:
@@ -223,12 +219,16 @@ class ModelRunner:
         leaving: list[int] = []
         running = [r.slot for r in plan.run]
         if plan.enter:
-            slots = np.array([r.slot for r in plan.enter])
-            self.enter(slots, np.array([r.all_ids[-1] for r in plan.enter]), np.array([r.position for r in plan.enter]))
-            go = self.decide(slots, np.zeros(len(slots), dtype=np.int64))
-            recs.update((int(s), 0) for s in slots)
-            running += slots[go].tolist()
-            leaving += slots[~go].tolist()
+            slots = [r.slot for r in plan.enter]
+            self.enter(np.array(slots), np.array([r.all_ids[-1] for r in plan.enter]),
+                       np.array([position[s] for s in slots]))
+            recs.update((s, 0) for s in slots)
+            if self.num_recursions:
+                go = self.decide(np.array(slots), np.zeros(len(slots), dtype=np.int64)).tolist()
+                running += [s for s, g in zip(slots, go) if g]
+                leaving += [s for s, g in zip(slots, go) if not g]
+            else:
+                leaving += slots
         while running:  # one shared-block call per pass
             running.sort(key=lambda s: (recs[s], s))
             slots = np.array(running)
@@ -315,13 +315,13 @@ class ModelRunner:
         """The recursions of whole prompts: the model's compacted threshold forward."""
         cfg = self.config
         n, T, _ = h.shape
-        hp = F.pad(h, (0, 0, 0, 1))  # row T absorbs the padding of packed rows
+        hp = functional.pad(h, (0, 0, 0, 1))  # row T absorbs the padding of packed rows
         arange = torch.arange(T, device=h.device).expand(n, T)
         if self.kind == "token":
             _, choice, g = token_choice(self.core.router(h).float(), cfg.router_func, cfg.router_alpha,
                                         self.core.balance_bias)
-            token_gate = F.pad(g.to(h.dtype), (0, 0, 0, 1))
-            assigned = F.pad(choice + 1, (0, 1))
+            token_gate = functional.pad(g.to(h.dtype), (0, 0, 0, 1))
+            assigned = functional.pad(choice + 1, (0, 1))
             h_first = hp
         cand_idx, cand_valid = arange, valid
         for r in range(self.num_recursions):
@@ -330,7 +330,7 @@ class ModelRunner:
                 x_c = gather_tokens(hp, cand_idx)
                 logits = self.core.routers[r](x_c).squeeze(-1).float()
                 decision = self.core.aux_routers[r](x_c).squeeze(-1).float() if cfg.use_aux_router else logits
-                top, sel_valid = pack_mask(cand_valid & continues(decision, self.capacity(r)), pad_index=0)
+                top, sel_valid = pack_mask(cand_valid & continues(decision, self.capacities[r]), pad_index=0)
                 sel_idx = torch.where(sel_valid, cand_idx.gather(1, top), T)
                 gate = gate_scores(logits.gather(1, top), cfg.router_func, cfg.router_alpha)[..., None]
             elif self.kind == "token":
@@ -384,8 +384,7 @@ class ModelRunner:
         if self.kind == "token":
             go &= recs < self.token_depth_host[slots]
         elif self.kind == "expert":
-            certain = np.array([self.capacity(r) >= 1.0 for r in range(self.num_recursions)] + [True])
-            rows = np.nonzero(go & ~certain[recs])[0]
+            rows = np.nonzero(go & self.needs_decision[recs])[0]
             if rows.size:
                 routers = self.core.aux_routers if self.config.use_aux_router else self.core.routers
                 x = self.h.index_select(0, self._long(slots[rows]))
@@ -399,7 +398,7 @@ class ModelRunner:
         nets = [r.net for r in routers]
         if all(isinstance(n, nn.Linear) for n in nets):
             W = torch.cat([n.weight for n in nets])  # (N_r, d)
-            out = F.linear(x, W)
+            out = functional.linear(x, W)
             if any(n.bias is not None for n in nets):
                 out = out + torch.cat([n.bias if n.bias is not None else torch.zeros_like(n.weight[:, 0])
                                        for n in nets])

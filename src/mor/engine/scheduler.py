@@ -34,13 +34,15 @@ SCHEDULES = ("depth", "sequence")
 class StepPlan:
     """The work of one engine step.
 
-    ``prefill``: newly admitted requests whose prompt (all but its last token) runs first.
+    ``admitted``: requests admitted this step (their worst case is reserved until the step
+    ends). ``prefill``: those with a prompt (all but its last token) to run first.
     ``enter``: requests whose in-flight token enters (sorted by slot). ``run``: requests
     whose in-flight token runs recursion ``rec`` (sorted by recursion, then slot).
     ``schedule``: "depth" (each token runs at most one recursion; the shared block runs
     once on tokens at mixed depths) or "sequence" (tokens run until they leave)."""
 
     schedule: str
+    admitted: list[Request] = field(default_factory=list)
     prefill: list[Request] = field(default_factory=list)
     enter: list[Request] = field(default_factory=list)
     run: list[Request] = field(default_factory=list)
@@ -105,7 +107,8 @@ class Scheduler:
     # .................................................................. planning
     def schedule(self) -> StepPlan:
         """Admit, reserve KV room for every write of the step (preempting if needed), plan."""
-        plan = StepPlan(self.schedule_kind, prefill=self._admit())
+        admitted = self._admit()
+        plan = StepPlan(self.schedule_kind, admitted=admitted, prefill=[r for r in admitted if len(r.all_ids) > 1])
         while True:
             plan.enter = sorted((r for r in self.running.values() if r.stage is Stage.ENTER), key=lambda r: r.slot)
             plan.run = sorted((r for r in self.running.values() if r.stage is Stage.RUN),
@@ -118,13 +121,13 @@ class Scheduler:
                 if victim is None:
                     raise RuntimeError("KV pool exhausted by a single request (admission check failed)") from None
                 self._preempt(victim)
+                plan.admitted = [r for r in plan.admitted if r is not victim]
                 plan.prefill = [r for r in plan.prefill if r is not victim]
 
     def _admit(self) -> list[Request]:
         """Move waiting requests (in order) into free slots while the pool keeps room for
         their worst case plus one block per layer for every running sequence; reserve the
-        worst case of each admitted prompt. Returns the admitted requests with a prompt to
-        prefill."""
+        worst case of each admitted prompt. Returns the admitted requests."""
         pool = self.pool
         budget = pool.free_blocks
         admitted = []
@@ -143,8 +146,7 @@ class Scheduler:
             self._admit_order[req.request_id] = self._admit_counter
             for g in range(pool.layout.num_groups):  # every token, the entering one too, in every group
                 pool.ensure(g, [req.slot], [len(req.all_ids)])
-            if len(req.all_ids) > 1:
-                admitted.append(req)
+            admitted.append(req)
         return admitted
 
     def _groups_written(self, req: Request) -> tuple[int, ...]:
