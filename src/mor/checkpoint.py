@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from .config import ConfigError, ModelConfig
 from .data import _fsync_dir
 from .model import MoRForCausalLM
+from . import runlock, validate
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -56,7 +57,10 @@ def save_checkpoint(path: str | os.PathLike, model: MoRForCausalLM, *, tokenizer
             torch.save(train_state, tmp / "train_state.pt")
         from . import __version__
         info = {"format": 1, "mor_version": __version__, "saved_at": time.time(), **(meta or {})}
+        if (tmp / "tokenizer.json").exists():  # its identity, checked when the checkpoint is loaded
+            info["tokenizer_sha256"] = validate.tokenizer_fingerprint(tmp / "tokenizer.json")
         (tmp / "meta.json").write_text(json.dumps(info, indent=2) + "\n")
+        runlock.pause_for_tests("checkpoint")  # test hook: widens the half-written window
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -69,8 +73,10 @@ def save_checkpoint(path: str | os.PathLike, model: MoRForCausalLM, *, tokenizer
         _fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if runlock.is_disk_full(e):
+            raise CheckpointError(runlock.disk_full_message(path)) from None
         raise
     return path
 
@@ -128,9 +134,11 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     if not f.exists():
         raise CheckpointError(f"checkpoint {p} has no config.json")
     try:
-        return ModelConfig.load(f)
+        cfg = ModelConfig.load(f)
     except ConfigError as e:
         raise CheckpointError(f"bad config in {f}: {e}") from None
+    validate.check_loaded_config(cfg, f)
+    return cfg
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -144,7 +152,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     try:
         state = load_file(str(f), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {f} (truncated or corrupted?): {e}") from None
+        raise CheckpointError(f"cannot read {f} (truncated or corrupted?): {e}"
+                              + validate.previous_checkpoint_hint(p)) from None
     with torch.device(device):
         model = MoRForCausalLM(cfg)
     expected = model.state_dict()
@@ -157,6 +166,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         if tuple(v.shape) != tuple(expected[k].shape):
             raise CheckpointError(f"{f}: tensor {k} has shape {tuple(v.shape)}, config.json implies "
                                   f"{tuple(expected[k].shape)}")
+    validate.check_finite_state(state, f)
     model.load_state_dict(state, strict=False)
     if dtype is not None:
         model.to(dtype)
@@ -177,6 +187,10 @@ def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None):
         raise CheckpointError(f"cannot read {f}: {e}") from None
     if vocab_size is not None and tok.get_vocab_size() > vocab_size:
         raise CheckpointError(f"{f} has {tok.get_vocab_size()} tokens but the model's vocab_size is {vocab_size}")
+    want = load_meta(p).get("tokenizer_sha256")
+    if want and validate.tokenizer_fingerprint(tok) != want:
+        raise CheckpointError(f"{f} is not the tokenizer this model was trained with (its fingerprint differs from "
+                              f"tokenizer_sha256 in {p / 'meta.json'}); restore the original tokenizer.json")
     return tok
 
 
@@ -189,7 +203,8 @@ def load_train_state(path: str | os.PathLike) -> dict:
     try:
         return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read {f} (truncated or corrupted?): {e}") from None
+        raise CheckpointError(f"cannot read {f} (truncated or corrupted?): {e}"
+                              + validate.previous_checkpoint_hint(p)) from None
 
 
 def load_meta(path: str | os.PathLike) -> dict:

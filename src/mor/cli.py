@@ -33,7 +33,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
 
     errs: list[type[BaseException]] = [CLIError, ConfigError, CheckpointError, FileNotFoundError]
-    for mod, name in (("mor.data", "DataError"), ("mor.train", "TrainError"), ("mor.engine", "RequestError")):
+    for mod, name in (("mor.data", "DataError"), ("mor.train", "TrainError"), ("mor.engine", "RequestError"),
+                      ("mor.runlock", "RunLockedError")):
         try:
             errs.append(getattr(importlib.import_module(mod), name))
         except (ImportError, AttributeError):
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     mod = importlib.import_module(VERBS[verb][0])
     sp = argparse.ArgumentParser(prog=f"mor {verb}", description=VERBS[verb][1])
     mod.add_arguments(sp)
-    args = sp.parse_args(argv[1:])
+    # verbs with KEY=VALUE positionals accept them before or after the options
+    args = sp.parse_intermixed_args(argv[1:]) if getattr(mod, "INTERMIXED_ARGS", False) else sp.parse_args(argv[1:])
     try:
         summary = mod.run(args)
     except _known_errors() as e:
@@ -72,11 +74,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mor {verb}: error: {msg}", file=sys.stderr)
         print(json.dumps({"status": "error", "verb": verb, "error": msg}))
         return 2
+    except OSError as e:  # the environment (a full disk, a path that is a file, permissions): one line
+        from .validate import os_error_message
+
+        msg = os_error_message(e)
+        print(f"mor {verb}: error: {msg}", file=sys.stderr)
+        print(json.dumps({"status": "error", "verb": verb, "error": msg}))
+        return 2
     except KeyboardInterrupt:
         print(json.dumps({"status": "interrupted", "verb": verb}))
         return 130
     if summary is not None:
-        print(json.dumps({"status": "ok", "verb": verb, **summary}, default=_jsonable))
+        from .validate import json_safe
+
+        # strict JSON: a NaN / inf number becomes null
+        print(json.dumps(json_safe(json.loads(json.dumps({"status": "ok", "verb": verb, **summary},
+                                                                     default=_jsonable))), allow_nan=False))
     return 0
 
 

@@ -1490,6 +1490,11 @@ def run(args: argparse.Namespace) -> dict:
     t_start = time.time()
     shape_names = [Path(s.strip()).stem for s in str(args.shapes).split(",") if s.strip()]
     out = Path(args.out or f"runs/experiment-{'+'.join(shape_names)}")
+    if not args.plan and not getattr(args, "_locked", False):  # one writer per experiment directory
+        from .runlock import RunLock
+
+        with RunLock(out, "mor experiment"):
+            return run(argparse.Namespace(**vars(args), _locked=True))
     report_dir = Path(args.report_dir) if args.report_dir else out
     notes: set[str] = set()
     # the plan first: every recipe must be valid and within tolerance before anything trains

@@ -34,11 +34,13 @@ import torch
 import yaml
 
 from . import checkpoint as ckpt
+from . import runlock, validate
 from .config import ConfigError, ModelConfig, coerce_numbers, preset
 from .flops import executed_flops_per_token, measure_matmul_peak, paper_flops_per_token
 from .model import MoRForCausalLM
 
 SCHEDULES = ("wsd", "cosine", "constant")
+INTERMIXED_ARGS = True  # `mor train --resume lr=1e-3`: overrides may follow the options
 
 
 class TrainError(RuntimeError):
@@ -111,6 +113,7 @@ class TrainConfig:
             raise ConfigError(f"dist_timeout={self.dist_timeout} must be a positive number of seconds")
         if not isinstance(self.model, dict):
             raise ConfigError("model must be a mapping of ModelConfig fields")
+        validate.check_train_config(self)
 
     # .................................................................. recipes
     @classmethod
@@ -318,7 +321,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
     except dist_util.DistributedError as e:
         raise TrainError(str(e)) from None
     try:
-        summary = _train(cfg, dist, resume=resume, init_from=init_from)
+        # one writer per run directory (rank 0 holds it; the kernel releases it at exit)
+        with runlock.RunLock(cfg.out_dir, "mor train") if dist.is_master else nullcontext():
+            summary = _train(cfg, dist, resume=resume, init_from=init_from)
     except Exception as e:
         if dist.enabled and dist_util.is_collective_failure(e):
             raise TrainError(dist_util.failure_message(e, dist)) from e
@@ -336,6 +341,8 @@ def _train(cfg: TrainConfig, dist, *, resume: bool, init_from: str | None) -> di
     device = dist.device if dist.enabled else resolve_device(cfg.device)
     master = dist.rank == 0
     out_dir = Path(cfg.out_dir)
+    if master:  # what a killed writer left (the lock says none is alive); never a checkpoint
+        runlock.remove_stale_temporaries(out_dir / "checkpoints")
 
     meta = load_meta(cfg.data)
     mcfg = cfg.model_config(vocab_size=meta["vocab_size"])
@@ -345,6 +352,7 @@ def _train(cfg: TrainConfig, dist, *, resume: bool, init_from: str | None) -> di
                              rank=dist.rank, world_size=dist.world_size)
     if cfg.seq_len > mcfg.max_position_embeddings:
         raise TrainError(f"seq_len={cfg.seq_len} exceeds model.max_position_embeddings={mcfg.max_position_embeddings}")
+    validate.check_token_ids(Path(cfg.data).expanduser(), meta, mcfg.vocab_size)
 
     # run length in optimizer steps
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * dist.world_size
@@ -379,6 +387,7 @@ def _train(cfg: TrainConfig, dist, *, resume: bool, init_from: str | None) -> di
         model = ckpt.load_model(init_from, device=device)
         if model.config != mcfg:
             raise TrainError(f"--init-from {init_from}: its config.json differs from the recipe's model")
+        _check_same_tokenizer(init_from, cfg.data)
     else:
         with torch.device(device):
             model = MoRForCausalLM(mcfg)
@@ -549,6 +558,18 @@ def _train(cfg: TrainConfig, dist, *, resume: bool, init_from: str | None) -> di
         sampler = ckpt.load_model(path, device=device) if dist.parallel == "fsdp2" else model
         summary["samples"] = _samples(sampler, tok_path, cfg, device)
     return summary
+
+
+def _check_same_tokenizer(checkpoint: str, data: str) -> None:
+    """Refuse starting from weights trained with another tokenizer than the data's (same
+    vocabulary size or not: ids would mean different text)."""
+    ck_tok = ckpt.resolve_checkpoint(checkpoint) / "tokenizer.json"
+    data_tok = Path(data).expanduser() / "tokenizer.json"
+    if ck_tok.is_file() and data_tok.is_file():
+        if validate.tokenizer_fingerprint(ck_tok) != validate.tokenizer_fingerprint(data_tok):
+            raise TrainError(f"--init-from {checkpoint}: its tokenizer.json differs from the data's ({data_tok}); "
+                             "the same token ids would mean different text. Prepare the data with "
+                             f"`mor prepare ... --tokenizer {ck_tok}`")
 
 
 def _samples(model, tok_path: Path, cfg: TrainConfig, device) -> list[str]:

@@ -10,26 +10,27 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import validate
 from .request import RequestError, SamplingParams
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
-    p.add_argument("--prompt", "-p", action="append", default=[], help="prompt text (repeat for several)")
+    p.add_argument("--prompt", "-p", action="append", default=[], type=validate.text_arg, help="prompt text (repeat for several)")
     p.add_argument("--prompt-file", help="a file with one prompt per line")
-    p.add_argument("--max-tokens", "-n", type=int, default=64, help="new tokens per prompt at most (default 64)")
-    p.add_argument("--temperature", "-t", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--max-tokens", "-n", type=validate.positive_int, default=64, help="new tokens per prompt at most (default 64)")
+    p.add_argument("--temperature", "-t", type=validate.nonneg_float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=validate.nonneg_int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=validate.probability, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--stop", action="append", default=None,
                    help="stop string (repeatable; \\n and \\t stand for newline and tab)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (prompt i uses seed + i)")
+    p.add_argument("--seed", type=validate.nonneg_int, default=None, help="random seed (prompt i uses seed + i)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-text token")
     p.add_argument("--tokenizer", help="tokenizer.json to use instead of the checkpoint's")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="weights and KV dtype (default bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--max-batch", type=int, default=32, help="concurrent sequences (default 32)")
+    p.add_argument("--max-batch", type=validate.positive_int, default=32, help="concurrent sequences (default 32)")
     p.add_argument("--schedule", default="auto", choices=["auto", "depth", "sequence"],
                    help="depth-wise or sequence-wise batching (auto: depth for MoR)")
     p.add_argument("--no-stream", action="store_true", help="print each text when it is complete")
