@@ -47,6 +47,7 @@ import torch.nn as nn
 from ..cache import expected_kv_layers_per_token, kv_bytes_per_token_layer
 from ..config import ModelConfig, preset, valid_num_layers
 from ..model import MoRForCausalLM
+from .. import validate
 
 PAPER = {"batch": {2: 1.23, 3: 1.33, 4: 1.42}, "max": {2: 1.60, 3: 1.95, 4: 2.06}}
 
@@ -58,35 +59,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None,
                    help="model shape, see mor.PRESETS (default: smollm-360m on CUDA; on CPU the 'small' preset "
                         "(hidden 256, vocab 8192) with 14 layers, which MoR-2/3/4 all fit: one vanilla partner)")
-    p.add_argument("--layers", type=int, default=None,
+    p.add_argument("--layers", type=validate.positive_int, default=None,
                    help="base layer count (default the preset's; MoR adds layers when (L-2) is not a multiple of N_r)")
-    p.add_argument("--hidden-size", type=int, default=None, help="override the preset's width (FFN = 3x)")
-    p.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocabulary size")
-    p.add_argument("--recursions", type=int, nargs="+", default=[2, 3, 4], help="MoR N_r values (default 2 3 4)")
+    p.add_argument("--hidden-size", type=validate.positive_int, default=None, help="override the preset's width (FFN = 3x)")
+    p.add_argument("--vocab-size", type=validate.positive_int, default=None, help="override the preset's vocabulary size")
+    p.add_argument("--recursions", type=validate.positive_int, nargs="+", default=[2, 3, 4], help="MoR N_r values (default 2 3 4)")
     p.add_argument("--kv-mode", default="recursion_wise", choices=["recursion_wise", "shared"])
     p.add_argument("--schedule", default="depth", choices=["depth", "sequence", "both"],
                    help="MoR batching: depth-wise (paper), sequence-wise, or both")
-    p.add_argument("--batch", type=int, default=32, help="fixed batch setting (default 32)")
-    p.add_argument("--vanilla-max-batch", type=int, default=None,
+    p.add_argument("--batch", type=validate.positive_int, default=32, help="fixed batch setting (default 32)")
+    p.add_argument("--vanilla-max-batch", type=validate.positive_int, default=None,
                    help="vanilla's maximum batch, which sets the memory budget (default 256 on CUDA, 48 on CPU)")
-    p.add_argument("--kv-budget-mb", type=float, default=None, help="KV memory budget instead of --vanilla-max-batch")
+    p.add_argument("--kv-budget-mb", type=validate.positive_float, default=None, help="KV memory budget instead of --vanilla-max-batch")
     p.add_argument("--skip-max", action="store_true", help="only the fixed batch setting")
-    p.add_argument("--mean-len", type=int, default=256, help="mean output length (default 256)")
-    p.add_argument("--len-spread", type=float, default=0.5, help="lengths uniform in mean*(1 +- spread)")
-    p.add_argument("--requests-per-slot", type=float, default=None,
+    p.add_argument("--mean-len", type=validate.positive_int, default=256, help="mean output length (default 256)")
+    p.add_argument("--len-spread", type=validate.unit_fraction, default=0.5, help="lengths uniform in mean*(1 +- spread)")
+    p.add_argument("--requests-per-slot", type=validate.positive_float, default=None,
                    help="requests = this x batch (default 2 on CUDA, 1.5 on CPU); more than 1 exercises refills")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line (needs a tokenizer)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json for --prompts")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=validate.nonneg_float, default=1.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--seed", type=validate.nonneg_int, default=0)
     p.add_argument("--mor-checkpoint", action="append", default=[], help="trained MoR checkpoint (repeatable)")
     p.add_argument("--vanilla-checkpoint", default=None, help="trained vanilla checkpoint")
     p.add_argument("--hf", default="first", choices=["first", "all", "none"],
                    help="transformers.generate baseline for the first vanilla model (default), all, or none")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    p.add_argument("--block-size", type=int, default=16, help="KV block size in tokens")
-    p.add_argument("--calib-seqs", type=int, default=16, help="random sequences used to calibrate routers")
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--threads", type=validate.positive_int, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--block-size", type=validate.positive_int, default=16, help="KV block size in tokens")
+    p.add_argument("--calib-seqs", type=validate.positive_int, default=16, help="random sequences used to calibrate routers")
+    p.add_argument("--repeats", type=validate.positive_int, default=1,
                    help="timed runs per configuration; the fastest counts (use >1 on a busy machine)")
 
 
@@ -156,9 +157,9 @@ class Entry:
 
 
 def _device(arg: str) -> torch.device:
-    if arg == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(arg)
+    from ..train import resolve_device
+
+    return resolve_device(arg)  # checked: a clear error for cuda without CUDA
 
 
 def _dtype(arg: str, dev: torch.device) -> torch.dtype:

@@ -44,6 +44,8 @@ def _prompts(args: argparse.Namespace) -> list[str]:
                 prompts += [line.rstrip("\n") for line in f if line.strip()]
         except OSError as e:
             raise RequestError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise RequestError(f"--prompt-file {args.prompt_file} is not UTF-8 text (byte {e.start})") from None
     if not prompts:
         raise RequestError("give at least one --prompt (or --prompt-file)")
     return prompts
@@ -53,6 +55,10 @@ def run(args: argparse.Namespace) -> dict:
     from .llm import LLM
 
     prompts = _prompts(args)
+    if args.device:
+        from ..train import resolve_device
+
+        resolve_device(args.device)  # a clear error for cuda without CUDA, or a misspelt device
     stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop] if args.stop else None
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, stop=stop, seed=args.seed, ignore_eos=args.ignore_eos)

@@ -94,6 +94,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             specs = resolve_tasks(args.tasks)
         except ValueError as e:
             raise CLIError(str(e)) from None
+        if not specs:
+            raise CLIError(f"--tasks {args.tasks!r} names no task; give e.g. --tasks paper or --tasks piqa,arc")
         modes = ["topk", "threshold"] if args.task_routing == "both" else [args.task_routing]
         if not is_expert_choice(cfg):
             modes = ["topk"]  # the routing rule does not matter for this model

@@ -113,7 +113,9 @@ def update_results(ckpt_dir: str | os.PathLike, updates: dict[str, Any]) -> Path
                 current = {}
             if not isinstance(current, dict):
                 current = {}
-        _deep_merge(current, json.loads(json.dumps(updates, default=_jsonable)))
+        from ..validate import json_safe
+
+        _deep_merge(current, json_safe(json.loads(json.dumps(updates, default=_jsonable))))
         write_atomic(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
     return path
 
