@@ -48,7 +48,8 @@ def _holder(lock_path: Path) -> str:
     if not isinstance(info, dict) or "pid" not in info:
         return "another process"
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("started", 0)))
-    return f"pid {info['pid']} on {info.get('host', '?')} ({info.get('command', '?')}, since {since})"
+    return (f"pid {info['pid']} on {info.get('host', '?')} ({info.get('what', '?')}: `{info.get('command', '?')}`, "
+            f"since {since})")
 
 
 class RunLock:
