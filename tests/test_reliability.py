@@ -182,6 +182,21 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(d
     assert msg.endswith("no earlier checkpoint exists in that directory")
 
 
+def test_disk_full_is_recognised_in_each_library_s_wording(tmp_path, monkeypatch):
+    assert runlock.is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert runlock.is_disk_full(RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    assert not runlock.is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    torch_msg = RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
+                             "data/0: file write failed")
+    assert not runlock.is_disk_full(torch_msg, tmp_path)  # plenty of space here
+
+    class Full:
+        f_bavail, f_frsize = 3, 4096
+
+    monkeypatch.setattr(os, "statvfs", lambda p: Full())
+    assert runlock.is_disk_full(torch_msg, tmp_path)
+
+
 def test_other_os_errors_are_one_line(capsys, monkeypatch):
     import mor.eval.cli as ev
 

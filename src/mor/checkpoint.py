@@ -74,8 +74,9 @@ def save_checkpoint(path: str | os.PathLike, model: MoRForCausalLM, *, tokenizer
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
+        full = runlock.is_disk_full(e, path.parent)  # before the partial files free the space
         shutil.rmtree(tmp, ignore_errors=True)
-        if runlock.is_disk_full(e):
+        if full:
             raise CheckpointError(runlock.disk_full_message(path)) from None
         raise
     return path

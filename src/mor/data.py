@@ -580,9 +580,8 @@ def _tokenize_to_stream(
             batch: list[tuple[str, bool]] = []
             chars = 0
             for doc in documents:
-                parts = list(textchunks.pieces(doc)) if chunkable else [doc]
-                for i, part in enumerate(parts):
-                    batch.append((part, i == len(parts) - 1))
+                for part, last in textchunks.with_last(textchunks.pieces(doc) if chunkable else [doc]):
+                    batch.append((part, last))
                     chars += len(part)
                     if len(batch) >= 256 or chars >= 2_000_000:
                         flush(batch, out)

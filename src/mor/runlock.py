@@ -155,8 +155,23 @@ def pause_for_tests(point: str) -> None:
         time.sleep(float(v))
 
 
-def is_disk_full(e: BaseException) -> bool:
-    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+def is_disk_full(e: BaseException, where: str | os.PathLike | None = None) -> bool:
+    """Whether a failed write ran out of space. Libraries report it differently: an OSError
+    with ENOSPC (Python), "No space left on device (os error 28)" in a SafetensorError, and
+    only "file write failed" from ``torch.save``, where the file system's free space (at
+    ``where``, before the partial files are removed) decides."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    msg = str(e)
+    if "No space left on device" in msg or "os error 28" in msg or "Disk quota exceeded" in msg:
+        return True
+    if where is not None and isinstance(e, RuntimeError) and "write failed" in msg:
+        try:
+            st = os.statvfs(where)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < (1 << 20)
+    return False
 
 
 def disk_full_message(path: str | os.PathLike, what: str = "checkpoint") -> str:

@@ -136,3 +136,16 @@ def read_text_prefix(path, tokenizer: Any, max_tokens: int, block_chars: int | N
             counted_upto = cut
             if count >= max_tokens:
                 return buf[:cut]
+
+
+def with_last(items) -> Iterator[tuple[Any, bool]]:
+    """``(item, is_last)`` pairs, lazily."""
+    it = iter(items)
+    try:
+        prev = next(it)
+    except StopIteration:
+        return
+    for item in it:
+        yield prev, False
+        prev = item
+    yield prev, True
