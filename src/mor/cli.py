@@ -24,6 +24,17 @@ VERBS = {
 }
 
 
+class _VerbParser(argparse.ArgumentParser):
+    """A verb's parser: a bad argument ends like any other error, with the JSON line too."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        words = self.prog.split()
+        print(json.dumps({"status": "error", "verb": words[1] if len(words) > 1 else self.prog, "error": message}))
+        raise SystemExit(2)
+
+
 class CLIError(Exception):
     """A user error the CLI reports as one clear line (exit code 2)."""
 
@@ -63,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mor: unknown verb {verb!r}; choose one of: {', '.join(VERBS)}", file=sys.stderr)
         return 2
     mod = importlib.import_module(VERBS[verb][0])
-    sp = argparse.ArgumentParser(prog=f"mor {verb}", description=VERBS[verb][1])
+    sp = _VerbParser(prog=f"mor {verb}", description=VERBS[verb][1])
     mod.add_arguments(sp)
     # verbs with KEY=VALUE positionals accept them before or after the options
     args = sp.parse_intermixed_args(argv[1:]) if getattr(mod, "INTERMIXED_ARGS", False) else sp.parse_args(argv[1:])
