@@ -137,7 +137,7 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     try:
         cfg = ModelConfig.load(f)
     except ConfigError as e:
-        raise CheckpointError(f"bad config in {f}: {e}") from None
+        raise CheckpointError(f"bad config in {f}: {e}" + validate.previous_checkpoint_hint(p)) from None
     validate.check_loaded_config(cfg, f)
     return cfg
 
