@@ -157,6 +157,21 @@ def test_stale_temporaries_are_removed_and_an_interrupted_replace_is_undone(data
     assert runlock.remove_stale_temporaries(tmp_path / "missing") == []
 
 
+def test_prepare_removes_what_a_killed_prepare_left(tmp_path, capsys):
+    src = tmp_path / "doc.txt"
+    src.write_text("one two three four five six seven " * 50)
+    out = tmp_path / "prep"
+    out.mkdir()
+    left = [out / ".train_000000.bin.k2j3.tmp", out / ".stream.a8c.tmp", out / ".meta.json.zz.tmp"]
+    for f in left:
+        f.write_bytes(b"partial")
+    rc, _, err = run_cli(capsys, ["prepare", str(src), "--out", str(out), "--vocab-size", "300"])
+    assert rc == 0, err
+    assert not any(f.exists() for f in left)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".mor.lock"]
+    load_meta(out)
+
+
 # ---------------------------------------------------------------------- 3. disk full
 def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(data_dir, tmp_path, capsys,
                                                                              monkeypatch):

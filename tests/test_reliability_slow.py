@@ -133,7 +133,7 @@ def test_prepare_memory_stays_flat_as_one_document_grows(data_dir, tmp_path):
     # before the fix: ~265 bytes per token (~60 per byte of English): 32 MB cost ~2 GB more than 8 MB.
     # Now the tokenizer's working set is bounded (it fills up by ~8 MB: one batch of pieces); what
     # still grows is the document's text itself, a few bytes per byte.
-    assert peaks[32] - peaks[8] < 24 * 4, peaks
+    assert peaks[32] - peaks[8] < 24 * 6, peaks  # before: ~4,700 MiB more
 
 
 def test_a_real_full_disk_is_one_line(data_dir, tmp_path):
@@ -161,3 +161,32 @@ def test_a_real_full_disk_is_one_line(data_dir, tmp_path):
         assert _temporaries(out) == []
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_sigkill_during_prepare_keeps_the_old_dataset_and_the_next_run_cleans_up(tmp_path):
+    first = tmp_path / "a.txt"
+    first.write_text("alpha beta gamma delta " * 2000)
+    out = tmp_path / "prep"
+    prep = [sys.executable, "-m", "mor", "prepare", "--out", str(out), "--vocab-size", "300"]
+    subprocess.run(prep + [str(first)], env=_env(), check=True, capture_output=True, timeout=600)
+    before = (out / "meta.json").read_text()
+    second = tmp_path / "b.txt"
+    write_single_document(second, 16)
+    for _ in range(3):
+        p = subprocess.Popen(prep + [str(second)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while p.poll() is None and time.time() < deadline:
+            if any(n.startswith(".stream.") for n in os.listdir(out)):  # tokenising into its staging file
+                time.sleep(0.3)
+                os.kill(p.pid, signal.SIGKILL)
+                break
+            time.sleep(0.01)
+        p.wait()
+        assert p.returncode == -signal.SIGKILL
+        assert (out / "meta.json").read_text() == before  # the old dataset is untouched
+        from mor.data import load_meta
+
+        load_meta(out)
+        assert any(n.endswith(".tmp") for n in os.listdir(out))
+    subprocess.run(prep + [str(first)], env=_env(), check=True, capture_output=True, timeout=600)
+    assert sorted(n for n in os.listdir(out) if n.startswith(".")) == [".mor.lock"]
