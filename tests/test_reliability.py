@@ -408,6 +408,20 @@ def test_json_line_never_holds_nan(capsys, monkeypatch):
     assert validate.json_safe({"a": (1.0, float("-inf"))}) == {"a": [1.0, None]}
 
 
+def test_metrics_jsonl_is_strict_json(tmp_path):
+    from mor.train import MetricsLogger
+
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    log.log(3, loss=1.5, grad_norm=float("inf"), aux_loss=float("nan"))
+    log.close()
+
+    def strict(c):
+        raise ValueError(c)
+
+    rec = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=strict)
+    assert rec == {"step": 3, "loss": 1.5, "grad_norm": None, "aux_loss": None}
+
+
 # ---------------------------------------------------------------------- 6. tracebacks -> messages
 def _copy_data(data_dir, dst):
     shutil.copytree(data_dir, dst)
@@ -464,6 +478,16 @@ def test_cuda_without_cuda_is_one_line(data_dir, tmp_path, capsys):
                  ["train", *overrides(data_dir, tmp_path / "r2", device="cuda")]):
         line = one_line_error(*run_cli(capsys, argv))
         assert "CUDA is not available" in line
+
+
+def test_an_unencodable_prompt_through_the_api_is_a_request_error(data_dir, tmp_path):
+    from mor.engine import LLM, SamplingParams
+
+    train(tcfg(data_dir, tmp_path / "r", max_steps=1))
+    llm = LLM(str(tmp_path / "r"), device="cpu", max_batch=2)
+    outs = llm.generate(["fine prompt", "bad \udcff prompt"], SamplingParams(max_tokens=2, temperature=0))
+    assert outs[0].finish_reason != "error"
+    assert outs[1].finish_reason == "error" and "not valid Unicode text" in outs[1].error
 
 
 def test_huge_max_position_embeddings_is_refused_at_load(data_dir, tmp_path):

@@ -267,7 +267,7 @@ class MetricsLogger:
     def log(self, step: int, **metrics: float) -> None:
         if not self.enabled:
             return
-        self.f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.f.write(json.dumps(validate.json_safe({"step": step, **metrics}), allow_nan=False) + "\n")  # strict JSON
         self.f.flush()
         if self.tb is not None:
             for k, v in metrics.items():
