@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ModelConfig
 from .model import MoRForCausalLM
+from . import runlock, validate
 from .runtime import atomic_directory
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -41,19 +42,32 @@ def save_checkpoint(path: str | os.PathLike, model: MoRForCausalLM, *, tokenizer
 
     ``tokenizer``: a ``tokenizers.Tokenizer`` or the path of a tokenizer.json."""
     path = Path(path)
-    with atomic_directory(path) as tmp:
-        model.config.save(tmp / "config.json")
-        save_file(unique_state_dict(model), str(tmp / "model.safetensors"))
-        if tokenizer is not None:
-            if isinstance(tokenizer, (str, os.PathLike)):
-                shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-            else:
-                tokenizer.save(str(tmp / "tokenizer.json"))
-        if train_state is not None:
-            torch.save(train_state, tmp / "train_state.pt")
-        from . import __version__
-        info = {"format": 1, "mor_version": __version__, "saved_at": time.time(), **(meta or {})}
-        (tmp / "meta.json").write_text(json.dumps(info, indent=2) + "\n")
+    try:
+        with atomic_directory(path) as tmp:
+            try:
+                model.config.save(tmp / "config.json")
+                save_file(unique_state_dict(model), str(tmp / "model.safetensors"))
+                if tokenizer is not None:
+                    if isinstance(tokenizer, (str, os.PathLike)):
+                        shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+                    else:
+                        tokenizer.save(str(tmp / "tokenizer.json"))
+                if train_state is not None:
+                    torch.save(train_state, tmp / "train_state.pt")
+                from . import __version__
+                info = {"format": 1, "mor_version": __version__, "saved_at": time.time(), **(meta or {})}
+                if (tmp / "tokenizer.json").exists():  # its identity, checked when the checkpoint is loaded
+                    info["tokenizer_sha256"] = validate.tokenizer_fingerprint(tmp / "tokenizer.json")
+                (tmp / "meta.json").write_text(json.dumps(info, indent=2) + "\n")
+            except BaseException as e:
+                if runlock.is_disk_full(e, path.parent):  # checked before the partial files free the space
+                    raise CheckpointError(runlock.disk_full_message(path)) from None
+                raise
+            runlock.pause_for_tests("checkpoint")  # test hook: widens the half-written window
+    except OSError as e:  # syncing or renaming the finished directory
+        if runlock.is_disk_full(e):
+            raise CheckpointError(runlock.disk_full_message(path)) from None
+        raise
     return path
 
 
@@ -110,9 +124,11 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     if not f.exists():
         raise CheckpointError(f"checkpoint {p} has no config.json")
     try:
-        return ModelConfig.load(f)
+        cfg = ModelConfig.load(f)
     except ConfigError as e:
-        raise CheckpointError(f"bad config in {f}: {e}") from None
+        raise CheckpointError(f"bad config in {f}: {e}" + validate.previous_checkpoint_hint(p)) from None
+    validate.check_loaded_config(cfg, f)
+    return cfg
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -126,7 +142,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     try:
         state = load_file(str(f), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {f} (truncated or corrupted?): {e}") from None
+        raise CheckpointError(f"cannot read {f} (truncated or corrupted?): {e}"
+                              + validate.previous_checkpoint_hint(p)) from None
     with torch.device(device):
         model = MoRForCausalLM(cfg)
     expected = model.state_dict()
@@ -139,6 +156,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         if tuple(v.shape) != tuple(expected[k].shape):
             raise CheckpointError(f"{f}: tensor {k} has shape {tuple(v.shape)}, config.json implies "
                                   f"{tuple(expected[k].shape)}")
+    validate.check_finite_state(state, f)
     model.load_state_dict(state, strict=False)
     if dtype is not None:
         model.to(dtype)
@@ -159,6 +177,10 @@ def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None):
         raise CheckpointError(f"cannot read {f}: {e}") from None
     if vocab_size is not None and tok.get_vocab_size() > vocab_size:
         raise CheckpointError(f"{f} has {tok.get_vocab_size()} tokens but the model's vocab_size is {vocab_size}")
+    want = load_meta(p).get("tokenizer_sha256")
+    if want and validate.tokenizer_fingerprint(tok) != want:
+        raise CheckpointError(f"{f} is not the tokenizer this model was trained with (its fingerprint differs from "
+                              f"tokenizer_sha256 in {p / 'meta.json'}); restore the original tokenizer.json")
     return tok
 
 
@@ -171,7 +193,8 @@ def load_train_state(path: str | os.PathLike) -> dict:
     try:
         return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read {f} (truncated or corrupted?): {e}") from None
+        raise CheckpointError(f"cannot read {f} (truncated or corrupted?): {e}"
+                              + validate.previous_checkpoint_hint(p)) from None
 
 
 def load_meta(path: str | os.PathLike) -> dict:

@@ -27,6 +27,17 @@ VERBS = {
 }
 
 
+class _VerbParser(argparse.ArgumentParser):
+    """A verb's parser: a bad argument ends like any other error, with the JSON line too."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        words = self.prog.split()
+        print(json.dumps({"status": "error", "verb": words[1] if len(words) > 1 else self.prog, "error": message}))
+        raise SystemExit(2)
+
+
 class CLIError(Exception):
     """A user error the CLI reports as one clear line (exit code 2)."""
 
@@ -36,7 +47,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
 
     errs: list[type[BaseException]] = [CLIError, ConfigError, CheckpointError, FileNotFoundError]
-    for mod, name in (("mor.data", "DataError"), ("mor.train", "TrainError"), ("mor.engine", "RequestError")):
+    for mod, name in (("mor.data", "DataError"), ("mor.train", "TrainError"), ("mor.engine", "RequestError"),
+                      ("mor.runlock", "RunLockedError")):
         try:
             errs.append(getattr(importlib.import_module(mod), name))
         except (ImportError, AttributeError):
@@ -65,9 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mor: unknown verb {verb!r}; choose one of: {', '.join(VERBS)}", file=sys.stderr)
         return 2
     mod = importlib.import_module(VERBS[verb][0])
-    sp = argparse.ArgumentParser(prog=f"mor {verb}", description=VERBS[verb][1])
+    sp = _VerbParser(prog=f"mor {verb}", description=VERBS[verb][1])
     mod.add_arguments(sp)
-    args = sp.parse_args(argv[1:])
+    # verbs with KEY=VALUE positionals accept them before or after the options
+    args = sp.parse_intermixed_args(argv[1:]) if getattr(mod, "INTERMIXED_ARGS", False) else sp.parse_args(argv[1:])
     try:
         summary = mod.run(args)
     except _known_errors() as e:
@@ -75,13 +88,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mor {verb}: error: {msg}", file=sys.stderr)
         print(json.dumps({"status": "error", "verb": verb, "error": msg}))
         return 2
+    except OSError as e:  # the environment (a full disk, a path that is a file, permissions): one line
+        from .validate import os_error_message
+
+        msg = os_error_message(e)
+        print(f"mor {verb}: error: {msg}", file=sys.stderr)
+        print(json.dumps({"status": "error", "verb": verb, "error": msg}))
+        return 2
     except KeyboardInterrupt:
         print(json.dumps({"status": "interrupted", "verb": verb}))
         return 130
     if summary is not None:
-        from .runtime import jsonable
+        from .runtime import to_json
 
-        print(json.dumps({"status": "ok", "verb": verb, **summary}, default=jsonable))
+        print(to_json({"status": "ok", "verb": verb, **summary}, indent=None), end="")
     return 0
 
 

@@ -27,9 +27,11 @@ def read_recipe_file(path: str | Path, what: str = "recipe") -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{what} not found: {p}")
     try:
-        d = yaml.safe_load(p.read_text()) or {}
+        d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{what} {p} is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {p} is not a text file (byte {e.start} is not UTF-8); give a YAML recipe") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{what} {p} must be a mapping of keys to values")
     return d

@@ -19,6 +19,7 @@ This module imports torch only where a function needs it (``mor prepare`` does n
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -180,8 +181,24 @@ def jsonable(o: Any) -> Any:
     return repr(o)
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` converted for strict JSON: values ``jsonable`` converts, and every NaN / infinite
+    float replaced by None (strict parsers reject NaN)."""
+    def finite(o: Any) -> Any:
+        if isinstance(o, float):
+            return o if math.isfinite(o) else None
+        if isinstance(o, dict):
+            return {k: finite(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [finite(v) for v in o]
+        return o
+
+    return finite(json.loads(json.dumps(obj, default=jsonable)))
+
+
 def to_json(obj: Any, indent: int | None = 2, sort_keys: bool = False) -> str:
-    return json.dumps(obj, indent=indent, sort_keys=sort_keys, default=jsonable) + "\n"
+    """Strict JSON text of ``obj`` (see ``json_safe``), with a final newline."""
+    return json.dumps(json_safe(obj), indent=indent, sort_keys=sort_keys, allow_nan=False) + "\n"
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2, sort_keys: bool = False) -> Path:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import random
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,13 +33,15 @@ import torch
 import yaml
 
 from . import checkpoint as ckpt
+from . import runlock, validate
 from .config import ConfigError, ModelConfig, coerce_numbers, preset
 from .flops import executed_flops_per_token, measure_matmul_peak, paper_flops_per_token, steps_for_budget
 from .model import MoRForCausalLM
 from .recipe import apply_overrides, read_recipe_file
-from .runtime import autocast_for, resolve_device, write_atomic
+from .runtime import autocast_for, resolve_device, to_json, write_atomic
 
 SCHEDULES = ("wsd", "cosine", "constant")
+INTERMIXED_ARGS = True  # `mor train --resume lr=1e-3`: overrides may follow the options
 
 
 class TrainError(RuntimeError):
@@ -113,6 +115,7 @@ class TrainConfig:
             raise ConfigError(f"dist_timeout={self.dist_timeout} must be a positive number of seconds")
         if not isinstance(self.model, dict):
             raise ConfigError("model must be a mapping of ModelConfig fields")
+        validate.check_train_config(self)
 
     # .................................................................. recipes
     @classmethod
@@ -219,7 +222,7 @@ class MetricsLogger:
     def log(self, step: int, **metrics: float) -> None:
         if not self.enabled:
             return
-        self.f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.f.write(to_json({"step": step, **metrics}, indent=None))  # strict JSON
         self.f.flush()
         if self.tb is not None:
             for k, v in metrics.items():
@@ -276,7 +279,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, init_from: str | None = Non
     except dist_util.DistributedError as e:
         raise TrainError(str(e)) from None
     try:
-        summary = _train(cfg, dist, resume=resume, init_from=init_from, init_from_hf=init_from_hf)
+        # one writer per run directory (rank 0 holds it; the kernel releases it at exit)
+        with runlock.RunLock(cfg.out_dir, "mor train") if dist.is_master else nullcontext():
+            summary = _train(cfg, dist, resume=resume, init_from=init_from, init_from_hf=init_from_hf)
     except Exception as e:
         if dist.enabled and dist_util.is_collective_failure(e):
             raise TrainError(dist_util.failure_message(e, dist)) from e
@@ -294,6 +299,8 @@ def _train(cfg: TrainConfig, dist, *, resume: bool, init_from: str | None, init_
     device = dist.device if dist.enabled else resolve_device(cfg.device)
     master = dist.rank == 0
     out_dir = Path(cfg.out_dir)
+    if master:  # what a killed writer left (the lock says none is alive); never a checkpoint
+        runlock.remove_stale_temporaries(out_dir / "checkpoints")
 
     meta = load_meta(cfg.data)
     if init_from_hf:  # up-training (mor.upcycle): the pretrained model's shape, the recipe's recursion
@@ -313,6 +320,7 @@ def _train(cfg: TrainConfig, dist, *, resume: bool, init_from: str | None, init_
                          "(prepare the data with val_fraction > 0)")
     if cfg.seq_len > mcfg.max_position_embeddings:
         raise TrainError(f"seq_len={cfg.seq_len} exceeds model.max_position_embeddings={mcfg.max_position_embeddings}")
+    validate.check_token_ids(Path(cfg.data).expanduser(), meta, mcfg.vocab_size)
 
     # run length in optimizer steps
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * dist.world_size
@@ -347,6 +355,7 @@ def _train(cfg: TrainConfig, dist, *, resume: bool, init_from: str | None, init_
         model = ckpt.load_model(init_from, device=device)
         if model.config != mcfg:
             raise TrainError(f"--init-from {init_from}: its config.json differs from the recipe's model")
+        _check_same_tokenizer(init_from, cfg.data)
     elif init_from_hf:
         model = source.build(mcfg, cfg.init_strategy, cfg.seed, device, verbose=master)
         del source
@@ -520,6 +529,18 @@ def _train(cfg: TrainConfig, dist, *, resume: bool, init_from: str | None, init_
         sampler = ckpt.load_model(path, device=device) if dist.parallel == "fsdp2" else model
         summary["samples"] = _samples(sampler, tok_path, cfg, device)
     return summary
+
+
+def _check_same_tokenizer(checkpoint: str, data: str) -> None:
+    """Refuse starting from weights trained with another tokenizer than the data's (same
+    vocabulary size or not: ids would mean different text)."""
+    ck_tok = ckpt.resolve_checkpoint(checkpoint) / "tokenizer.json"
+    data_tok = Path(data).expanduser() / "tokenizer.json"
+    if ck_tok.is_file() and data_tok.is_file():
+        if validate.tokenizer_fingerprint(ck_tok) != validate.tokenizer_fingerprint(data_tok):
+            raise TrainError(f"--init-from {checkpoint}: its tokenizer.json differs from the data's ({data_tok}); "
+                             "the same token ids would mean different text. Prepare the data with "
+                             f"`mor prepare ... --tokenizer {ck_tok}`")
 
 
 def _samples(model, tok_path: Path, cfg: TrainConfig, device) -> list[str]:

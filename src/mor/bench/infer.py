@@ -49,6 +49,7 @@ from ..config import ModelConfig, preset
 from ..model import MoRForCausalLM
 from ..runtime import resolve_device, resolve_dtype
 from ..variants import Variant
+from .. import validate
 
 PAPER = {"batch": {2: 1.23, 3: 1.33, 4: 1.42}, "max": {2: 1.60, 3: 1.95, 4: 2.06}}
 
@@ -94,36 +95,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=d.preset,
                    help="model shape, see mor.PRESETS (default: smollm-360m on CUDA; on CPU the 'small' preset "
                         "(hidden 256, vocab 8192) with 14 layers, which MoR-2/3/4 all fit: one vanilla partner)")
-    p.add_argument("--layers", type=int, default=d.layers,
+    p.add_argument("--layers", type=validate.positive_int, default=d.layers,
                    help="base layer count (default the preset's; MoR adds layers when (L-2) is not a multiple of N_r)")
-    p.add_argument("--hidden-size", type=int, default=d.hidden_size, help="override the preset's width (FFN = 3x)")
-    p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="override the preset's vocabulary size")
-    p.add_argument("--recursions", type=int, nargs="+", default=d.recursions, help="MoR N_r values (default 2 3 4)")
+    p.add_argument("--hidden-size", type=validate.positive_int, default=d.hidden_size, help="override the preset's width (FFN = 3x)")
+    p.add_argument("--vocab-size", type=validate.positive_int, default=d.vocab_size, help="override the preset's vocabulary size")
+    p.add_argument("--recursions", type=validate.positive_int, nargs="+", default=d.recursions, help="MoR N_r values (default 2 3 4)")
     p.add_argument("--kv-mode", default=d.kv_mode, choices=["recursion_wise", "shared"])
     p.add_argument("--schedule", default=d.schedule, choices=["depth", "sequence", "both"],
                    help="MoR batching: depth-wise (paper), sequence-wise, or both")
-    p.add_argument("--batch", type=int, default=d.batch, help="fixed batch setting (default 32)")
-    p.add_argument("--vanilla-max-batch", type=int, default=d.vanilla_max_batch,
+    p.add_argument("--batch", type=validate.positive_int, default=d.batch, help="fixed batch setting (default 32)")
+    p.add_argument("--vanilla-max-batch", type=validate.positive_int, default=d.vanilla_max_batch,
                    help="vanilla's maximum batch, which sets the memory budget (default 256 on CUDA, 48 on CPU)")
-    p.add_argument("--kv-budget-mb", type=float, default=d.kv_budget_mb,
+    p.add_argument("--kv-budget-mb", type=validate.positive_float, default=d.kv_budget_mb,
                    help="KV memory budget instead of --vanilla-max-batch")
     p.add_argument("--skip-max", action="store_true", help="only the fixed batch setting")
-    p.add_argument("--mean-len", type=int, default=d.mean_len, help="mean output length (default 256)")
-    p.add_argument("--len-spread", type=float, default=d.len_spread, help="lengths uniform in mean*(1 +- spread)")
-    p.add_argument("--requests-per-slot", type=float, default=d.requests_per_slot,
+    p.add_argument("--mean-len", type=validate.positive_int, default=d.mean_len, help="mean output length (default 256)")
+    p.add_argument("--len-spread", type=validate.unit_fraction, default=d.len_spread, help="lengths uniform in mean*(1 +- spread)")
+    p.add_argument("--requests-per-slot", type=validate.positive_float, default=d.requests_per_slot,
                    help="requests = this x batch (default 2 on CUDA, 1.5 on CPU); more than 1 exercises refills")
     p.add_argument("--prompts", default=d.prompts, help="text file, one prompt per line (needs a tokenizer)")
     p.add_argument("--tokenizer", default=d.tokenizer, help="tokenizer.json for --prompts")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature (0 = greedy)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--temperature", type=validate.nonneg_float, default=d.temperature, help="sampling temperature (0 = greedy)")
+    p.add_argument("--seed", type=validate.nonneg_int, default=d.seed)
     p.add_argument("--mor-checkpoint", action="append", default=[], help="trained MoR checkpoint (repeatable)")
     p.add_argument("--vanilla-checkpoint", default=d.vanilla_checkpoint, help="trained vanilla checkpoint")
     p.add_argument("--hf", default=d.hf, choices=["first", "all", "none"],
                    help="transformers.generate baseline for the first vanilla model (default), all, or none")
-    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads for torch (default: torch's)")
-    p.add_argument("--block-size", type=int, default=d.block_size, help="KV block size in tokens")
-    p.add_argument("--calib-seqs", type=int, default=d.calib_seqs, help="random sequences used to calibrate routers")
-    p.add_argument("--repeats", type=int, default=d.repeats,
+    p.add_argument("--threads", type=validate.positive_int, default=d.threads, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--block-size", type=validate.positive_int, default=d.block_size, help="KV block size in tokens")
+    p.add_argument("--calib-seqs", type=validate.positive_int, default=d.calib_seqs, help="random sequences used to calibrate routers")
+    p.add_argument("--repeats", type=validate.positive_int, default=d.repeats,
                    help="timed runs per configuration; the fastest counts (use >1 on a busy machine)")
 
 

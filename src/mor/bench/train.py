@@ -22,9 +22,11 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+from .. import validate
 from ..config import ModelConfig
 from ..flops import executed_flops_per_token, measure_matmul_peak, paper_flops_per_token
 from ..model import MoRForCausalLM
@@ -33,6 +35,8 @@ from ..train import build_optimizer, load_recipe
 from ..variants import parse_variant
 
 MODELS = ("vanilla", "recursive", "mor-expert", "mor-token", "mor-expert-nr2")
+# the default recipe, found from the package (not the current directory): the source tree's configs/
+DEFAULT_RECIPE = Path(__file__).resolve().parents[3] / "configs" / "bench.yaml"
 
 
 def model_config(base: ModelConfig, name: str, nr: int) -> ModelConfig:
@@ -100,20 +104,21 @@ class Runner:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="configs/bench.yaml", help="recipe giving the shape, seq_len, batch_size")
+    p.add_argument("--config", default=None,
+                   help="recipe giving the shape, seq_len, batch_size (default: the repository's configs/bench.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (e.g. batch_size=4)")
     p.add_argument("--models", default=",".join(MODELS),
                    help=f"comma list of model variants (mor.variants), default: {', '.join(MODELS)}")
-    p.add_argument("--nr", type=int, default=3, help="recursions of the recursive / MoR models (default 3)")
-    p.add_argument("--steps", type=int, default=6, help="timed steps per model per round (default 6)")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved measuring rounds (default 2)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first (default 2)")
+    p.add_argument("--nr", type=validate.positive_int, default=3, help="recursions of the recursive / MoR models (default 3)")
+    p.add_argument("--steps", type=validate.positive_int, default=6, help="timed steps per model per round (default 6)")
+    p.add_argument("--rounds", type=validate.positive_int, default=2, help="interleaved measuring rounds (default 2)")
+    p.add_argument("--warmup", type=validate.nonneg_int, default=2, help="untimed steps per model first (default 2)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=validate.nonneg_int, default=0)
 
 
 def run(args: argparse.Namespace) -> dict:
-    tcfg = load_recipe(args.config, args.overrides)
+    tcfg = load_recipe(args.config or str(DEFAULT_RECIPE), args.overrides)
     device = resolve_device(tcfg.device)
     base = tcfg.model_config()
     names = [n.strip() for n in args.models.split(",") if n.strip()]

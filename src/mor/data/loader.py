@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .. import validate
 from .sources import DataError
 
 #: Version of the prepared-directory layout written to ``meta.json``.
@@ -51,7 +52,7 @@ def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
     try:
         for split, info in meta["splits"].items():
             for shard in info["shards"]:
-                shard_path = directory / shard["file"]
+                shard_path = validate.check_shard_file(directory, shard["file"], path)
                 if not shard_path.is_file():
                     raise DataError(f"shard {shard['file']!r} listed in {path} is missing")
                 size, expected = shard_path.stat().st_size, shard["tokens"] * itemsize

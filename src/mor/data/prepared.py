@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .. import runlock, textchunks, validate
 from ..runtime import fsync_dir, stage_file, temp_file, write_atomic
 from .loader import FORMAT_VERSION
 from .sources import SHAKESPEARE, SOURCES_HELP, DataError, iter_documents
@@ -94,32 +95,42 @@ def _tokenize_to_stream(
     bar = tqdm(desc="tokenizing", unit="doc", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     total_tokens = 0
 
-    def flush(batch: list[str], out) -> None:
-        nonlocal total_tokens
-        encodings = tokenizer.encode_batch(batch, add_special_tokens=False)
-        sizes = [len(e.ids) + 1 for e in encodings]
+    chunkable = textchunks.is_chunkable(tokenizer)
+    doc_tokens = 0  # tokens so far of the document whose pieces are being encoded
+
+    def flush(batch: list[tuple[str, bool]], out) -> None:
+        # a long document arrives as several pieces (bounded memory, same ids: mor.textchunks);
+        # the EOS follows its last piece
+        nonlocal total_tokens, doc_tokens
+        encodings = tokenizer.encode_batch([t for t, _ in batch], add_special_tokens=False)
+        sizes = [len(e.ids) + last for e, (_, last) in zip(encodings, batch)]
         flat = np.empty(sum(sizes), dtype=dtype)
         pos = 0
-        for enc, size in zip(encodings, sizes):
-            flat[pos:pos + size - 1] = enc.ids
-            flat[pos + size - 1] = eos_id
+        for enc, size, (_, last) in zip(encodings, sizes, batch):
+            flat[pos:pos + len(enc.ids)] = enc.ids
+            doc_tokens += size
+            if last:
+                flat[pos + size - 1] = eos_id
+                lengths.append(doc_tokens)
+                doc_tokens = 0
             pos += size
+        del encodings
         out.write(flat.tobytes())
-        lengths.extend(sizes)
         total_tokens += len(flat)
-        bar.update(len(batch))
+        bar.update(sum(last for _, last in batch))
         bar.set_postfix(tokens=f"{total_tokens:,}", refresh=False)
 
     try:
         with open(stream_path, "wb") as out:
-            batch: list[str] = []
+            batch: list[tuple[str, bool]] = []
             chars = 0
             for doc in documents:
-                batch.append(doc)
-                chars += len(doc)
-                if len(batch) >= 256 or chars >= 2_000_000:
-                    flush(batch, out)
-                    batch, chars = [], 0
+                for part, last in textchunks.with_last(textchunks.pieces(doc) if chunkable else [doc]):
+                    batch.append((part, last))
+                    chars += len(part)
+                    if len(batch) >= 256 or chars >= 2_000_000:
+                        flush(batch, out)
+                        batch, chars = [], 0
             if batch:
                 flush(batch, out)
     finally:
@@ -211,8 +222,9 @@ def prepare(
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
 
-    if tokenizer is None:
-        tok = train_tokenizer(iter_documents(sources, text_field), vocab_size)
+    if tokenizer is None:  # words never cross piece boundaries, so the counts (and merges) are the same
+        tok = train_tokenizer((p for d in iter_documents(sources, text_field) for p in textchunks.pieces(d)),
+                              vocab_size)
     else:
         tok = load_tokenizer(tokenizer)
     eos_id, eos_token = _find_eos(tok)
@@ -302,15 +314,15 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "--tokenizer", default=None,
         help="existing tokenizer.json (or a folder holding one) instead of training a BPE",
     )
-    parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size to train (default 8192)")
+    parser.add_argument("--vocab-size", type=validate.positive_int, default=8192, help="BPE vocabulary size to train (default 8192)")
     parser.add_argument(
-        "--val-fraction", type=float, default=0.005,
+        "--val-fraction", type=validate.unit_fraction, default=0.005,
         help="share of tokens held out as whole documents for validation (default 0.005)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the validation hold-out (default 0)")
+    parser.add_argument("--seed", type=validate.nonneg_int, default=0, help="seed of the validation hold-out (default 0)")
     parser.add_argument("--text-field", default="text", help="JSON field / parquet column with the text (default text)")
     parser.add_argument(
-        "--shard-tokens", type=int, default=50_000_000,
+        "--shard-tokens", type=validate.positive_int, default=50_000_000,
         help="maximum tokens per .bin shard (default 50,000,000)",
     )
     return parser
@@ -324,17 +336,22 @@ def run_prepare(args: argparse.Namespace) -> dict[str, Any]:
     dict as one JSON line). Returns the JSON-serializable summary: the
     ``meta.json`` contents plus ``out_dir`` and ``seconds``.
     """
-    summary = prepare(
-        args.sources or [SHAKESPEARE],
-        args.out,
-        tokenizer=args.tokenizer,
-        vocab_size=args.vocab_size,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        text_field=args.text_field,
-        shard_tokens=getattr(args, "shard_tokens", 50_000_000),
-        progress=True,
-    )
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is an existing file; give a directory (new or a prepared one)")
+    with runlock.RunLock(out, "mor prepare"):  # one writer; then clear what a killed one left
+        runlock.remove_stale_temporaries(out)
+        summary = prepare(
+            args.sources or [SHAKESPEARE],
+            args.out,
+            tokenizer=args.tokenizer,
+            vocab_size=args.vocab_size,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            text_field=args.text_field,
+            shard_tokens=getattr(args, "shard_tokens", 50_000_000),
+            progress=True,
+        )
     train, val = summary["splits"]["train"], summary["splits"]["val"]
     print(f"prepared {summary['out_dir']}: {summary['num_documents']:,} documents from "
           f"{', '.join(summary['sources'])} in {summary['seconds']:.1f} s")

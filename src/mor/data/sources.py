@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -147,7 +148,9 @@ def _read_text_file(path: Path, latin1: bool = False) -> str:
     else:
         try:
             text = data.decode("utf-8-sig")
-        except UnicodeDecodeError:
+        except UnicodeDecodeError as e:  # the rule (docs/reliability.md): UTF-8, else latin-1, said out loud
+            print(f"note: {path} is not UTF-8 (byte {e.start} is 0x{data[e.start]:02x}); decoding it as latin-1",
+                  file=sys.stderr)
             text = data.decode("latin-1")
     if not text.strip():
         raise DataError(f"file contains no text (only whitespace): {path}")

@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import validate
 from .request import RequestError, SamplingParams
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
-    p.add_argument("--prompt", "-p", action="append", default=[], help="prompt text (repeat for several)")
+    p.add_argument("--prompt", "-p", action="append", default=[], type=validate.text_arg, help="prompt text (repeat for several)")
     p.add_argument("--prompt-file", help="a file with one prompt per line")
     p.add_argument("--max-tokens", "-n", type=int, default=64, help="new tokens per prompt at most (default 64)")
     p.add_argument("--temperature", "-t", type=float, default=0.8, help="0 = greedy (default 0.8)")
@@ -29,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="weights and KV dtype (default bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--max-batch", type=int, default=32, help="concurrent sequences (default 32)")
+    p.add_argument("--max-batch", type=validate.positive_int, default=32, help="concurrent sequences (default 32)")
     p.add_argument("--schedule", default="auto", choices=["auto", "depth", "sequence"],
                    help="depth-wise or sequence-wise batching (auto: depth for MoR)")
     p.add_argument("--no-stream", action="store_true", help="print each text when it is complete")
@@ -43,6 +44,8 @@ def _prompts(args: argparse.Namespace) -> list[str]:
                 prompts += [line.rstrip("\n") for line in f if line.strip()]
         except OSError as e:
             raise RequestError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise RequestError(f"--prompt-file {args.prompt_file} is not UTF-8 text (byte {e.start})") from None
     if not prompts:
         raise RequestError("give at least one --prompt (or --prompt-file)")
     return prompts
@@ -52,6 +55,10 @@ def run(args: argparse.Namespace) -> dict:
     from .llm import LLM
 
     prompts = _prompts(args)
+    if args.device:
+        from ..train import resolve_device
+
+        resolve_device(args.device)  # a clear error for cuda without CUDA, or a misspelt device
     stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop] if args.stop else None
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, stop=stop, seed=args.seed, ignore_eos=args.ignore_eos)

@@ -185,6 +185,11 @@ class Engine:
             if prompt == "":
                 raise RequestError("prompt is empty; give at least one token (for unprompted generation pass "
                                    f"[{self.eos_token_id}], the end-of-text token)")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise RequestError(f"prompt has a character that is not valid Unicode text "
+                                   f"({prompt[e.start:e.end]!r} at position {e.start})") from None
             return list(self.tokenizer.encode(prompt).ids), prompt
         try:
             items = list(prompt)

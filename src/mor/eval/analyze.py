@@ -32,11 +32,13 @@ import json
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch.nn import functional
 
+from .. import textchunks, validate
 from ..runtime import write_atomic
 from .common import describe, is_expert_choice, load_for_eval, model_routing, routing_modes, update_results
 from .depth import forward_depth
@@ -89,11 +91,12 @@ def analyze_text(model, tokenizer, text: str, *, modes: list[str] | None = None,
     cfg = model.config
     nr = cfg.num_recursions
     device = next(model.parameters()).device
-    enc = tokenizer.encode(text, add_special_tokens=False)
-    ids = enc.ids[:max_tokens]
+    # only the first max_tokens tokens are encoded (bounded pieces of a long text)
+    ids, offsets = textchunks.encode_prefix(tokenizer, text, max_tokens)
     if len(ids) < 2:
         raise ValueError("the text gives fewer than 2 tokens; give a longer --text or --file")
-    pieces = token_pieces(text, enc)[:len(ids)]
+    pieces = token_pieces(text if len(ids) < max_tokens else text[:offsets[-1][1]],
+                          SimpleNamespace(offsets=offsets))[:len(ids)]
     seq_len = min(int(seq_len or cfg.max_position_embeddings), cfg.max_position_embeddings)
     chunks = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
     if len(chunks) > 1 and len(chunks[-1]) < 2:  # a 1-token tail predicts nothing: merge it away
@@ -379,15 +382,15 @@ def summary(analysis: dict[str, Any]) -> dict[str, Any]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text", help="the text to analyse")
+    src.add_argument("--text", type=validate.text_arg, help="the text to analyse")
     src.add_argument("--file", help="a UTF-8 text file to analyse")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint>/analysis)")
     p.add_argument("--routing", default="both", choices=("both", "topk", "threshold"),
                    help="expert-choice routing rule(s) to analyse (default both)")
-    p.add_argument("--seq-len", type=int, default=None,
+    p.add_argument("--seq-len", type=validate.positive_int, default=None,
                    help="tokens per forward pass (default: the model's max_position_embeddings)")
-    p.add_argument("--max-tokens", type=int, default=2048, help="analyse at most this many tokens (default 2048)")
-    p.add_argument("--extra-depth", type=int, default=2,
+    p.add_argument("--max-tokens", type=validate.positive_int, default=2048, help="analyse at most this many tokens (default 2048)")
+    p.add_argument("--extra-depth", type=validate.nonneg_int, default=2,
                    help="depth scaling: extra passes beyond N_r to try (default 2; not for token-choice)")
     p.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda or cuda:N")
     p.add_argument("--no-save", action="store_true", help="do not merge the summary into results.json")
@@ -401,7 +404,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f = Path(args.file)
         if not f.is_file():
             raise FileNotFoundError(f"--file {f} not found")
-        text = f.read_text(encoding="utf-8", errors="replace")
+        text = textchunks.read_text_prefix(f, tok, args.max_tokens)  # never more of the file than needed
     else:
         text = args.text
     modes = routing_modes(model.config)
@@ -414,6 +417,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     except ValueError as e:
         raise CLIError(str(e)) from None
     out_dir = Path(args.out) if args.out else Path(ckpt_dir) / "analysis"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CLIError(f"--out {out_dir} is an existing file; give a folder for the analysis files")
     files = write_outputs(analysis, out_dir)
     summ = {**summary(analysis), "files": files, "seconds": round(time.time() - t0, 2),
             "checkpoint": str(ckpt_dir)}

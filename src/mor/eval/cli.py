@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .. import validate
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
@@ -30,19 +32,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default=None,
                    help="few-shot tasks: 'paper' (LAMBADA, HellaSwag, PIQA, ARC-E/C, WinoGrande, MMLU) or a "
                         "comma-separated subset (lambada,hellaswag,piqa,arc,arc_easy,arc_challenge,winogrande,mmlu)")
-    p.add_argument("--limit", type=float, default=None,
+    p.add_argument("--limit", type=validate.limit_value, default=None,
                    help="evaluate only the first N documents of each task (a fraction if < 1)")
-    p.add_argument("--num-fewshot", type=int, default=0, help="in-context examples per task (paper: 0)")
+    p.add_argument("--num-fewshot", type=validate.nonneg_int, default=0, help="in-context examples per task (paper: 0)")
     p.add_argument("--routing", default="both", choices=("both", "topk", "threshold"),
                    help="expert-choice routing rule(s) for NLL (default both)")
     p.add_argument("--task-routing", default="topk", choices=("both", "topk", "threshold"),
                    help="expert-choice routing rule(s) for the tasks (default topk, as the paper)")
-    p.add_argument("--seq-len", type=int, default=None,
+    p.add_argument("--seq-len", type=validate.positive_int, default=None,
                    help="NLL window length (default: the model's max_position_embeddings)")
-    p.add_argument("--max-tokens", type=int, default=None, help="NLL: use only the first N tokens of each source")
+    p.add_argument("--max-tokens", type=validate.positive_int, default=None, help="NLL: use only the first N tokens of each source")
     p.add_argument("--split", default="val", help="split of a prepared data dir (default val)")
     p.add_argument("--text-field", default="text", help="JSON field / parquet column with the text")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    p.add_argument("--batch-size", type=validate.positive_int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     p.add_argument("--no-save", action="store_true", help="do not merge the results into results.json")
@@ -92,6 +94,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             specs = resolve_tasks(args.tasks)
         except ValueError as e:
             raise CLIError(str(e)) from None
+        if not specs:
+            raise CLIError(f"--tasks {args.tasks!r} names no task; give e.g. --tasks paper or --tasks piqa,arc")
         modes = ["topk", "threshold"] if args.task_routing == "both" else [args.task_routing]
         if not is_expert_choice(cfg):
             modes = ["topk"]  # the routing rule does not matter for this model

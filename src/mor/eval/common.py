@@ -11,7 +11,7 @@ import torch
 
 from ..checkpoint import CheckpointError, load_model, load_tokenizer, resolve_checkpoint
 from ..config import ConfigError, ModelConfig
-from ..runtime import EOS_CANDIDATES, find_eos, jsonable, resolve_device, resolve_dtype, write_atomic
+from ..runtime import EOS_CANDIDATES, find_eos, json_safe, resolve_device, resolve_dtype, to_json, write_atomic
 
 RESULTS_FILE = "results.json"
 
@@ -99,6 +99,6 @@ def update_results(ckpt_dir: str | os.PathLike, updates: dict[str, Any]) -> Path
                 current = {}
             if not isinstance(current, dict):
                 current = {}
-        _deep_merge(current, json.loads(json.dumps(updates, default=jsonable)))
-        write_atomic(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
+        _deep_merge(current, json_safe(updates))
+        write_atomic(path, to_json(current, sort_keys=True))
     return path

@@ -47,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = ["lm-eval", *argv]
     try:
         cli_evaluate()
+    except Exception as e:  # a bad checkpoint or value of ours: one line, not lm-eval's traceback
+        from ..checkpoint import CheckpointError
+        from ..config import ConfigError
+
+        if not isinstance(e, (CheckpointError, ConfigError)):
+            raise
+        print(f"mor.eval.lm_eval_cli: error: {e}", file=sys.stderr)
+        return 2
     finally:
         sys.argv = old
     return 0

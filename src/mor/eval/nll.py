@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch.nn import functional
 
+from .. import textchunks
 from ..checkpoint import CheckpointError
 from .common import eos_id, is_expert_choice, model_routing, routing_modes
 
@@ -93,7 +94,16 @@ def token_stream(source: str, tokenizer, *, text_field: str = "text", max_tokens
             batch.clear()
 
         for doc in iter_documents(source, text_field=text_field):
-            batch.append(doc)
+            if len(doc) > textchunks.MAX_CHARS:  # a long document: in bounded pieces, only as far as needed
+                flush()
+                for ids in textchunks.encode_ids(tokenizer, doc, max_tokens=None if max_tokens is None
+                                                 else max_tokens - total):
+                    parts.append(np.asarray(ids, dtype=np.int64))
+                    total += len(ids)
+                parts.append(np.asarray([eos], dtype=np.int64))
+                total, ndocs = total + 1, ndocs + 1
+            else:
+                batch.append(doc)
             if len(batch) >= 64:
                 flush()
             if max_tokens is not None and total >= max_tokens:

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..runlock import RunLock
 from ..runtime import read_json, write_json
 from ..variants import parse_variants
 from .combine import combine_report
@@ -110,6 +111,13 @@ def isoflop(args: argparse.Namespace) -> dict:
     t_start = time.time()
     shape_names = [Path(s.strip()).stem for s in str(args.shapes).split(",") if s.strip()]
     out = Path(args.out or f"runs/experiment-{'+'.join(shape_names)}")
+    if args.plan:
+        return _isoflop(args, out, t_start)
+    with RunLock(out, "mor experiment"):  # one writer per experiment directory
+        return _isoflop(args, out, t_start)
+
+
+def _isoflop(args: argparse.Namespace, out: Path, t_start: float) -> dict:
     report_dir = Path(args.report_dir) if args.report_dir else out
     notes: set[str] = set()
     variants = parse_variants(args.models, args.nr, args.kv, args.sharing)
