@@ -405,7 +405,9 @@ def test_json_line_never_holds_nan(capsys, monkeypatch):
 
     rec = json.loads(line, parse_constant=strict)
     assert rec["nll"] is None and rec["x"] == [None, 1.5]
-    assert validate.json_safe({"a": (1.0, float("-inf"))}) == {"a": [1.0, None]}
+    from mor.runtime import json_safe
+
+    assert json_safe({"a": (1.0, float("-inf"))}) == {"a": [1.0, None]}
 
 
 def test_metrics_jsonl_is_strict_json(tmp_path):
