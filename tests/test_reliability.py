@@ -133,6 +133,26 @@ def test_prepare_and_experiment_take_the_lock(tmp_path, capsys, holder):
     assert f"pid {p2.pid}" in line
 
 
+def test_export_and_import_official_take_the_output_lock(tmp_path, capsys):
+    """Writers that replace a whole directory hold a lock next to it (the directory itself is
+    renamed into place); a second writer fails at once and OUT is untouched."""
+    from helpers import make_checkpoint
+
+    ck = make_checkpoint(tmp_path / "ck", "mor")
+    out = tmp_path / "export"
+    with runlock.output_lock(out, "test holder"):
+        line = one_line_error(*run_cli(capsys, ["export", str(ck), str(out)]))
+        assert str(out) in line and f"pid {os.getpid()}" in line and "test holder" in line
+        assert not out.exists()
+        line = one_line_error(*run_cli(capsys, ["import-official", str(tmp_path / "official"), "--recipe",
+                                                str(tmp_path / "cfg.yaml"), str(out)]))
+        assert f"pid {os.getpid()}" in line
+        assert not out.exists()
+    rc, _, err = run_cli(capsys, ["export", str(ck), str(out)])  # released: the export runs
+    assert rc == 0, err
+    assert (out / "config.json").is_file() and not (out / runlock.LOCK_FILE).exists()
+
+
 # ---------------------------------------------------------------------- 2. stale temporaries
 def test_stale_temporaries_are_removed_and_an_interrupted_replace_is_undone(data_dir, tmp_path):
     full = tmp_path / "full"

@@ -54,12 +54,14 @@ def _holder(lock_path: Path) -> str:
 
 class RunLock:
     """Exclusive, crash-safe lock on a directory (created if needed). A context manager;
-    ``acquire()``/``release()`` for manual use. ``what`` names the holder in messages."""
+    ``acquire()``/``release()`` for manual use. ``what`` names the holder in messages.
+    ``name``: the lock file in ``directory`` (default ``.mor.lock``); see ``output_lock``."""
 
-    def __init__(self, directory: str | os.PathLike, what: str = "mor"):
+    def __init__(self, directory: str | os.PathLike, what: str = "mor", name: str = LOCK_FILE):
         self.directory = Path(directory).expanduser()
         self.what = what
-        self.path = self.directory / LOCK_FILE
+        self.path = self.directory / name
+        self.label = self.directory  # what the messages call the locked output
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
@@ -76,7 +78,7 @@ class RunLock:
                 os.close(fd)
                 if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                     raise RunLockedError(
-                        f"{self.directory} is in use by {_holder(self.path)}; a directory has one writer at a "
+                        f"{self.label} is in use by {_holder(self.path)}; a directory has one writer at a "
                         "time: wait for that process to finish (or stop it) or choose another directory") from None
                 raise
         info = {"pid": os.getpid(), "host": socket.gethostname(), "what": self.what,
@@ -108,6 +110,16 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def output_lock(out: str | os.PathLike, what: str) -> RunLock:
+    """The one-writer lock of an output directory that is written whole and renamed into place
+    (``mor export``, ``mor import-official``): the lock file cannot live inside ``out``, which
+    is replaced, so it sits next to it as ``.NAME.mor.lock`` in the parent directory."""
+    out = Path(out).expanduser().absolute()
+    lock = RunLock(out.parent, what, name=f".{out.name}{LOCK_FILE}")
+    lock.label = out
+    return lock
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 
+from ..runlock import output_lock
 from ..runtime import atomic_directory
 from ..checkpoint import CheckpointError, load_model, load_tokenizer, resolve_checkpoint, unique_state_dict
 from ..config import ModelConfig
@@ -56,6 +57,11 @@ def export_model(model, out: str | os.PathLike, *, tokenizer: str | os.PathLike 
     if routing not in ("topk", "threshold"):
         raise ExportError(f"routing={routing!r} is not valid; choose one of: topk, threshold")
     out = Path(out)
+    with output_lock(out, "mor export"):  # one writer per output directory
+        return _export_model(model, out, tokenizer, routing, overwrite)
+
+
+def _export_model(model, out: Path, tokenizer, routing: str, overwrite: bool) -> Path:
     _check_out(out, overwrite)
     cfg: ModelConfig = model.config
     tok = _as_tokenizer(tokenizer)
@@ -107,11 +113,12 @@ def import_hf(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool
     from .hf_llama import load_llama
 
     out = Path(out)
-    _check_out(out, overwrite)
-    model, tok = load_llama(src, dtype=None)
-    if tok is not None:
-        _as_tokenizer(tok)  # a readable tokenizer.json, or a clear error before anything is written
-    return save_checkpoint(out, model, tokenizer=tok, meta={"imported_from": str(Path(src).resolve())})
+    with output_lock(out, "mor export"):  # one writer per output directory
+        _check_out(out, overwrite)
+        model, tok = load_llama(src, dtype=None)
+        if tok is not None:
+            _as_tokenizer(tok)  # a readable tokenizer.json, or a clear error before anything is written
+        return save_checkpoint(out, model, tokenizer=tok, meta={"imported_from": str(Path(src).resolve())})
 
 
 # ---------------------------------------------------------------------- configs

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ..runlock import output_lock
 from ..checkpoint import CheckpointError, save_checkpoint
 from ..config import ConfigError, ModelConfig
 from ..model import MoRForCausalLM
@@ -367,6 +368,11 @@ def import_official(src: str | Path, recipe_path: str | Path, out: str | Path, *
                     tokenizer: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Convert an official checkpoint into a mor checkpoint directory at ``out``."""
     out = Path(out)
+    with output_lock(out, "mor import-official"):  # one writer per output directory
+        return _import_official(src, recipe_path, out, tokenizer, overwrite)
+
+
+def _import_official(src, recipe_path, out: Path, tokenizer, overwrite: bool) -> dict[str, Any]:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OfficialFormatError(f"{out} already exists and is not empty; pass --overwrite to replace it")
     model, tok, notes = load_official(src, recipe_path)
