@@ -442,6 +442,8 @@ def _train(cfg: TrainConfig, dist, *, resume: bool, init_from: str | None, init_
         if n_global == 0:
             raise TrainError(f"step {step} has no target tokens (every label is -100)")
         for micro, (x, y) in enumerate(micro_batches):
+            if device.type == "cuda":  # page-locked, so the copy is really asynchronous
+                x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with dist_util.no_sync(wrapped, dist, micro < cfg.grad_accum - 1), autocast():
                 out = fwd(x, labels=y)
