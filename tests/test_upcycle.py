@@ -168,13 +168,14 @@ def test_target_config_errors():
 
 
 def test_train_init_from_hf_with_a_mor_vanilla_checkpoint(tmp_path, data_dir):
-    """`mor train --init-from-hf` accepts a mor vanilla checkpoint; with lr=0 the saved model
-    is exactly the initialisation, which must follow the plan."""
+    """`mor train --init-from-hf` accepts a mor vanilla checkpoint; with lr=1e-30 (lr must be
+    > 0; an update that small is below every weight's last bit) the saved model is exactly the
+    initialisation, which must follow the plan."""
     from mor.cli import main
 
     src = _vanilla(8)
     ckpt.save_checkpoint(tmp_path / "van", src, tokenizer=f"{data_dir}/tokenizer.json")
-    common = ["data=" + data_dir, "seq_len=32", "batch_size=2", "max_steps=1", "lr=0", "eval_batches=1",
+    common = ["data=" + data_dir, "seq_len=32", "batch_size=2", "max_steps=1", "lr=1e-30", "eval_batches=1",
               "progress=false", "tensorboard=false", "model.architecture=recursive", "model.num_recursions=3"]
     rc = main(["train", "--init-from-hf", str(tmp_path / "van"), f"out_dir={tmp_path / 'run'}",
                "init_strategy=upper", *common])
