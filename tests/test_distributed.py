@@ -44,7 +44,10 @@ LINUX = sys.platform.startswith("linux")
 TINY = dict(preset="tiny", architecture="mor", num_recursions=3, max_position_embeddings=64)
 ROUTERS = {
     "expert": dict(TINY, use_aux_router=True),
-    "token": dict(TINY, router_type="token", balancing="loss_free"),
+    # sigmoid router (alpha 0.1), not the softmax default: a softmax over 3 depths starts with every
+    # probability near 1/3, where the last-bit differences between 1 and 2 processes can flip a few
+    # argmax decisions and the weights then differ in those tokens' rows (losses still agree)
+    "token": dict(TINY, router_type="token", balancing="loss_free", router_func="sigmoid", router_alpha=0.1),
 }
 MASK_MOD = 3  # expert-choice runs: targets with id % 3 == 0 are ignored (-100)
 STEPS, CKPT_AT = 6, 3
