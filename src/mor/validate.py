@@ -45,47 +45,24 @@ def _number(text: str, kind: type, what: str):
     return v
 
 
-def positive_int(text: str) -> int:
-    v = _number(text, int, "an integer")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= 1")
-    return v
+def _bounded(name: str, kind: type, what: str, ok, rule: str):
+    """An argparse ``type``: a number of ``kind`` for which ``ok(value)`` holds ("must be ``rule``")."""
+    def check(text: str):
+        v = _number(text, kind, what)
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {rule}")
+        return v
+
+    check.__name__ = name
+    return check
 
 
-def nonneg_int(text: str) -> int:
-    v = _number(text, int, "an integer")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= 0")
-    return v
-
-
-def positive_float(text: str) -> float:
-    v = _number(text, float, "a number")
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a number > 0")
-    return v
-
-
-def nonneg_float(text: str) -> float:
-    v = _number(text, float, "a number")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a number >= 0")
-    return v
-
-
-def probability(text: str) -> float:
-    v = _number(text, float, "a number")
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be in (0, 1]")
-    return v
-
-
-def unit_fraction(text: str) -> float:
-    """A number in [0, 1)."""
-    v = _number(text, float, "a number")
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 1)")
-    return v
+positive_int = _bounded("positive_int", int, "an integer", lambda v: v >= 1, "an integer >= 1")
+nonneg_int = _bounded("nonneg_int", int, "an integer", lambda v: v >= 0, "an integer >= 0")
+positive_float = _bounded("positive_float", float, "a number", lambda v: v > 0, "a number > 0")
+nonneg_float = _bounded("nonneg_float", float, "a number", lambda v: v >= 0, "a number >= 0")
+probability = _bounded("probability", float, "a number", lambda v: 0 < v <= 1, "in (0, 1]")
+unit_fraction = _bounded("unit_fraction", float, "a number", lambda v: 0 <= v < 1, "in [0, 1)")  # [0, 1)
 
 
 def limit_value(text: str) -> float:
