@@ -251,8 +251,15 @@ class Engine:
         """Run one engine step (see the module docstring); returns the tokens it produced."""
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
+        timing = self.runner.timing  # per-phase wall clock, only while profiling (mor.engine.profile)
+        if timing is not None:
+            timing["schedule"] += time.perf_counter() - t0
         out = self.runner.execute(plan)
+        if timing is not None:
+            t1 = time.perf_counter()
         events = self._postprocess(plan, out)
+        if timing is not None:
+            timing["postprocess"] += time.perf_counter() - t1
         self.stats.steps += 1
         self.stats.running_sum += len(self.scheduler.running)
         if self.device.type == "cuda":
