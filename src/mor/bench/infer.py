@@ -85,6 +85,7 @@ class InferBench:
     calib_seqs: int = 16
     repeats: int = 1
     profile: bool = False
+    decode_precision: str | None = None
     profile_steps: int = 16
 
 
@@ -131,6 +132,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also profile steady decode steps of every model at batch 1, --batch and the memory-matched "
                         "batch: time per phase and per op kind, achieved GFLOP/s and bytes/token against the "
                         "measured matmul peak and memory bandwidth, MoR's speed-up against its roofline prediction")
+    p.add_argument("--decode-precision", default=d.decode_precision, choices=["bf16", "fp16", "int8"],
+                   help="opt-in low-precision decode weights for every model (mor.engine.quant; default: the "
+                        "models' own, exact); reports NLL and greedy agreement against the full-precision model")
     p.add_argument("--profile-steps", type=int, default=d.profile_steps, help="steps per profile view (default 16)")
 
 
@@ -197,6 +201,8 @@ class Entry:
     kind: str  # "vanilla" | "mor"
     num_recursions: int
     enter_fractions: list[float] | None = None  # measured on calibration data (MoR)
+    reference: MoRForCausalLM | None = None  # the full-precision model when ``model`` is a low-precision copy
+    accuracy: dict | None = None  # mor.engine.quant.decode_accuracy of ``model`` against ``reference``
 
 
 def _shape(settings: InferBench, dev) -> tuple[str, dict, int | None]:
@@ -506,6 +512,16 @@ def benchmark(settings: InferBench) -> dict:
                 cfg = preset(shape, "vanilla", num_hidden_layers=L, **over)
                 vanillas[L] = Entry(f"vanilla-{L}L", _build(cfg, dev, dtype, settings.seed), "vanilla", 0)
 
+    if settings.decode_precision:  # every model decodes with low-precision weights; measure what that costs
+        from ..engine.quant import decode_accuracy, low_precision_copy
+
+        g = torch.Generator().manual_seed(settings.seed + 1)
+        for e in mors + list(vanillas.values()):
+            cfg = e.model.config
+            ids = torch.randint(0, cfg.vocab_size, (4, min(128, cfg.max_position_embeddings)), generator=g).to(dev)
+            e.reference, e.model = e.model, low_precision_copy(e.model, settings.decode_precision)
+            e.accuracy = decode_accuracy(e.reference, e.model, ids)
+
     # memory budget (bytes) for the memory-matched setting, per vanilla partner
     max_seq = max(len(p) for p in prompts) + round(settings.mean_len * (1 + settings.len_spread))
     vmax = settings.vanilla_max_batch or (256 if dev.type == "cuda" else 48)
@@ -578,7 +594,7 @@ def benchmark(settings: InferBench) -> dict:
                 ours = max((run_engine(v.model, prompts[:1], wl, batch=n, schedule="sequence",
                                        temperature=settings.temperature, seed=settings.seed, block_size=settings.block_size)
                             for _ in reps), key=lambda r: r["tokens_per_s"])
-                hf = max((run_hf(v.model, prompts[0], n, settings.mean_len, temperature=settings.temperature, seed=settings.seed)
+                hf = max((run_hf(v.reference or v.model, prompts[0], n, settings.mean_len, temperature=settings.temperature, seed=settings.seed)
                           for _ in reps), key=lambda r: r["tokens_per_s"])
                 hf_rows.append({"model": v.name, "batch": n, "new_tokens": settings.mean_len,
                                 "ours_tokens_per_s": ours["tokens_per_s"], "hf_tokens_per_s": hf["tokens_per_s"],
@@ -594,11 +610,15 @@ def benchmark(settings: InferBench) -> dict:
         "kv_budget_mb": settings.kv_budget_mb, "rows": rows, "comparisons": [
             {"model": r["model"], "setting": r["setting"], "schedule": r["schedule"], "batch": r["batch"],
              "vs": r["vs"], "speedup": r["speedup"], "paper_speedup": r["paper_speedup"]} for r in results],
-        "hf": hf_rows, "profile": prof, "wall_s": time.perf_counter() - t_start,
+        "hf": hf_rows, "profile": prof, "decode_precision": settings.decode_precision,
+        "decode_accuracy": {e.name: e.accuracy for e in list(vanillas.values()) + mors if e.accuracy}, "wall_s": time.perf_counter() - t_start,
     }
     print_report(summary)
     if prof is not None:
         print_profile(prof)
+    for name, a in summary["decode_accuracy"].items():
+        print(f"{settings.decode_precision} decode accuracy {name}: NLL {a['nll']:.4f} -> {a['nll_low']:.4f}, "
+              f"greedy agreement {a['greedy_agreement']:.3f}, max logit error {a['max_logit_error']:.4f}")
     return summary
 
 
