@@ -359,7 +359,8 @@ def profile_model(entry: Entry, batch: int, settings: InferBench, prompt: list[i
     model, cfg = entry.model, entry.model.config
     n_steps = max(1, settings.profile_steps)
     warm = 2 + 4 * (entry.num_recursions + 1)
-    length = warm + 2 * n_steps * (entry.num_recursions + 1) + 8
+    reps = max(1, settings.repeats)
+    length = warm + (reps + 1) * n_steps * (entry.num_recursions + 1) + 8
     max_len = min(len(prompt) + length + 1, cfg.max_position_embeddings)
     eng = Engine(model, max_batch=batch, max_model_len=max_len, kv_memory_bytes=budget,
                  block_size=settings.block_size, schedule="depth" if entry.kind == "mor" else "sequence",
@@ -369,7 +370,7 @@ def profile_model(entry: Entry, batch: int, settings: InferBench, prompt: list[i
     for _ in range(warm):
         eng.step()
     kv_read = eng.pool.used_bytes  # each step's attention reads every cached entry once (per layer)
-    prof = profile_engine(eng, n_steps)
+    prof = profile_engine(eng, n_steps, repeats=reps)
     del eng
     gc.collect()
     tps = prof.tokens_per_step / prof.step_s if prof.step_s > 0 else 0.0

@@ -134,10 +134,17 @@ def profile_ops(engine, steps: int) -> tuple[dict[str, float], dict[str, float],
     return secs, calls, wall, done
 
 
-def profile_engine(engine, steps: int = 16, ops: bool = True) -> StepProfile:
+def profile_engine(engine, steps: int = 16, ops: bool = True, repeats: int = 1) -> StepProfile:
     """Both views over ``steps`` steps each (phases first, then ops), per-step averages.
-    The engine should be in steady decode (requests admitted, prompts prefilled)."""
-    phases, wall, n, tokens = time_phases(engine, steps)
+    The engine should be in steady decode (requests admitted, prompts prefilled). With
+    ``repeats`` > 1 the phases view is the fastest of that many consecutive windows (a busy
+    machine only ever slows a window down)."""
+    best = None
+    for _ in range(max(1, repeats)):
+        phases, wall, n, tokens = time_phases(engine, steps)
+        if n and (best is None or wall / n < best[1] / best[2]):
+            best = (phases, wall, n, tokens)
+    phases, wall, n, tokens = best if best is not None else (phases, wall, n, tokens)
     n = max(1, n)
     prof = StepProfile(steps=n, tokens=tokens, step_s=wall / n, phases_s={k: v / n for k, v in phases.items()})
     if ops:
