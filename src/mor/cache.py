@@ -322,7 +322,6 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=pool.dtype, device=self.device)
         self.k_rows = self.k.view(pool.num_blocks * pool.block_size, pool.num_kv_heads, pool.head_dim)
         self.v_rows = self.v.view(pool.num_blocks * pool.block_size, pool.num_kv_heads, pool.head_dim)
-        self._work: torch.Tensor | None = None  # gather workspace (K, V), grown on demand
 
     def write(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store K/V (N, kv_heads, head_dim) at physical rows (N,)."""
@@ -330,18 +329,12 @@ class KVCache:
         self.v_rows.index_copy_(0, rows, v.to(self.v.dtype))
 
     def gather(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V of blocks (N, nb) as (N, kv_heads, nb * block_size, head_dim) views for attention.
-
-        The views are of a workspace reused by the next call (read them before gathering again):
-        a fresh multi-megabyte tensor per layer costs page faults comparable to the copy itself."""
+        """K/V of blocks (N, nb) as (N, kv_heads, nb * block_size, head_dim) views for attention."""
         N, nb = blocks.shape
         flat = blocks.reshape(-1)
-        n = flat.numel()
-        if self._work is None or self._work.size(1) < n:
-            self._work = torch.empty((2, max(n, 64), self.k[0].numel()), dtype=self.k.dtype, device=self.device)
         # index_select on whole-block rows is a plain row copy (much faster than advanced indexing)
-        k = torch.index_select(self.k.view(self.num_blocks, -1), 0, flat, out=self._work[0, :n])
-        v = torch.index_select(self.v.view(self.num_blocks, -1), 0, flat, out=self._work[1, :n])
+        k = self.k.view(self.num_blocks, -1).index_select(0, flat)
+        v = self.v.view(self.num_blocks, -1).index_select(0, flat)
         shape = (N, nb * self.block_size) + tuple(self.k.shape[2:])
         return k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
 
