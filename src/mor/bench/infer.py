@@ -26,6 +26,13 @@ at recursion r matches c_r / c_{r-1} (a fair depth distribution). The depths act
 produced during generation are measured and reported. ``--mor-checkpoint`` /
 ``--vanilla-checkpoint`` load trained models instead (no calibration).
 
+``--profile`` adds, for every model at batch 1, ``--batch`` and its memory-matched batch, a
+profile of steady decode steps (``mor.engine.profile``: time per phase and per op kind) placed
+against this device's measured matmul peak and memory bandwidth (achieved GFLOP/s, GB/s,
+share of the roofline limit; for MoR the speed-up over vanilla next to the roofline
+prediction, the FLOP ratio and the KV ratio). ``--decode-precision`` runs every model with
+opt-in low-precision weights (``mor.engine.quant``) and reports their accuracy cost.
+
 The human table comes first; ``run`` returns the summary dict (printed by ``mor`` as the
 last JSON line).
 """
