@@ -129,3 +129,31 @@ def measure_matmul_peak(device: str | torch.device = "cpu", dtype: torch.dtype |
                     break
         best = max(best, 2 * n ** 3 * iters / (time.perf_counter() - t0))
     return best
+
+
+def measure_memory_bandwidth(device: str | torch.device = "cpu", nbytes: int | None = None,
+                             seconds: float = 1.0, repeats: int = 3) -> float:
+    """Measured read bandwidth (bytes/s) of this device's main memory: the time of a full
+    reduction (``sum``) over an fp32 tensor far larger than the caches, best of ``repeats``
+    windows. The bandwidth limit of a memory-bound decode step (weights + KV read per token)."""
+    device = torch.device(device)
+    nbytes = nbytes or (2 << 30 if device.type == "cuda" else 256 << 20)
+    x = torch.ones(nbytes // 4, device=device, dtype=torch.float32)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    x.sum()
+    sync()
+    best = 0.0
+    for _ in range(max(1, repeats)):
+        iters, t0 = 0, time.perf_counter()
+        while True:
+            x.sum()
+            iters += 1
+            sync()
+            if time.perf_counter() - t0 >= seconds / max(1, repeats):
+                break
+        best = max(best, x.numel() * 4 * iters / (time.perf_counter() - t0))
+    return best

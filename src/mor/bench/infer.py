@@ -26,6 +26,13 @@ at recursion r matches c_r / c_{r-1} (a fair depth distribution). The depths act
 produced during generation are measured and reported. ``--mor-checkpoint`` /
 ``--vanilla-checkpoint`` load trained models instead (no calibration).
 
+``--profile`` adds, for every model at batch 1, ``--batch`` and its memory-matched batch, a
+profile of steady decode steps (``mor.engine.profile``: time per phase and per op kind) placed
+against this device's measured matmul peak and memory bandwidth (achieved GFLOP/s, GB/s,
+share of the roofline limit; for MoR the speed-up over vanilla next to the roofline
+prediction, the FLOP ratio and the KV ratio). ``--decode-precision`` runs every model with
+opt-in low-precision weights (``mor.engine.quant``) and reports their accuracy cost.
+
 The human table comes first; ``run`` returns the summary dict (printed by ``mor`` as the
 last JSON line).
 """
@@ -85,6 +92,9 @@ class InferBench:
     block_size: int = 16
     calib_seqs: int = 16
     repeats: int = 1
+    profile: bool = False
+    decode_precision: str | None = None
+    profile_steps: int = 16
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -126,6 +136,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-seqs", type=validate.positive_int, default=d.calib_seqs, help="random sequences used to calibrate routers")
     p.add_argument("--repeats", type=validate.positive_int, default=d.repeats,
                    help="timed runs per configuration; the fastest counts (use >1 on a busy machine)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile steady decode steps of every model at batch 1, --batch and the memory-matched "
+                        "batch: time per phase and per op kind, achieved GFLOP/s and bytes/token against the "
+                        "measured matmul peak and memory bandwidth, MoR's speed-up against its roofline prediction")
+    p.add_argument("--decode-precision", default=d.decode_precision, choices=["bf16", "fp16", "int8"],
+                   help="opt-in low-precision decode weights for every model (mor.engine.quant; default: the "
+                        "models' own, exact); reports NLL and greedy agreement against the full-precision model")
+    p.add_argument("--profile-steps", type=int, default=d.profile_steps, help="steps per profile view (default 16)")
 
 
 # ---------------------------------------------------------------------- router calibration
@@ -191,6 +209,8 @@ class Entry:
     kind: str  # "vanilla" | "mor"
     num_recursions: int
     enter_fractions: list[float] | None = None  # measured on calibration data (MoR)
+    reference: MoRForCausalLM | None = None  # the full-precision model when ``model`` is a low-precision copy
+    accuracy: dict | None = None  # mor.engine.quant.decode_accuracy of ``model`` against ``reference``
 
 
 def _shape(settings: InferBench, dev) -> tuple[str, dict, int | None]:
@@ -322,6 +342,116 @@ def run_hf(model: MoRForCausalLM, prompt: list[int], n_seqs: int, length: int, *
     return {"batch": n_seqs, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
 
 
+# ---------------------------------------------------------------------- profile (--profile)
+def decode_bytes_per_step(model: MoRForCausalLM) -> int:
+    """Weight bytes a decode step reads: every parameter once (the shared block runs once per
+    step under depth-wise batching), the token embedding excepted unless tied to the LM head."""
+    core = model.model
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not model.config.tie_word_embeddings:
+        w = core.embed_tokens.weight
+        total -= w.numel() * w.element_size()
+    return total
+
+
+def profile_model(entry: Entry, batch: int, settings: InferBench, prompt: list[int], *, peak: float,
+                  bandwidth: float, budget: int | None = None) -> dict:
+    """Profile ``--profile-steps`` steady decode steps of ``entry`` at ``batch`` concurrent
+    sequences (mor.engine.profile) and place them against the roofline of this device:
+    the step's FLOPs at ``peak`` FLOP/s and its bytes (weights once per step + the K/V the
+    step's attention reads) at ``bandwidth`` bytes/s."""
+    from ..engine import Engine, SamplingParams
+    from ..engine.profile import profile_engine
+    from ..flops import executed_flops_per_token
+
+    model, cfg = entry.model, entry.model.config
+    n_steps = max(1, settings.profile_steps)
+    warm = 2 + 4 * (entry.num_recursions + 1)
+    reps = max(1, settings.repeats)
+    length = warm + (reps + 1) * n_steps * (entry.num_recursions + 1) + 8
+    max_len = min(len(prompt) + length + 1, cfg.max_position_embeddings)
+    eng = Engine(model, max_batch=batch, max_model_len=max_len, kv_memory_bytes=budget,
+                 block_size=settings.block_size, schedule="depth" if entry.kind == "mor" else "sequence",
+                 seed=settings.seed)
+    for _ in range(batch):
+        eng.add_request(prompt, SamplingParams(max_tokens=length, temperature=settings.temperature, ignore_eos=True))
+    for _ in range(warm):
+        eng.step()
+    kv_read = eng.pool.used_bytes  # each step's attention reads every cached entry once (per layer)
+    prof = profile_engine(eng, n_steps, repeats=reps)
+    del eng
+    gc.collect()
+    tps = prof.tokens_per_step / prof.step_s if prof.step_s > 0 else 0.0
+    ctx = len(prompt) + warm + n_steps // 2
+    flops_tok = executed_flops_per_token(cfg, ctx)  # a decode token at context ctx: every key once
+    weights = decode_bytes_per_step(model)
+    tok_step = max(prof.tokens_per_step, 1e-9)
+    bytes_tok = (weights + kv_read) / tok_step
+    limit = min(peak / flops_tok, bandwidth / bytes_tok)
+    return {"model": entry.name, "kind": entry.kind, "batch": batch, "tokens_per_s": tps,
+            "tokens_per_step": prof.tokens_per_step, "context": ctx,
+            "flops_per_token": flops_tok, "gflops_per_s": tps * flops_tok / 1e9, "peak_gflops_per_s": peak / 1e9,
+            "bytes_per_token": bytes_tok, "read_gb_per_s": tps * bytes_tok / 1e9,
+            "bandwidth_gb_per_s": bandwidth / 1e9, "roofline_tokens_per_s": limit, "of_roofline": tps / limit,
+            **prof.as_dict()}
+
+
+def profile_all(settings: InferBench, mors: list[Entry], vanillas: dict[int, Entry], prompt: list[int],
+                max_cases: dict[str, tuple[int, int | None]], dev: torch.device) -> dict:
+    """Profile every model at batch 1, ``--batch`` and its memory-matched batch; MoR rows get
+    the measured speed-up over their vanilla partner next to the roofline prediction, the
+    FLOP ratio and the KV ratio of the shape."""
+    from ..flops import measure_matmul_peak, measure_memory_bandwidth
+
+    dtype = mors[0].model.model.embed_tokens.weight.dtype if mors else torch.float32
+    peak = measure_matmul_peak(dev, dtype)
+    bandwidth = measure_memory_bandwidth(dev)
+    rows = []
+    done: dict[tuple, dict] = {}
+    for e in mors:
+        v = vanillas[e.model.config.num_hidden_layers]
+        cases = [("1", 1, 1, None), ("batch", settings.batch, settings.batch, None)]
+        if e.name in max_cases:
+            cases.append(("max",) + max_cases[e.name])
+        for setting, vb, mb, budget in cases:
+            key = (v.name, setting, vb)
+            if key not in done:
+                done[key] = dict(profile_model(v, vb, settings, prompt, peak=peak, bandwidth=bandwidth,
+                                               budget=budget), setting=setting)
+                rows.append(done[key])
+            vr = done[key]
+            mr = dict(profile_model(e, mb, settings, prompt, peak=peak, bandwidth=bandwidth, budget=budget),
+                      setting=setting, vs=v.name)
+            mr["speedup"] = mr["tokens_per_s"] / vr["tokens_per_s"] if vr["tokens_per_s"] else 0.0
+            mr["roofline_speedup"] = mr["roofline_tokens_per_s"] / vr["roofline_tokens_per_s"]
+            mr["flop_ratio"] = vr["flops_per_token"] / mr["flops_per_token"]
+            mr["kv_ratio"] = (expected_kv_layers_per_token(v.model.config)
+                              / expected_kv_layers_per_token(e.model.config, e.enter_fractions))
+            mr["of_roofline_speedup"] = mr["speedup"] / mr["roofline_speedup"]
+            rows.append(mr)
+    return {"peak_gflops_per_s": peak / 1e9, "bandwidth_gb_per_s": bandwidth / 1e9, "rows": rows}
+
+
+def print_profile(p: dict) -> None:
+    from ..engine.profile import OP_KINDS, PHASES
+
+    print(f"\nprofile: matmul peak {p['peak_gflops_per_s']:.1f} GFLOP/s, memory read {p['bandwidth_gb_per_s']:.1f} GB/s "
+          f"(measured in this run); shares of the step time")
+    hdr = (f"{'model':<14}{'set':<6}{'batch':>6}{'tok/s':>9}{'ms/step':>8}{'GFLOP/s':>9}{'GB/s':>7}{'roof':>6}  "
+           + " ".join(f"{k[:6]:>6}" for k in PHASES) + " | " + " ".join(f"{k[:7]:>7}" for k in OP_KINDS)
+           + f"{'ops/st':>7}{'x van':>7}{'pred':>6}{'FLOPx':>6}{'KVx':>6}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in p["rows"]:
+        ph, op = r["phase_shares"], r["op_shares"]
+        extra = (f"{r['speedup']:>7.2f}{r['roofline_speedup']:>6.2f}{r['flop_ratio']:>6.2f}{r['kv_ratio']:>6.2f}"
+                 if "speedup" in r else "")
+        print(f"{r['model']:<14}{r['setting']:<6}{r['batch']:>6}{r['tokens_per_s']:>9.1f}{r['step_s'] * 1e3:>8.2f}"
+              f"{r['gflops_per_s']:>9.1f}{r['read_gb_per_s']:>7.1f}{r['of_roofline']:>6.2f}  "
+              + " ".join(f"{ph[k]:>6.2f}" for k in PHASES) + " | " + " ".join(f"{op[k]:>7.2f}" for k in OP_KINDS)
+              + f"{sum(r['op_calls_per_step'].values()):>7.0f}" + extra)
+
+
 # ---------------------------------------------------------------------- entry point
 def run(args: argparse.Namespace) -> dict:
     return benchmark(InferBench(**{f.name: getattr(args, f.name) for f in fields(InferBench)}))
@@ -391,6 +521,16 @@ def benchmark(settings: InferBench) -> dict:
                 cfg = preset(shape, "vanilla", num_hidden_layers=L, **over)
                 vanillas[L] = Entry(f"vanilla-{L}L", _build(cfg, dev, dtype, settings.seed), "vanilla", 0)
 
+    if settings.decode_precision:  # every model decodes with low-precision weights; measure what that costs
+        from ..engine.quant import decode_accuracy, low_precision_copy
+
+        g = torch.Generator().manual_seed(settings.seed + 1)
+        for e in mors + list(vanillas.values()):
+            cfg = e.model.config
+            ids = torch.randint(0, cfg.vocab_size, (4, min(128, cfg.max_position_embeddings)), generator=g).to(dev)
+            e.reference, e.model = e.model, low_precision_copy(e.model, settings.decode_precision)
+            e.accuracy = decode_accuracy(e.reference, e.model, ids)
+
     # memory budget (bytes) for the memory-matched setting, per vanilla partner
     max_seq = max(len(p) for p in prompts) + round(settings.mean_len * (1 + settings.len_spread))
     vmax = settings.vanilla_max_batch or (256 if dev.type == "cuda" else 48)
@@ -429,6 +569,7 @@ def benchmark(settings: InferBench) -> dict:
         return row
 
     results = []
+    max_cases: dict[str, tuple] = {}
     for e in mors:
         v = vanillas[e.model.config.num_hidden_layers]
         cases = [("batch", settings.batch, settings.batch, None)]
@@ -440,6 +581,7 @@ def benchmark(settings: InferBench) -> dict:
                 budget, v_batch = int(math.ceil(vmax * per_seq_bytes(v.model))), vmax
             m_batch = max(1, int(budget // per_seq_bytes(e.model, e.enter_fractions)))
             cases.append(("max", v_batch, m_batch, budget))
+            max_cases[e.name] = (v_batch, m_batch, budget)
         for setting, vb, mb, budget in cases:
             vrow = record(v, setting, vb, "sequence", budget, "")
             for sch in schedules:
@@ -461,12 +603,13 @@ def benchmark(settings: InferBench) -> dict:
                 ours = max((run_engine(v.model, prompts[:1], wl, batch=n, schedule="sequence",
                                        temperature=settings.temperature, seed=settings.seed, block_size=settings.block_size)
                             for _ in reps), key=lambda r: r["tokens_per_s"])
-                hf = max((run_hf(v.model, prompts[0], n, settings.mean_len, temperature=settings.temperature, seed=settings.seed)
+                hf = max((run_hf(v.reference or v.model, prompts[0], n, settings.mean_len, temperature=settings.temperature, seed=settings.seed)
                           for _ in reps), key=lambda r: r["tokens_per_s"])
                 hf_rows.append({"model": v.name, "batch": n, "new_tokens": settings.mean_len,
                                 "ours_tokens_per_s": ours["tokens_per_s"], "hf_tokens_per_s": hf["tokens_per_s"],
                                 "ratio": ours["tokens_per_s"] / hf["tokens_per_s"]})
 
+    prof = profile_all(settings, mors, vanillas, prompts[0], max_cases, dev) if settings.profile else None
     summary = {
         "device": str(dev), "device_name": _device_name(dev), "dtype": str(dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(), "shape": shape, "shape_overrides": over, "kv_mode": settings.kv_mode,
@@ -476,9 +619,15 @@ def benchmark(settings: InferBench) -> dict:
         "kv_budget_mb": settings.kv_budget_mb, "rows": rows, "comparisons": [
             {"model": r["model"], "setting": r["setting"], "schedule": r["schedule"], "batch": r["batch"],
              "vs": r["vs"], "speedup": r["speedup"], "paper_speedup": r["paper_speedup"]} for r in results],
-        "hf": hf_rows, "wall_s": time.perf_counter() - t_start,
+        "hf": hf_rows, "profile": prof, "decode_precision": settings.decode_precision,
+        "decode_accuracy": {e.name: e.accuracy for e in list(vanillas.values()) + mors if e.accuracy}, "wall_s": time.perf_counter() - t_start,
     }
     print_report(summary)
+    if prof is not None:
+        print_profile(prof)
+    for name, a in summary["decode_accuracy"].items():
+        print(f"{settings.decode_precision} decode accuracy {name}: NLL {a['nll']:.4f} -> {a['nll_low']:.4f}, "
+              f"greedy agreement {a['greedy_agreement']:.3f}, max logit error {a['max_logit_error']:.4f}")
     return summary
 
 

@@ -34,6 +34,7 @@ import torch
 from ..cache import make_pool
 from ..model import MoRForCausalLM
 from ..runtime import find_eos
+from .quant import low_precision_copy
 from .request import Request, RequestError, RequestOutput, SamplingParams, Stage
 from .runner import ModelRunner, StepOutput
 from .scheduler import SCHEDULES as SCHEDULE_KINDS
@@ -136,13 +137,15 @@ class Engine:
     text outputs and stop strings. ``attention_merge_ratio``: tokens at different depths read
     different caches; they share one attention call when padding to the longest costs less
     than this factor times separate calls (0: always separate). ``record_logits`` keeps each
-    sampled token's logits in the outputs (tests, analysis)."""
+    sampled token's logits in the outputs (tests, analysis). ``decode_precision`` ("bf16",
+    "fp16", "int8"; default None = the model's own weights, exact): the engine runs a
+    low-precision copy of the model (``mor.engine.quant``); the caller's model is untouched."""
 
     def __init__(self, model: MoRForCausalLM, tokenizer: Any = None, *, max_batch: int = 32,
                  max_model_len: int | None = None, kv_memory_bytes: int | None = None,
                  num_blocks: int | None = None, block_size: int = 16, schedule: str = "auto",
                  seed: int | None = None, eos_token_id: int | None = None, record_logits: bool = False,
-                 attention_merge_ratio: float = 1.5):
+                 attention_merge_ratio: float = 1.5, decode_precision: str | None = None):
         cfg = model.config
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r}; choose one of: {', '.join(SCHEDULES)}")
@@ -151,6 +154,9 @@ class Engine:
         limit = cfg.max_position_embeddings
         if max_model_len is not None and not (1 <= max_model_len <= limit):
             raise ValueError(f"max_model_len={max_model_len} must be in [1, max_position_embeddings={limit}]")
+        if decode_precision is not None:
+            model = low_precision_copy(model, decode_precision)
+        self.decode_precision = decode_precision
         self.model = model.eval()
         self.config = cfg
         self.tokenizer = tokenizer
@@ -256,8 +262,15 @@ class Engine:
         """Run one engine step (see the module docstring); returns the tokens it produced."""
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
+        timing = self.runner.timing  # per-phase wall clock, only while profiling (mor.engine.profile)
+        if timing is not None:
+            timing["schedule"] += time.perf_counter() - t0
         out = self.runner.execute(plan)
+        if timing is not None:
+            t1 = time.perf_counter()
         events = self._postprocess(plan, out)
+        if timing is not None:
+            timing["postprocess"] += time.perf_counter() - t1
         self.stats.steps += 1
         self.stats.running_sum += len(self.scheduler.running)
         if self.device.type == "cuda":

@@ -38,6 +38,7 @@ entries it wrote in ``written`` (group x slot) and the engine records them in th
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -125,6 +126,20 @@ class ModelRunner:
         self.capacities = cfg.resolved_capacities() if self.kind == "expert" else []
         needs = [cap < 1.0 for cap in self.capacities]
         self.needs_decision = np.array(needs + [False] * (self.num_recursions + 1 - len(needs)))
+        # seconds per phase of ``execute`` (prefill / enter / block / finish / sample), accumulated
+        # while a profiler sets it to a dict (mor.engine.profile); None: no clocks read, no syncs
+        self.timing: dict[str, float] | None = None
+        self._mark = 0.0
+
+    def _tick(self, phase: str) -> None:
+        """Charge the time since the last tick to ``phase`` (when timing; syncs CUDA first)."""
+        if self.timing is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timing[phase] = self.timing.get(phase, 0.0) + now - self._mark
+        self._mark = now
 
     # .................................................................. small helpers
 
@@ -211,9 +226,11 @@ class ModelRunner:
         """Run one planned step: prefill, enter, decide, the shared block (once, or until every
         token left with the sequence schedule), decide, finish and sample the leaving tokens."""
         out = StepOutput()
+        self._mark = time.perf_counter()
         if plan.prefill:
             depths = self.prefill([r.slot for r in plan.prefill], [r.all_ids[:-1] for r in plan.prefill])
             out.prefill_depths = [depths[i, :len(r.all_ids) - 1] for i, r in enumerate(plan.prefill)]
+            self._tick("prefill")
         recs = {r.slot: r.rec for r in plan.run}
         position = {r.slot: r.position for r in plan.enter + plan.run}
         leaving: list[int] = []
@@ -229,6 +246,7 @@ class ModelRunner:
                 leaving += [s for s, g in zip(slots, go) if not g]
             else:
                 leaving += slots
+            self._tick("enter")
         while running:  # one shared-block call per pass
             running.sort(key=lambda s: (recs[s], s))
             slots = np.array(running)
@@ -240,6 +258,7 @@ class ModelRunner:
             go = self.decide(slots, done + 1)
             leaving += slots[~go].tolist()
             running = slots[go].tolist()
+            self._tick("block")
             if plan.schedule == "depth":
                 break
         if leaving:
@@ -248,8 +267,10 @@ class ModelRunner:
             out.exits = [by_slot[s] for s in leaving]
             out.exit_depths = [recs.pop(s) for s in leaving]
             out.logits = self.finish(np.array(leaving), np.array([position[s] for s in leaving]))
+            self._tick("finish")
             out.tokens = sample(out.logits, [r.params for r in out.exits], [r.generator for r in out.exits],
                                 self.generator).tolist()
+            self._tick("sample")
         out.recs = recs
         out.written = self.take_written()
         return out

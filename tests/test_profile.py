@@ -1,0 +1,100 @@
+"""Decode-step profiling (mor.engine.profile, `mor bench infer --profile`): the phases and
+op kinds account for the step time, the op classification counts the model's real matmuls,
+and profiling does not change what the engine generates. No wall-clock assertions."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import V, build, tiny
+from mor import preset
+from mor.engine import Engine, SamplingParams
+from mor.engine.profile import OP_KINDS, PHASES, op_kind, profile_engine
+
+
+def _engine(model, batch=3, max_tokens=40, temperature=0.0, seed=0):
+    eng = Engine(model, max_batch=batch, max_model_len=64, seed=seed)
+    for i in range(batch):
+        eng.add_request([1 + i, 2, 3], SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                                      ignore_eos=True))
+    return eng
+
+
+def test_op_kind_classification():
+    assert op_kind("aten::mm") == op_kind("aten::addmm") == op_kind("aten::_weight_int8pack_mm") == "matmul"
+    assert op_kind("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert op_kind("aten::index_select") == op_kind("aten::index_copy_") == "kv_copy"
+    assert op_kind("aten::mul") == op_kind("aten::rsqrt") == "other_ops"
+    assert op_kind("ampere_sgemm_128x64_tn") == "matmul"
+
+
+@pytest.mark.parametrize("arch", ["vanilla", "mor"])
+def test_profile_phases_and_ops_sum_to_step_time(arch):
+    model = build(tiny(arch, num_hidden_layers=4) if arch == "vanilla" else preset("tiny", arch, 2, vocab_size=V, num_hidden_layers=4))
+    eng = _engine(model)
+    for _ in range(4):  # admit and prefill: steady decode afterwards
+        eng.step()
+    p = profile_engine(eng, steps=6)
+    assert set(p.phases_s) == set(PHASES) and set(p.ops_s) == set(OP_KINDS)
+    assert sum(p.phases_s.values()) == pytest.approx(p.step_s, rel=1e-9)
+    assert sum(p.ops_s.values()) == pytest.approx(p.profiled_step_s, rel=1e-9)
+    assert all(v >= 0 for k, v in p.phases_s.items() if k != "other")
+    assert p.phases_s["other"] > -1e-4 and all(v >= 0 for k, v in p.ops_s.items() if k != "host")
+    assert p.phases_s["prefill"] == 0.0  # steady decode: no prompt in the profiled steps
+    if arch == "vanilla":
+        assert p.phases_s["block"] == 0.0 and p.phases_s["enter"] > 0
+        assert p.tokens_per_step == 3  # every sequence emits a token every step
+    else:
+        assert p.phases_s["block"] > 0
+    assert p.ops_s["matmul"] > 0 and p.ops_s["attention"] > 0 and p.ops_s["kv_copy"] > 0
+    assert sum(p.shares("phases").values()) == pytest.approx(1.0)
+
+
+def test_profile_counts_the_model_matmuls_and_attention_calls():
+    """A vanilla decode step runs 7 projections per layer plus the LM head as matmuls and one
+    attention call per layer: the profile's op counts must say exactly that."""
+    L = 3
+    model = build(tiny("vanilla", num_hidden_layers=L, tie_word_embeddings=False))
+    eng = _engine(model, batch=2)
+    for _ in range(3):
+        eng.step()
+    p = profile_engine(eng, steps=4)
+    assert p.op_calls["matmul"] == 7 * L + 1
+    assert p.op_calls["attention"] == L
+
+
+@pytest.mark.parametrize("arch", ["vanilla", "mor"])
+def test_profiling_does_not_change_generation(arch):
+    cfg = tiny(arch, num_hidden_layers=4) if arch == "vanilla" else preset("tiny", arch, 3, vocab_size=V, num_hidden_layers=5)
+    model = build(cfg)
+
+    def run(profiled: bool) -> list[list[int]]:
+        eng = _engine(model, max_tokens=12, temperature=1.0, seed=5)
+        if profiled:
+            profile_engine(eng, steps=3)  # 6 steps: no request finishes inside
+        return [o.token_ids for o in eng.run_until_done()]
+
+    assert run(True) == run(False)
+
+
+def test_bench_infer_profile_reports_phases_and_roofline(capsys):
+    from mor.cli import main
+    import json
+
+    rc = main(["bench", "infer", "--preset", "tiny", "--recursions", "2", "--mean-len", "6", "--batch", "2",
+               "--skip-max", "--hf", "none", "--calib-seqs", "2", "--threads", "1", "--profile",
+               "--profile-steps", "3"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0
+    s = json.loads(out[-1])
+    prof = s["profile"]
+    assert prof["peak_gflops_per_s"] > 0 and prof["bandwidth_gb_per_s"] > 0
+    rows = {(r["model"], r["setting"]): r for r in prof["rows"]}
+    assert set(rows) == {("vanilla-8L", "1"), ("MoR-2", "1"), ("vanilla-8L", "batch"), ("MoR-2", "batch")}
+    for r in rows.values():
+        assert sum(r["phase_shares"].values()) == pytest.approx(1.0)
+        assert sum(r["op_shares"].values()) == pytest.approx(1.0)
+        assert r["tokens_per_s"] > 0 and 0 < r["of_roofline"]
+    m = rows[("MoR-2", "batch")]
+    assert m["flop_ratio"] > 1 and m["kv_ratio"] > 1 and m["roofline_speedup"] > 0
+    assert any("profile: matmul peak" in line for line in out[:-1])
