@@ -57,6 +57,7 @@ from ..model import MoRForCausalLM
 from ..runtime import resolve_device, resolve_dtype
 from ..variants import Variant
 from .. import validate
+from .infer_profile import print_profile, profile_all
 
 PAPER = {"batch": {2: 1.23, 3: 1.33, 4: 1.42}, "max": {2: 1.60, 3: 1.95, 4: 2.06}}
 
@@ -340,116 +341,6 @@ def run_hf(model: MoRForCausalLM, prompt: list[int], n_seqs: int, length: int, *
     del hf
     gc.collect()
     return {"batch": n_seqs, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
-
-
-# ---------------------------------------------------------------------- profile (--profile)
-def decode_bytes_per_step(model: MoRForCausalLM) -> int:
-    """Weight bytes a decode step reads: every parameter once (the shared block runs once per
-    step under depth-wise batching), the token embedding excepted unless tied to the LM head."""
-    core = model.model
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    if not model.config.tie_word_embeddings:
-        w = core.embed_tokens.weight
-        total -= w.numel() * w.element_size()
-    return total
-
-
-def profile_model(entry: Entry, batch: int, settings: InferBench, prompt: list[int], *, peak: float,
-                  bandwidth: float, budget: int | None = None) -> dict:
-    """Profile ``--profile-steps`` steady decode steps of ``entry`` at ``batch`` concurrent
-    sequences (mor.engine.profile) and place them against the roofline of this device:
-    the step's FLOPs at ``peak`` FLOP/s and its bytes (weights once per step + the K/V the
-    step's attention reads) at ``bandwidth`` bytes/s."""
-    from ..engine import Engine, SamplingParams
-    from ..engine.profile import profile_engine
-    from ..flops import executed_flops_per_token
-
-    model, cfg = entry.model, entry.model.config
-    n_steps = max(1, settings.profile_steps)
-    warm = 2 + 4 * (entry.num_recursions + 1)
-    reps = max(1, settings.repeats)
-    length = warm + (reps + 1) * n_steps * (entry.num_recursions + 1) + 8
-    max_len = min(len(prompt) + length + 1, cfg.max_position_embeddings)
-    eng = Engine(model, max_batch=batch, max_model_len=max_len, kv_memory_bytes=budget,
-                 block_size=settings.block_size, schedule="depth" if entry.kind == "mor" else "sequence",
-                 seed=settings.seed)
-    for _ in range(batch):
-        eng.add_request(prompt, SamplingParams(max_tokens=length, temperature=settings.temperature, ignore_eos=True))
-    for _ in range(warm):
-        eng.step()
-    kv_read = eng.pool.used_bytes  # each step's attention reads every cached entry once (per layer)
-    prof = profile_engine(eng, n_steps, repeats=reps)
-    del eng
-    gc.collect()
-    tps = prof.tokens_per_step / prof.step_s if prof.step_s > 0 else 0.0
-    ctx = len(prompt) + warm + n_steps // 2
-    flops_tok = executed_flops_per_token(cfg, ctx)  # a decode token at context ctx: every key once
-    weights = decode_bytes_per_step(model)
-    tok_step = max(prof.tokens_per_step, 1e-9)
-    bytes_tok = (weights + kv_read) / tok_step
-    limit = min(peak / flops_tok, bandwidth / bytes_tok)
-    return {"model": entry.name, "kind": entry.kind, "batch": batch, "tokens_per_s": tps,
-            "tokens_per_step": prof.tokens_per_step, "context": ctx,
-            "flops_per_token": flops_tok, "gflops_per_s": tps * flops_tok / 1e9, "peak_gflops_per_s": peak / 1e9,
-            "bytes_per_token": bytes_tok, "read_gb_per_s": tps * bytes_tok / 1e9,
-            "bandwidth_gb_per_s": bandwidth / 1e9, "roofline_tokens_per_s": limit, "of_roofline": tps / limit,
-            **prof.as_dict()}
-
-
-def profile_all(settings: InferBench, mors: list[Entry], vanillas: dict[int, Entry], prompt: list[int],
-                max_cases: dict[str, tuple[int, int | None]], dev: torch.device) -> dict:
-    """Profile every model at batch 1, ``--batch`` and its memory-matched batch; MoR rows get
-    the measured speed-up over their vanilla partner next to the roofline prediction, the
-    FLOP ratio and the KV ratio of the shape."""
-    from ..flops import measure_matmul_peak, measure_memory_bandwidth
-
-    dtype = mors[0].model.model.embed_tokens.weight.dtype if mors else torch.float32
-    peak = measure_matmul_peak(dev, dtype)
-    bandwidth = measure_memory_bandwidth(dev)
-    rows = []
-    done: dict[tuple, dict] = {}
-    for e in mors:
-        v = vanillas[e.model.config.num_hidden_layers]
-        cases = [("1", 1, 1, None), ("batch", settings.batch, settings.batch, None)]
-        if e.name in max_cases:
-            cases.append(("max",) + max_cases[e.name])
-        for setting, vb, mb, budget in cases:
-            key = (v.name, setting, vb)
-            if key not in done:
-                done[key] = dict(profile_model(v, vb, settings, prompt, peak=peak, bandwidth=bandwidth,
-                                               budget=budget), setting=setting)
-                rows.append(done[key])
-            vr = done[key]
-            mr = dict(profile_model(e, mb, settings, prompt, peak=peak, bandwidth=bandwidth, budget=budget),
-                      setting=setting, vs=v.name)
-            mr["speedup"] = mr["tokens_per_s"] / vr["tokens_per_s"] if vr["tokens_per_s"] else 0.0
-            mr["roofline_speedup"] = mr["roofline_tokens_per_s"] / vr["roofline_tokens_per_s"]
-            mr["flop_ratio"] = vr["flops_per_token"] / mr["flops_per_token"]
-            mr["kv_ratio"] = (expected_kv_layers_per_token(v.model.config)
-                              / expected_kv_layers_per_token(e.model.config, e.enter_fractions))
-            mr["of_roofline_speedup"] = mr["speedup"] / mr["roofline_speedup"]
-            rows.append(mr)
-    return {"peak_gflops_per_s": peak / 1e9, "bandwidth_gb_per_s": bandwidth / 1e9, "rows": rows}
-
-
-def print_profile(p: dict) -> None:
-    from ..engine.profile import OP_KINDS, PHASES
-
-    print(f"\nprofile: matmul peak {p['peak_gflops_per_s']:.1f} GFLOP/s, memory read {p['bandwidth_gb_per_s']:.1f} GB/s "
-          f"(measured in this run); shares of the step time")
-    hdr = (f"{'model':<14}{'set':<6}{'batch':>6}{'tok/s':>9}{'ms/step':>8}{'GFLOP/s':>9}{'GB/s':>7}{'roof':>6}  "
-           + " ".join(f"{k[:6]:>6}" for k in PHASES) + " | " + " ".join(f"{k[:7]:>7}" for k in OP_KINDS)
-           + f"{'ops/st':>7}{'x van':>7}{'pred':>6}{'FLOPx':>6}{'KVx':>6}")
-    print(hdr)
-    print("-" * len(hdr))
-    for r in p["rows"]:
-        ph, op = r["phase_shares"], r["op_shares"]
-        extra = (f"{r['speedup']:>7.2f}{r['roofline_speedup']:>6.2f}{r['flop_ratio']:>6.2f}{r['kv_ratio']:>6.2f}"
-                 if "speedup" in r else "")
-        print(f"{r['model']:<14}{r['setting']:<6}{r['batch']:>6}{r['tokens_per_s']:>9.1f}{r['step_s'] * 1e3:>8.2f}"
-              f"{r['gflops_per_s']:>9.1f}{r['read_gb_per_s']:>7.1f}{r['of_roofline']:>6.2f}  "
-              + " ".join(f"{ph[k]:>6.2f}" for k in PHASES) + " | " + " ".join(f"{op[k]:>7.2f}" for k in OP_KINDS)
-              + f"{sum(r['op_calls_per_step'].values()):>7.0f}" + extra)
 
 
 # ---------------------------------------------------------------------- entry point
