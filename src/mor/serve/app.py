@@ -200,6 +200,16 @@ def _messages(st: ServerState, messages, add_generation_prompt: bool, kwargs: di
 
 
 # ---------------------------------------------------------------------- the app
+def with_extensions(choice: dict, t: Token, return_token_ids: bool) -> dict:
+    """A streamed choice with the extension fields: ``mor_depths`` in its last chunk and,
+    when asked for, the chunk's ``token_ids`` (as vLLM)."""
+    if t.finish_reason is not None:
+        choice["mor_depths"] = t.depths
+    if return_token_ids:
+        choice["token_ids"] = [t.token]
+    return choice
+
+
 def create_app(cfg: ServeConfig, state: ServerState | None = None) -> FastAPI:
     st = state or ServerState(cfg)
 
@@ -452,11 +462,7 @@ def create_app(cfg: ServeConfig, state: ServerState | None = None) -> FastAPI:
                  "logprobs": logprobs_block([t], offsets[idx]) if lp is not None else None,
                  "finish_reason": t.finish_reason}
             offsets[idx] += len(t.text)
-            if t.finish_reason is not None:
-                c["mor_depths"] = t.depths
-            if body.return_token_ids:
-                c["token_ids"] = [t.token]
-            return chunk([c])
+            return chunk([with_extensions(c, t, body.return_token_ids)])
 
         def final(n_out: int) -> dict | None:
             if not include_usage:
@@ -529,11 +535,7 @@ def create_app(cfg: ServeConfig, state: ServerState | None = None) -> FastAPI:
             c = {"index": j, "delta": {"content": t.text},
                  "logprobs": {"content": content_logprobs([t])} if lp is not None else None,
                  "finish_reason": t.finish_reason}
-            if t.finish_reason is not None:
-                c["mor_depths"] = t.depths
-            if body.return_token_ids:
-                c["token_ids"] = [t.token]
-            return chunk([c])
+            return chunk([with_extensions(c, t, body.return_token_ids)])
 
         def final(n_out: int) -> dict | None:
             if not include_usage:
