@@ -12,8 +12,8 @@ from mor.engine import Engine, SamplingParams
 from mor.engine.profile import OP_KINDS, PHASES, op_kind, profile_engine
 
 
-def _engine(model, batch=3, max_tokens=40, temperature=0.0, seed=0):
-    eng = Engine(model, max_batch=batch, max_model_len=64, seed=seed)
+def _engine(model, batch=3, max_tokens=40, temperature=0.0, seed=0, cpu_kernels=None):
+    eng = Engine(model, max_batch=batch, max_model_len=64, seed=seed, cpu_kernels=cpu_kernels)
     for i in range(batch):
         eng.add_request([1 + i, 2, 3], SamplingParams(max_tokens=max_tokens, temperature=temperature,
                                                       ignore_eos=True))
@@ -28,10 +28,11 @@ def test_op_kind_classification():
     assert op_kind("ampere_sgemm_128x64_tn") == "matmul"
 
 
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch", "cpu-kernels"])
 @pytest.mark.parametrize("arch", ["vanilla", "mor"])
-def test_profile_phases_and_ops_sum_to_step_time(arch):
+def test_profile_phases_and_ops_sum_to_step_time(arch, kernels):
     model = build(tiny(arch, num_hidden_layers=4) if arch == "vanilla" else preset("tiny", arch, 2, vocab_size=V, num_hidden_layers=4))
-    eng = _engine(model)
+    eng = _engine(model, cpu_kernels=kernels)
     for _ in range(4):  # admit and prefill: steady decode afterwards
         eng.step()
     p = profile_engine(eng, steps=6)
@@ -48,6 +49,14 @@ def test_profile_phases_and_ops_sum_to_step_time(arch):
         assert p.phases_s["block"] > 0
     assert p.ops_s["matmul"] > 0 and p.ops_s["attention"] > 0 and p.ops_s["kv_copy"] > 0
     assert sum(p.shares("phases").values()) == pytest.approx(1.0)
+    if kernels:  # the compiled layers' own clocks fill the kinds; their sum is inside the step
+        from mor.engine.kernels import PROFILE_PHASES
+
+        assert set(p.kernel_phases_s) == set(PROFILE_PHASES)
+        assert all(p.kernel_phases_s[k] > 0 for k in ("qkv", "attention", "gate_up", "down", "linear"))
+        assert sum(p.kernel_phases_s.values()) < p.profiled_step_s
+    else:
+        assert p.kernel_phases_s == {}
 
 
 def test_profile_counts_the_model_matmuls_and_attention_calls():
@@ -55,7 +64,7 @@ def test_profile_counts_the_model_matmuls_and_attention_calls():
     attention call per layer: the profile's op counts must say exactly that."""
     L = 3
     model = build(tiny("vanilla", num_hidden_layers=L, tie_word_embeddings=False))
-    eng = _engine(model, batch=2)
+    eng = _engine(model, batch=2, cpu_kernels=False)  # PyTorch ops (the kernels are not aten ops)
     for _ in range(3):
         eng.step()
     p = profile_engine(eng, steps=4)

@@ -27,7 +27,8 @@ def test_int8_linear_is_its_dequantised_weight_within_rounding():
 
 
 @pytest.mark.parametrize("arch", ["vanilla", "mor"])
-@pytest.mark.parametrize("precision,max_err,min_agree", [("int8", 0.05, 0.9), ("bf16", 0.05, 0.9)])
+@pytest.mark.parametrize("precision,max_err,min_agree", [("int8", 0.05, 0.9), ("bf16", 0.05, 0.9),
+                                                         ("bf16-weights", 0.05, 0.9)])
 def test_low_precision_model_tracks_fp32(arch, precision, max_err, min_agree):
     cfg = (tiny("vanilla", num_hidden_layers=4) if arch == "vanilla"
            else preset("tiny", "mor", 2, vocab_size=V, num_hidden_layers=4))
@@ -75,7 +76,7 @@ def test_engine_decode_precision_int8_generates_close_to_fp32_and_leaves_the_mod
 
 
 def test_engine_rejects_unknown_decode_precision():
-    with pytest.raises(ValueError, match="int4.*bf16, fp16, int8"):
+    with pytest.raises(ValueError, match="int4.*bf16, fp16, int8, bf16-weights"):
         Engine(build(tiny("vanilla", num_hidden_layers=2)), max_batch=1, decode_precision="int4")
 
 
@@ -93,3 +94,50 @@ def test_bench_infer_decode_precision_reports_accuracy(capsys):
     for a in s["decode_accuracy"].values():
         assert a["greedy_agreement"] > 0.8 and a["max_logit_error"] < 0.1
     assert all(r["tokens"] > 0 for r in s["rows"])
+
+
+def test_bf16_weights_copy_rounds_matrices_only():
+    """``bf16-weights``: every decoder projection and the LM head hold bf16 values (fp32
+    tensors), everything else (norms, routers, embedding when untied) is untouched."""
+    model = build(preset("tiny", "mor", 2, vocab_size=V, num_hidden_layers=4, tie_word_embeddings=False))
+    low = low_precision_copy(model, "bf16-weights")
+    assert low.decode_precision == "bf16-weights" and not hasattr(model, "decode_precision")
+    mats = {n for n, m in low.named_modules() if isinstance(m, torch.nn.Linear)
+            and (n == "lm_head" or ".self_attn." in n or ".mlp." in n)}
+    assert len(mats) == 7 * len(low.model.layers) + 1
+    orig = dict(model.named_parameters())
+    for n, p in low.named_parameters():
+        assert p.dtype == torch.float32
+        if n.rsplit(".", 1)[0] in mats:
+            assert torch.equal(p, p.to(torch.bfloat16).float()) and not torch.equal(p, orig[n])
+        else:
+            assert torch.equal(p, orig[n]), n
+
+
+@pytest.mark.parametrize("arch", ["vanilla", "mor"])
+def test_engine_bf16_weights_kernels_equal_the_rounded_model(arch):
+    """With the CPU kernels, ``decode_precision="bf16-weights"`` reads bf16 copies of the
+    rounded weights (half the bytes) and computes exactly what PyTorch computes on the rounded
+    fp32 copy (same tokens, logits within fp32 rounding)."""
+    from mor.engine import kernels
+
+    if not kernels.available():
+        pytest.skip(f"CPU kernels unavailable: {kernels.unavailable_reason()}")
+    cfg = (tiny("vanilla", num_hidden_layers=4) if arch == "vanilla"
+           else preset("tiny", "mor", 2, vocab_size=V, num_hidden_layers=4))
+    model = build(cfg)
+
+    def greedy(**kw):
+        eng = Engine(model, max_batch=2, max_model_len=64, seed=0, record_logits=True,
+                     decode_precision="bf16-weights", **kw)
+        for p in ([1, 2, 3], [4]):
+            eng.add_request(p, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+        return eng, eng.run_until_done()
+
+    eng, outs = greedy(cpu_kernels=True)
+    assert eng.runner._klayers[0].wbf == 1 and eng.runner._lm_head.dtype == torch.bfloat16
+    assert all(t.dtype == torch.bfloat16 for t in eng.runner._klayers[0].tensors[2:])
+    _, ref = greedy(cpu_kernels=False)
+    for o, r in zip(outs, ref):
+        assert o.token_ids == r.token_ids and o.depths == r.depths
+        torch.testing.assert_close(o.logits, r.logits, atol=2e-5, rtol=1e-4)

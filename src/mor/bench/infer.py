@@ -57,8 +57,10 @@ from ..model import MoRForCausalLM
 from ..runtime import resolve_device, resolve_dtype
 from ..variants import Variant
 from .. import validate
+from ..engine.quant import DECODE_PRECISIONS
 from .infer_profile import print_profile, profile_all
 
+KERNEL_CHOICES = {"auto": None, "on": True, "off": False}  # --cpu-kernels -> Engine(cpu_kernels=...)
 PAPER = {"batch": {2: 1.23, 3: 1.33, 4: 1.42}, "max": {2: 1.60, 3: 1.95, 4: 2.06}}
 
 
@@ -96,6 +98,7 @@ class InferBench:
     profile: bool = False
     decode_precision: str | None = None
     profile_steps: int = 16
+    cpu_kernels: str = "auto"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -141,10 +144,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also profile steady decode steps of every model at batch 1, --batch and the memory-matched "
                         "batch: time per phase and per op kind, achieved GFLOP/s and bytes/token against the "
                         "measured matmul peak and memory bandwidth, MoR's speed-up against its roofline prediction")
-    p.add_argument("--decode-precision", default=d.decode_precision, choices=["bf16", "fp16", "int8"],
+    p.add_argument("--decode-precision", default=d.decode_precision, choices=list(DECODE_PRECISIONS),
                    help="opt-in low-precision decode weights for every model (mor.engine.quant; default: the "
                         "models' own, exact); reports NLL and greedy agreement against the full-precision model")
     p.add_argument("--profile-steps", type=int, default=d.profile_steps, help="steps per profile view (default 16)")
+    p.add_argument("--cpu-kernels", default=d.cpu_kernels, choices=list(KERNEL_CHOICES),
+                   help="decode steps on the compiled CPU kernels (mor.engine.kernels): auto (whenever they apply: "
+                        "fp32 on CPU with a C compiler), on (required), off (PyTorch ops only)")
 
 
 # ---------------------------------------------------------------------- router calibration
@@ -258,13 +264,14 @@ def _sync(dev: torch.device) -> None:
 
 def run_engine(model: MoRForCausalLM, prompts: list[list[int]], lengths: list[int], *, batch: int,
                schedule: str, temperature: float, seed: int, block_size: int,
-               kv_budget_bytes: int | None = None) -> dict:
+               kv_budget_bytes: int | None = None, cpu_kernels: bool | None = None) -> dict:
     """Warm up, then time one engine run of the workload; returns throughput and engine stats."""
     from ..engine import Engine, SamplingParams
 
     max_len = max(len(p) for p in prompts) + max(lengths)
     eng = Engine(model, max_batch=batch, max_model_len=min(max_len, model.config.max_position_embeddings),
-                 kv_memory_bytes=kv_budget_bytes, block_size=block_size, schedule=schedule, seed=seed)
+                 kv_memory_bytes=kv_budget_bytes, block_size=block_size, schedule=schedule, seed=seed,
+                 cpu_kernels=cpu_kernels)
     for i in range(min(batch, 16)):  # warm-up (excluded)
         eng.add_request(prompts[i % len(prompts)], SamplingParams(max_tokens=8, temperature=temperature,
                                                                   ignore_eos=True))
@@ -286,7 +293,7 @@ def run_engine(model: MoRForCausalLM, prompts: list[list[int]], lengths: list[in
         "mean_running": s.mean_running, "mean_block_batch": s.mean_block_batch, "occupancy": s.occupancy,
         "exit_fractions": [c / max(1, sum(s.exit_counts)) for c in s.exit_counts], "mean_depth": s.mean_depth,
         "preemptions": s.preemptions, "kv_pool_mb": s.kv["kv_pool_bytes"] / 2**20,
-        "kv_peak_mb": s.kv["kv_peak_bytes"] / 2**20,
+        "kv_peak_mb": s.kv["kv_peak_bytes"] / 2**20, "cpu_kernels": eng.cpu_kernels,
     }
     del eng
     gc.collect()
@@ -446,7 +453,8 @@ def benchmark(settings: InferBench) -> dict:
         lengths[(setting, batch)] = wl
         res = max((run_engine(entry.model, prompts, wl, batch=batch, schedule=schedule,
                               temperature=settings.temperature, seed=settings.seed, block_size=settings.block_size,
-                              kv_budget_bytes=budget) for _ in range(max(1, settings.repeats))),
+                              kv_budget_bytes=budget, cpu_kernels=KERNEL_CHOICES[settings.cpu_kernels])
+                   for _ in range(max(1, settings.repeats))),
                   key=lambda r: r["tokens_per_s"])
         row = {"model": entry.name, "kind": entry.kind, "num_recursions": entry.num_recursions, "setting": setting,
                "vs": partner, "unique_params": entry.model.num_parameters(),
@@ -492,7 +500,8 @@ def benchmark(settings: InferBench) -> dict:
                 wl = [settings.mean_len] * n
                 reps = range(max(1, settings.repeats))
                 ours = max((run_engine(v.model, prompts[:1], wl, batch=n, schedule="sequence",
-                                       temperature=settings.temperature, seed=settings.seed, block_size=settings.block_size)
+                                       temperature=settings.temperature, seed=settings.seed, block_size=settings.block_size,
+                                       cpu_kernels=KERNEL_CHOICES[settings.cpu_kernels])
                             for _ in reps), key=lambda r: r["tokens_per_s"])
                 hf = max((run_hf(v.reference or v.model, prompts[0], n, settings.mean_len, temperature=settings.temperature, seed=settings.seed)
                           for _ in reps), key=lambda r: r["tokens_per_s"])
@@ -504,7 +513,7 @@ def benchmark(settings: InferBench) -> dict:
     summary = {
         "device": str(dev), "device_name": _device_name(dev), "dtype": str(dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(), "shape": shape, "shape_overrides": over, "kv_mode": settings.kv_mode,
-        "repeats": settings.repeats,
+        "repeats": settings.repeats, "cpu_kernels": any(r["cpu_kernels"] for r in rows),
         "mean_len": settings.mean_len, "len_spread": settings.len_spread, "requests_per_slot": per_slot,
         "prompted": bool(settings.prompts), "temperature": settings.temperature, "vanilla_max_batch": vmax,
         "kv_budget_mb": settings.kv_budget_mb, "rows": rows, "comparisons": [
@@ -531,7 +540,8 @@ def _device_name(dev: torch.device) -> str:
 def print_report(s: dict[str, Any]) -> None:
     print(f"mor bench infer: {s['shape']} {s['dtype']} on {s['device_name']}; mean length {s['mean_len']} "
           f"(+-{s['len_spread']:.0%}), {'prompted' if s['prompted'] else 'unprompted'}, "
-          f"temperature {s['temperature']}, KV {s['kv_mode']}")
+          f"temperature {s['temperature']}, KV {s['kv_mode']}, "
+          f"{'CPU kernels' if s['cpu_kernels'] else 'PyTorch ops'} for decode")
     hdr = (f"{'model':<14}{'setting':<8}{'sched':<9}{'batch':>6}{'tok/s':>10}{'x van':>7}{'paper':>7}"
            f"{'KV peak MB':>11}{'KV pool MB':>11}{'preempt':>8}{'depth':>7}  occupancy by depth")
     print(hdr)

@@ -39,6 +39,7 @@ def profile_model(entry: Entry, batch: int, settings: InferBench, prompt: list[i
     step's attention reads) at ``bandwidth`` bytes/s."""
     from ..engine import Engine, SamplingParams
     from ..engine.profile import profile_engine
+    from .infer import KERNEL_CHOICES
     from ..flops import executed_flops_per_token
 
     model, cfg = entry.model, entry.model.config
@@ -49,7 +50,7 @@ def profile_model(entry: Entry, batch: int, settings: InferBench, prompt: list[i
     max_len = min(len(prompt) + length + 1, cfg.max_position_embeddings)
     eng = Engine(model, max_batch=batch, max_model_len=max_len, kv_memory_bytes=budget,
                  block_size=settings.block_size, schedule="depth" if entry.kind == "mor" else "sequence",
-                 seed=settings.seed)
+                 seed=settings.seed, cpu_kernels=KERNEL_CHOICES[settings.cpu_kernels])
     for _ in range(batch):
         eng.add_request(prompt, SamplingParams(max_tokens=length, temperature=settings.temperature, ignore_eos=True))
     for _ in range(warm):

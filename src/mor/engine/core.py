@@ -138,14 +138,20 @@ class Engine:
     different caches; they share one attention call when padding to the longest costs less
     than this factor times separate calls (0: always separate). ``record_logits`` keeps each
     sampled token's logits in the outputs (tests, analysis). ``decode_precision`` ("bf16",
-    "fp16", "int8"; default None = the model's own weights, exact): the engine runs a
-    low-precision copy of the model (``mor.engine.quant``); the caller's model is untouched."""
+    "fp16", "int8", "bf16-weights"; default None = the model's own weights, exact): the engine runs a
+    low-precision copy of the model (``mor.engine.quant``); the caller's model is untouched.
+    ``cpu_kernels``: decode steps (one token per sequence) on the compiled CPU kernels
+    (``mor.engine.kernels``: weights streamed on all threads, attention reading the paged cache
+    in place); None (default) = whenever they apply (fp32 on CPU, a C compiler present),
+    True = required (ValueError naming why not), False = PyTorch ops only. ``self.cpu_kernels``
+    says which runs."""
 
     def __init__(self, model: MoRForCausalLM, tokenizer: Any = None, *, max_batch: int = 32,
                  max_model_len: int | None = None, kv_memory_bytes: int | None = None,
                  num_blocks: int | None = None, block_size: int = 16, schedule: str = "auto",
                  seed: int | None = None, eos_token_id: int | None = None, record_logits: bool = False,
-                 attention_merge_ratio: float = 1.5, decode_precision: str | None = None):
+                 attention_merge_ratio: float = 1.5, decode_precision: str | None = None,
+                 cpu_kernels: bool | None = None):
         cfg = model.config
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r}; choose one of: {', '.join(SCHEDULES)}")
@@ -172,12 +178,16 @@ class Engine:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed if seed is not None else random.randrange(2**62))
         self.runner = ModelRunner(model, self.pool, max_batch, merge_ratio=attention_merge_ratio,
-                                  generator=self.generator)
+                                  generator=self.generator, cpu_kernels=cpu_kernels,
+                                  kernel_weights=torch.bfloat16 if getattr(model, "decode_precision", None) == "bf16-weights"
+                                  else torch.float32)
+        self.cpu_kernels = self.runner.kernels is not None
         if eos_token_id is None:
             found = find_eos(tokenizer) if tokenizer is not None else None
             eos_token_id = found[0] if found else 0
         self.eos_token_id = eos_token_id
         self.record_logits = record_logits
+        self.last_logits: torch.Tensor | None = None  # the latest step's LM-head rows (logprobs)
         self._next_id = 0
         self.reset_stats()
 
@@ -266,6 +276,7 @@ class Engine:
         if timing is not None:
             timing["schedule"] += time.perf_counter() - t0
         out = self.runner.execute(plan)
+        self.last_logits = out.logits  # (tokens, V) fp32, rows in the order of the returned events
         if timing is not None:
             t1 = time.perf_counter()
         events = self._postprocess(plan, out)

@@ -12,7 +12,11 @@ Two views of the same engine, each averaged over ``steps`` consecutive ``Engine.
   ``kv_copy`` (index_select / index_copy of cache rows and hidden states: the paged K/V
   gather and write), ``other_ops`` (everything else: norms, RoPE, masks, routing, sampling
   arithmetic) and ``host`` (the step's wall time not inside any op: Python, NumPy
-  bookkeeping, dispatch). They sum to the profiled step time (which the profiler inflates;
+  bookkeeping, dispatch). With the CPU kernels (``Engine.cpu_kernels``) a decode layer is one
+  compiled call that the profiler does not see: its own phase clocks (``mor.engine.kernels``,
+  ``PROFILE_PHASES``) are added to the kinds (projections and LM head -> matmul, attention ->
+  attention, RoPE + cache write -> kv_copy, norms -> other_ops) and taken out of ``host``;
+  ``kernel_phases_s`` keeps them by phase. They sum to the profiled step time (which the profiler inflates;
   compare shares, not absolute numbers, with the unprofiled phases). On CUDA the op times
   are device (kernel) times and ``host`` is what the device did not cover.
 """
@@ -56,6 +60,7 @@ class StepProfile:
     profiled_step_s: float = 0.0
     ops_s: dict[str, float] = field(default_factory=dict)
     op_calls: dict[str, float] = field(default_factory=dict)  # aten op calls per step, by kind (leaf ops)
+    kernel_phases_s: dict[str, float] = field(default_factory=dict)  # CPU kernels' phases, seconds per step
 
     @property
     def tokens_per_step(self) -> float:
@@ -69,7 +74,8 @@ class StepProfile:
         return {"steps": self.steps, "tokens_per_step": self.tokens_per_step, "step_s": self.step_s,
                 "phases_s": dict(self.phases_s), "phase_shares": self.shares("phases"),
                 "profiled_step_s": self.profiled_step_s, "ops_s": dict(self.ops_s),
-                "op_shares": self.shares("ops"), "op_calls_per_step": dict(self.op_calls)}
+                "op_shares": self.shares("ops"), "op_calls_per_step": dict(self.op_calls),
+                "kernel_phases_s": dict(self.kernel_phases_s)}
 
 
 def _sync(dev: torch.device) -> None:
@@ -98,22 +104,33 @@ def time_phases(engine, steps: int) -> tuple[dict[str, float], float, int, int]:
     return timing, wall, done, tokens
 
 
-def profile_ops(engine, steps: int) -> tuple[dict[str, float], dict[str, float], float, int]:
+def profile_ops(engine, steps: int) -> tuple[dict[str, float], dict[str, float], float, int, dict[str, float]]:
     """Run up to ``steps`` engine steps under ``torch.profiler``. Returns (seconds per op kind,
-    op calls per kind, summed step wall time, steps run); the kinds sum to the wall time."""
+    op calls per kind, summed step wall time, steps run, seconds per CPU-kernel phase); the
+    kinds sum to the wall time."""
     from torch.profiler import ProfilerActivity, profile
+
+    from . import kernels
 
     cuda = engine.device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     done, wall = 0, 0.0
-    with profile(activities=acts) as prof:
-        while done < steps and engine.has_unfinished:
-            _sync(engine.device)
-            t0 = time.perf_counter()
-            engine.step()
-            _sync(engine.device)
-            wall += time.perf_counter() - t0
-            done += 1
+    use_kernels = bool(getattr(engine, "cpu_kernels", False))
+    if use_kernels:
+        kernels.set_profiling(True)
+    try:
+        with profile(activities=acts) as prof:
+            while done < steps and engine.has_unfinished:
+                _sync(engine.device)
+                t0 = time.perf_counter()
+                engine.step()
+                _sync(engine.device)
+                wall += time.perf_counter() - t0
+                done += 1
+    finally:
+        kphases = kernels.take_profile() if use_kernels else {}
+        if use_kernels:
+            kernels.set_profiling(False)
     secs = {k: 0.0 for k in OP_KINDS}
     calls = {k: 0.0 for k in OP_KINDS if k != "host"}
     for ev in prof.key_averages():
@@ -130,8 +147,10 @@ def profile_ops(engine, steps: int) -> tuple[dict[str, float], dict[str, float],
             if ev.key not in _COMPOSITE:
                 calls[op_kind(ev.key)] += ev.count
         secs[op_kind(ev.key)] += t * 1e-6
+    for phase, t in kphases.items():
+        secs[kernels.PHASE_KIND[phase]] += t
     secs["host"] = wall - sum(secs.values())
-    return secs, calls, wall, done
+    return secs, calls, wall, done, kphases
 
 
 def profile_engine(engine, steps: int = 16, ops: bool = True, repeats: int = 1) -> StepProfile:
@@ -148,9 +167,10 @@ def profile_engine(engine, steps: int = 16, ops: bool = True, repeats: int = 1) 
     n = max(1, n)
     prof = StepProfile(steps=n, tokens=tokens, step_s=wall / n, phases_s={k: v / n for k, v in phases.items()})
     if ops:
-        secs, calls, pwall, m = profile_ops(engine, steps)
+        secs, calls, pwall, m, kphases = profile_ops(engine, steps)
         m = max(1, m)
         prof.profiled_step_s = pwall / m
         prof.ops_s = {k: v / m for k, v in secs.items()}
         prof.op_calls = {k: v / m for k, v in calls.items()}
+        prof.kernel_phases_s = {k: v / m for k, v in kphases.items()}
     return prof

@@ -49,6 +49,7 @@ from torch.nn import functional
 from ..cache import KVCache, KVPool
 from ..model import MoRForCausalLM, apply_rope, gather_tokens, rope_cos_sin, scatter_tokens
 from ..routing import combine, continues, gate_scores, pack_mask, token_choice
+from . import kernels
 from .request import Request
 from .sampling import sample
 from .scheduler import StepPlan
@@ -82,14 +83,37 @@ class AttentionSegment:
     a: int
     b: int
     blocks: torch.Tensor  # (b - a, nb, layers) physical block ids
-    mask: torch.Tensor  # (b - a, 1, Q, nb * block_size): key index <= the query's cache index
+    mask: torch.Tensor | None  # (b - a, 1, Q, nb * block_size): key index <= the query's cache index
+    qidx: torch.Tensor  # (b - a, Q) the queries' cache indices (each attends to keys 0..qidx)
+
+
+def kernel_obstacle(model: MoRForCausalLM, pool: KVPool) -> str | None:
+    """Why the CPU kernels cannot run ``model`` with ``pool`` (None: they can): CPU, fp32
+    weights and cache, bias-free ``nn.Linear`` projections with contiguous weights, a
+    compiler that built them."""
+    p = model.model.embed_tokens.weight
+    if p.device.type != "cpu" or p.dtype != torch.float32 or pool.dtype != torch.float32:
+        return f"they run fp32 on CPU (this model: {p.dtype} on {p.device.type})"
+    if pool.block_size > kernels.MAX_BLOCK_SIZE or model.config.head_dim > kernels.MAX_HEAD_DIM:
+        return (f"block_size <= {kernels.MAX_BLOCK_SIZE} and head_dim <= {kernels.MAX_HEAD_DIM} "
+                f"(here {pool.block_size}, {model.config.head_dim})")
+    linears = [model.lm_head] + [m for layer in model.model.layers for m in (
+        layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+        layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+    for m in linears:
+        if type(m) is not nn.Linear or m.bias is not None or not m.weight.is_contiguous():
+            return f"{type(m).__name__} layers are not supported (plain bias-free nn.Linear only)"
+    if not kernels.available():
+        return f"not built: {kernels.unavailable_reason()}"
+    return None
 
 
 class ModelRunner:
     """Executes prefill / enter / recurse / finish for one model and one KV pool."""
 
     def __init__(self, model: MoRForCausalLM, pool: KVPool, max_seqs: int, merge_ratio: float = 1.5,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, cpu_kernels: bool | None = None,
+                 kernel_weights: torch.dtype = torch.float32):
         self.model = model
         self.config = cfg = model.config
         self.core = model.model
@@ -130,6 +154,17 @@ class ModelRunner:
         # while a profiler sets it to a dict (mor.engine.profile); None: no clocks read, no syncs
         self.timing: dict[str, float] | None = None
         self._mark = 0.0
+        # decode (one token per row) on the CPU kernels: None = when they apply, True = required
+        self.kernels = None
+        why = kernel_obstacle(model, pool)
+        if cpu_kernels and why:
+            raise ValueError(f"cpu_kernels=True, but the CPU kernels cannot run this engine: {why}")
+        if cpu_kernels is not False and why is None:
+            self.kernels = kernels
+            # matrix weights as the kernels read them (bf16 copies for decode_precision="bf16-weights")
+            self._klayers = [kernels.DecodeLayer(layer, cfg, kernel_weights) for layer in self.core.layers]
+            self._lm_head = kernels.weight_copy(model.lm_head.weight, kernel_weights)
+            self._work = torch.empty(0, dtype=torch.float32)
 
     def _tick(self, phase: str) -> None:
         """Charge the time since the last tick to ``phase`` (when timing; syncs CUDA first)."""
@@ -159,9 +194,12 @@ class ModelRunner:
 
     def _make_segment(self, blocks: np.ndarray, qidx: np.ndarray, a: int, b: int) -> AttentionSegment:
         nb = blocks.shape[1]
-        keys = torch.arange(nb * self.pool.block_size, device=self.device)
-        mask = keys[None, None, None, :] <= self._long(qidx)[:, None, :, None]
-        return AttentionSegment(a, b, self._long(blocks), mask)
+        q = self._long(qidx)
+        mask = None
+        if not self._kernel_path(q.shape[1]):  # the kernels read qidx, not a mask
+            keys = torch.arange(nb * self.pool.block_size, device=self.device)
+            mask = keys[None, None, None, :] <= q[:, None, :, None]
+        return AttentionSegment(a, b, self._long(blocks), mask, q)
 
     @staticmethod
     def _clip(segs: list[AttentionSegment], a: int, b: int) -> list[AttentionSegment]:
@@ -169,7 +207,9 @@ class ModelRunner:
         for s in segs:
             lo, hi = max(s.a, a), min(s.b, b)
             if lo < hi:
-                out.append(AttentionSegment(lo - a, hi - a, s.blocks[lo - s.a:hi - s.a], s.mask[lo - s.a:hi - s.a]))
+                out.append(AttentionSegment(lo - a, hi - a, s.blocks[lo - s.a:hi - s.a],
+                                            None if s.mask is None else s.mask[lo - s.a:hi - s.a],
+                                            s.qidx[lo - s.a:hi - s.a]))
         return out
 
     # .................................................................. one layer
@@ -189,6 +229,8 @@ class ModelRunner:
         L = self.core.layers[u]
         at = L.self_attn
         n, Q, _ = x.shape
+        if self._kernel_path(Q):
+            return self._layer_kernels(u, x, cos, sin, n_write, rows, segs, j)
         a = L.input_layernorm(x)
         q = apply_rope(at.q_proj(a).view(n, Q, self.n_heads, self.hd).transpose(1, 2), cos, sin)
         if n_write:
@@ -201,6 +243,24 @@ class ModelRunner:
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
         hh = x + at.o_proj(o.transpose(1, 2).reshape(n, Q, self.n_heads * self.hd))
         return hh + L.mlp(L.post_attention_layernorm(hh))
+
+    def _kernel_path(self, Q: int) -> bool:
+        """Whether calls with Q tokens per row run on the CPU kernels (one token per row: decode)."""
+        return self.kernels is not None and Q == 1
+
+    def _layer_kernels(self, u: int, x: torch.Tensor, cos, sin, n_write: int, rows: torch.Tensor | None,
+                       segs: list[AttentionSegment], j: int) -> torch.Tensor:
+        """``_layer`` for one token per row on the CPU kernels (``mor.engine.kernels``): the same
+        math in one call, attention reading the paged cache in place."""
+        n = x.shape[0]
+        layer = self._klayers[u]
+        need = layer.work_floats(n)
+        if self._work.numel() < need:
+            self._work = torch.empty(need, dtype=torch.float32)
+        out = layer(x.reshape(n, -1).contiguous(), cos.reshape(n, -1).contiguous(), sin.reshape(n, -1).contiguous(),
+                    n_write, None if rows is None else rows.contiguous(), self.cache.k, self.cache.v,
+                    kernels.segment_table(segs), j, self._work)
+        return out.view(n, 1, -1)
 
     def _full_layers(self, layers: list[int], j0: int, x: torch.Tensor, slots: np.ndarray,
                      positions: np.ndarray, valid: np.ndarray | None = None) -> torch.Tensor:
@@ -388,8 +448,8 @@ class ModelRunner:
         self.h.index_copy_(0, st, x[:, 0])
         if self.kind == "token":
             cfg = self.config
-            _, choice, gate = token_choice(self.core.router(x[:, 0]).float(), cfg.router_func, cfg.router_alpha,
-                                           self.core.balance_bias)
+            _, choice, gate = token_choice(self._route(self.core.router.net, x[:, 0]).float(), cfg.router_func,
+                                           cfg.router_alpha, self.core.balance_bias)
             self.h_first.index_copy_(0, st, x[:, 0])
             self.token_gate.index_copy_(0, st, gate.to(self.dtype))
             self.token_depth.index_copy_(0, st, choice + 1)
@@ -419,7 +479,7 @@ class ModelRunner:
         nets = [r.net for r in routers]
         if all(isinstance(n, nn.Linear) for n in nets):
             W = torch.cat([n.weight for n in nets])  # (N_r, d)
-            out = functional.linear(x, W)
+            out = functional.linear(x, W) if self.kernels is None else self.kernels.linear(x.contiguous(), W)
             if any(n.bias is not None for n in nets):
                 out = out + torch.cat([n.bias if n.bias is not None else torch.zeros_like(n.weight[:, 0])
                                        for n in nets])
@@ -427,8 +487,21 @@ class ModelRunner:
         out = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
         for r in np.unique(recs):
             rows = self._long(np.nonzero(recs == r)[0])
-            out[rows] = routers[int(r)](x.index_select(0, rows)).squeeze(-1).float()
+            out[rows] = self._route(routers[int(r)].net, x.index_select(0, rows)).squeeze(-1).float()
         return out
+
+    def _route(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A router network on x (n, d). On the CPU kernels its linear layers run there, so that
+        a token's routing decision, like the rest of its step, does not depend on its batch."""
+        if self.kernels is None:
+            return net(x)
+        for m in (net if isinstance(net, nn.Sequential) else [net]):
+            if isinstance(m, nn.Linear):
+                y = self.kernels.linear(x.contiguous(), m.weight.detach())
+                x = y if m.bias is None else y + m.bias
+            else:
+                x = m(x)
+        return x
 
     def _plan_attention(self, segs: list[tuple], recs: np.ndarray, slots: np.ndarray) -> list[AttentionSegment]:
         """One attention call per cache group read, or a single call for the whole batch (each
@@ -524,4 +597,8 @@ class ModelRunner:
         positions = np.asarray(positions, dtype=np.int64)
         x = self.h.index_select(0, self._long(slots))[:, None, :]
         x = self._full_layers(self.suffix, self.layout.num_prefix, x, slots, positions[:, None])
+        if self.kernels is not None:
+            norm = self.core.norm
+            return self.kernels.linear(self.kernels.rms_norm(x[:, 0].contiguous(), norm.weight, norm.eps),
+                                       self._lm_head)
         return self.model.lm_head(self.core.norm(x[:, 0])).float()

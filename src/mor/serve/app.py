@@ -215,7 +215,7 @@ def create_app(cfg: ServeConfig, state: ServerState | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        st.thread = EngineThread(st.engine, st.metrics, asyncio.get_running_loop(), st.llm.model.lm_head)
+        st.thread = EngineThread(st.engine, st.metrics, asyncio.get_running_loop())
         st.thread.start()
         try:
             yield

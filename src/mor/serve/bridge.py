@@ -82,20 +82,17 @@ class RequestStream:
 
 
 class EngineThread:
-    """Runs an ``Engine`` in a thread; ``submit`` / ``abort`` from the event loop.
-    ``lm_head``: the served model's LM head (its outputs give the logprobs)."""
+    """Runs an ``Engine`` in a thread; ``submit`` / ``abort`` from the event loop. Logprobs
+    come from the LM-head rows of each step (``Engine.last_logits``)."""
 
-    def __init__(self, engine: Engine, metrics: ServerMetrics, loop: asyncio.AbstractEventLoop,
-                 lm_head: torch.nn.Module):
+    def __init__(self, engine: Engine, metrics: ServerMetrics, loop: asyncio.AbstractEventLoop):
         self.engine, self.metrics, self.loop = engine, metrics, loop
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[int, RequestStream] = {}  # engine request id -> stream (engine thread only)
         self.inflight = 0  # accepted or queued streams not finished (event loop only)
         self.error: BaseException | None = None
         self._want_logprobs = 0
-        self._captured: list[torch.Tensor] = []
         self._logprobs_ok = True
-        self._hook = lm_head.register_forward_hook(self._capture)
         self._thread = threading.Thread(target=self._run, name="mor-engine", daemon=True)
         self._stopping = False
 
@@ -122,7 +119,6 @@ class EngineThread:
         self._stopping = True
         self._cmds.put(("stop", None))
         self._thread.join(timeout)
-        self._hook.remove()
 
     def _deliver(self, items: list) -> None:
         for s, item in items:
@@ -145,10 +141,6 @@ class EngineThread:
             s._queue.put_nowait(item)
 
     # ............................................................. engine thread
-    def _capture(self, module, inputs, output) -> None:
-        if self._want_logprobs:
-            self._captured.append(output.detach())
-
     def _post(self, items: list) -> None:
         if items:
             try:
@@ -165,7 +157,6 @@ class EngineThread:
                     self._post(out)
                     break
                 if eng.has_unfinished:
-                    self._captured.clear()
                     events = eng.step()
                     self._dispatch(events, out)
                 running = sum(1 for s in self._streams.values() if s.num_tokens > 0)
@@ -248,9 +239,8 @@ class EngineThread:
     def _dispatch(self, events, out: list) -> None:
         now = time.perf_counter()
         m, n = self.metrics, self.metrics.model_name
-        rows = None
-        if self._captured:
-            rows = torch.cat(self._captured) if len(self._captured) > 1 else self._captured[0]
+        rows = getattr(self.engine, "last_logits", None) if self._want_logprobs else None
+        if rows is not None:
             produced = sum(1 for ev in events if ev.token >= 0)
             if rows.size(0) != produced:
                 if self._logprobs_ok:

@@ -1,0 +1,436 @@
+/* CPU decode kernels of the mor engine (issue 17); built and loaded by mor/engine/kernels.py.
+ *
+ * fp32 activations, K/V and norms; matrix weights in fp32 or bf16 (`wbf: 1`, the opt-in
+ * "bf16-weights" decode: half the bytes streamed, each weight widened exactly to fp32). Every output element is computed by the same sequence of operations whatever
+ * the number of rows M, the tile it falls in and the number of threads: a token's result does
+ * not depend on the batch it runs in (bit-exact "batch == alone").
+ *
+ * The vector type is GCC's generic vector extension (16 floats); with -march=native it
+ * compiles to AVX-512 here, to pairs of AVX2 registers or NEON quads elsewhere.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#define VW 16
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef float vfu __attribute__((vector_size(VW * 4), aligned(4))); /* unaligned access */
+
+static inline vf vload(const float *p) { return *(const vfu *)p; }
+
+typedef uint16_t vh __attribute__((vector_size(VW * 2), aligned(2)));
+typedef uint32_t vu __attribute__((vector_size(VW * 4)));
+
+/* VW bf16 values widened to fp32 (exact: bf16 is the top half of an fp32) */
+static inline vf vload_bf16(const uint16_t *p) {
+    vu u = __builtin_convertvector(*(const vh *)p, vu) << 16;
+    vf f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* element i of a weight matrix stored as fp32 (wbf = 0) or bf16 (wbf = 1) */
+static inline float wget(const void *w, int64_t i, int wbf) {
+    return wbf ? bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
+}
+static inline vf wload(const void *w, int64_t i, int wbf) {
+    return wbf ? vload_bf16((const uint16_t *)w + i) : vload((const float *)w + i);
+}
+static inline const void *wrow(const void *W, int64_t o, int64_t I, int wbf) {
+    return (const char *)W + o * I * (wbf ? 2 : 4);
+}
+
+/* fixed-order horizontal sum: halves, then quarters, ... (the same everywhere) */
+static inline float hsum(vf v) {
+    typedef float v8 __attribute__((vector_size(32)));
+    typedef float v4 __attribute__((vector_size(16)));
+    v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+#define AI __attribute__((always_inline))
+#define MAXMT 6 /* rows of x per tile: 6 x 4 accumulators + 4 weight vectors fit 32 registers */
+
+/* out[a * 4 + b] = <x_a, w_b> for MT (<= MAXMT) rows of x (stride ldx) and OT (<= 4) rows of W
+ * (stride I), I elements each. Each dot product is one vector accumulator over VW-element
+ * chunks, a fixed-order horizontal sum and a scalar tail: the same operations for every
+ * element whatever MT and OT (which only decide how many loads are shared). */
+static inline AI void tile(const float *x, int64_t ldx, const void *w, int64_t I, int MT, int OT, int wbf,
+                           float *out) {
+    vf acc[MAXMT][4];
+    for (int a = 0; a < MT; a++)
+        for (int b = 0; b < OT; b++) acc[a][b] = (vf){0};
+    int64_t i = 0;
+    for (; i + VW <= I; i += VW) {
+        vf wv[4], xv[MAXMT];
+        for (int b = 0; b < OT; b++) wv[b] = wload(w, b * I + i, wbf);
+        for (int a = 0; a < MT; a++) xv[a] = vload(x + a * ldx + i);
+        for (int a = 0; a < MT; a++)
+            for (int b = 0; b < OT; b++) acc[a][b] += xv[a] * wv[b];
+    }
+    for (int a = 0; a < MT; a++)
+        for (int b = 0; b < OT; b++) {
+            float s = hsum(acc[a][b]);
+            for (int64_t k = i; k < I; k++) s += x[a * ldx + k] * wget(w, b * I + k, wbf);
+            out[a * 4 + b] = s;
+        }
+}
+
+/* t[a * 4 + b] = <x_{m+a}, w_b> for the mt rows of x from row m and ot (1 or 4) rows of W */
+#define TILE_MT(OT)                                                                                \
+    switch (mt) {                                                                                  \
+    case 6: tile(xm, I, w, I, 6, OT, WBF, t); break;                                               \
+    case 5: tile(xm, I, w, I, 5, OT, WBF, t); break;                                               \
+    case 4: tile(xm, I, w, I, 4, OT, WBF, t); break;                                               \
+    case 3: tile(xm, I, w, I, 3, OT, WBF, t); break;                                               \
+    case 2: tile(xm, I, w, I, 2, OT, WBF, t); break;                                               \
+    default: tile(xm, I, w, I, 1, OT, WBF, t); break;                                              \
+    }
+static inline AI void tile_rows(const float *x, int64_t I, const void *w, int wbf, int64_t m, int mt, int ot,
+                                float *t) {
+    const float *xm = x + m * I;
+    if (wbf) {
+#define WBF 1
+        if (ot == 4) {
+            TILE_MT(4)
+        } else {
+            TILE_MT(1)
+        }
+#undef WBF
+    } else {
+#define WBF 0
+        if (ot == 4) {
+            TILE_MT(4)
+        } else {
+            TILE_MT(1)
+        }
+#undef WBF
+    }
+}
+
+/* the rows of the a-th of the tiles that cover M rows of x: ceil(M / MAXMT) tiles of near-equal
+ * size (13 rows: 5 + 4 + 4, not 6 + 6 + 1) */
+static inline void row_tile(int64_t M, int64_t a, int64_t *m0, int *mt) {
+    int64_t n = (M + MAXMT - 1) / MAXMT, base = M / n, extra = M % n;
+    *m0 = a * base + (a < extra ? a : extra);
+    *mt = (int)(base + (a < extra ? 1 : 0));
+}
+
+/* weight rows per tile: one at a time for 1-2 rows of x (a matrix-vector product: one stream
+ * through memory), four for more (each x load shared by four weight rows) */
+static inline int out_tile(int64_t M, int64_t left) { return M > 2 && left >= 4 ? 4 : 1; }
+
+/* the [lo, hi) share of n items for thread `id` of `nt`, in units of `unit` */
+static inline void share(int64_t n, int64_t unit, int id, int nt, int64_t *lo, int64_t *hi) {
+    int64_t units = (n + unit - 1) / unit, per = units / nt, extra = units % nt;
+    int64_t u0 = id * per + (id < extra ? id : extra), u1 = u0 + per + (id < extra ? 1 : 0);
+    *lo = u0 * unit < n ? u0 * unit : n;
+    *hi = u1 * unit < n ? u1 * unit : n;
+}
+
+#ifdef _OPENMP
+#include <omp.h>
+#define PARALLEL(nt) _Pragma("omp parallel num_threads(nt) if(nt > 1)")
+#define THREAD_ID() omp_get_thread_num()
+#define THREADS() omp_get_num_threads()
+#else
+#define PARALLEL(nt)
+#define THREAD_ID() 0
+#define THREADS() 1
+#endif
+
+/* outputs [lo, hi) of y (M, O) = [residual +] x (M, I) @ W (O, I)^T: for each tile of weight
+ * rows (read once from memory), every 4-row tile of x */
+static void linear_part(const float *x, int64_t M, int64_t I, const void *W, int wbf, int64_t O, float *y,
+                        const float *residual, int64_t lo, int64_t hi) {
+    float t[MAXMT * 4];
+    int64_t ntiles = (M + MAXMT - 1) / MAXMT;
+    for (int64_t o = lo; o < hi;) {
+        int ot = out_tile(M, hi - o);
+        for (int64_t r = 0; r < ntiles; r++) {
+            int64_t m;
+            int mt;
+            row_tile(M, r, &m, &mt);
+            tile_rows(x, I, wrow(W, o, I, wbf), wbf, m, mt, ot, t);
+            for (int a = 0; a < mt; a++)
+                for (int b = 0; b < ot; b++) {
+                    int64_t k = (m + a) * O + o + b;
+                    y[k] = residual ? residual[k] + t[a * 4 + b] : t[a * 4 + b];
+                }
+        }
+        o += ot;
+    }
+}
+
+static inline float silu(float g) { return g / (1.0f + expf(-g)); }
+
+/* outputs [lo, hi) of y (M, O) = silu(x @ Wg^T) * (x @ Wu^T) */
+static void silu_mul_part(const float *x, int64_t M, int64_t I, const void *Wg, const void *Wu, int wbf,
+                          int64_t O, float *y, int64_t lo, int64_t hi) {
+    float g[MAXMT * 4], u[MAXMT * 4];
+    int64_t ntiles = (M + MAXMT - 1) / MAXMT;
+    for (int64_t o = lo; o < hi;) {
+        int ot = out_tile(M, hi - o);
+        for (int64_t r = 0; r < ntiles; r++) {
+            int64_t m;
+            int mt;
+            row_tile(M, r, &m, &mt);
+            tile_rows(x, I, wrow(Wg, o, I, wbf), wbf, m, mt, ot, g);
+            tile_rows(x, I, wrow(Wu, o, I, wbf), wbf, m, mt, ot, u);
+            for (int a = 0; a < mt; a++)
+                for (int b = 0; b < ot; b++) y[(m + a) * O + o + b] = silu(g[a * 4 + b]) * u[a * 4 + b];
+        }
+        o += ot;
+    }
+}
+
+/* rows [lo, hi) of y (M, D) = w * (x * rsqrt(mean(x^2) + eps)), the model's RMSNorm in fp32 */
+static void rms_norm_rows(const float *x, int64_t D, const float *w, float eps, float *y, int64_t lo, int64_t hi) {
+    for (int64_t m = lo; m < hi; m++) {
+        const float *xm = x + m * D;
+        vf acc = (vf){0};
+        int64_t i = 0;
+        for (; i + VW <= D; i += VW) {
+            vf v = vload(xm + i);
+            acc += v * v;
+        }
+        float s = hsum(acc);
+        for (; i < D; i++) s += xm[i] * xm[i];
+        float r = 1.0f / sqrtf(s / (float)D + eps);
+        for (int64_t k = 0; k < D; k++) y[m * D + k] = w[k] * (xm[k] * r);
+    }
+}
+
+/* rotary embedding in place on row m of x (M, heads, hd) with that row's cos/sin (hd,):
+ * x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[hd/2:], x[:hd/2]) */
+static void rope_row(float *x, int64_t heads, int64_t hd, const float *c, const float *s) {
+    int64_t h2 = hd / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        float *v = x + h * hd;
+        for (int64_t i = 0; i < h2; i++) {
+            float a = v[i], b = v[i + h2];
+            v[i] = a * c[i] + (-b) * s[i];
+            v[i + h2] = b * c[i + h2] + a * s[i + h2];
+        }
+    }
+}
+
+/* Decode attention of query p = m * H + h (row m, head h) over a paged cache.
+ * q (H, hd) of row m; caches (blocks, bs, KV, hd); the row reads keys 0..n-1 of its sequence,
+ * key t living in block blocks[(t / bs) * sb] at offset t % bs; head h reads KV head g.
+ * out (hd,) = softmax(q k^T * scale) v, block by block with a running maximum. */
+static void attend_one(const float *qv, int64_t g, int64_t KV, int64_t hd, const float *kc, const float *vc,
+                       int64_t bs, const int64_t *blocks, int64_t sb, int64_t n, float scale, float *out) {
+    float sc[256], acc[512];
+    float mx = -INFINITY, l = 0.0f;
+    for (int64_t i = 0; i < hd; i++) acc[i] = 0.0f;
+    for (int64_t b0 = 0; b0 < n; b0 += bs) {
+        int64_t blk = blocks[(b0 / bs) * sb];
+        int64_t cnt = n - b0 < bs ? n - b0 : bs;
+        float bmx = -INFINITY;
+        for (int64_t t = 0; t < cnt; t++) {
+            const float *kv = kc + ((blk * bs + t) * KV + g) * hd;
+            vf a = (vf){0};
+            int64_t i = 0;
+            for (; i + VW <= hd; i += VW) a += vload(qv + i) * vload(kv + i);
+            float s = hsum(a);
+            for (; i < hd; i++) s += qv[i] * kv[i];
+            s *= scale;
+            sc[t] = s;
+            if (s > bmx) bmx = s;
+        }
+        float nmx = bmx > mx ? bmx : mx;
+        float corr = expf(mx - nmx); /* 0 on the first block (mx = -inf) */
+        l *= corr;
+        for (int64_t i = 0; i < hd; i++) acc[i] *= corr;
+        for (int64_t t = 0; t < cnt; t++) {
+            float e = expf(sc[t] - nmx);
+            l += e;
+            const float *vv = vc + ((blk * bs + t) * KV + g) * hd;
+            for (int64_t i = 0; i < hd; i++) acc[i] += e * vv[i];
+        }
+        mx = nmx;
+    }
+    float inv = 1.0f / l;
+    for (int64_t i = 0; i < hd; i++) out[i] = acc[i] * inv;
+}
+
+/* ------------------------------------------------------------------ profiling counters */
+/* seconds per phase, accumulated while profiling is on (mor_profile): the phases of
+ * mor_decode_layer (measured by thread 0 after each barrier, so a phase includes waiting for
+ * the slowest thread) and mor_linear calls. Names in kernels.py PROFILE_PHASES. */
+#define NPHASE 9
+static double prof_s[NPHASE];
+static int prof_on = 0;
+
+static inline double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+#define TICK(phase)                                                                                \
+    if (prof_on && t == 0) {                                                                      \
+        double n_ = now_s();                                                                      \
+        prof_s[phase] += n_ - mark;                                                               \
+        mark = n_;                                                                                \
+    }
+
+void mor_profile(int on) { prof_on = on; }
+
+/* copy the counters to out (NPHASE doubles) and reset them */
+void mor_profile_take(double *out) {
+    for (int i = 0; i < NPHASE; i++) {
+        out[i] = prof_s[i];
+        prof_s[i] = 0.0;
+    }
+}
+
+/* ------------------------------------------------------------------ exported kernels */
+
+/* y (M, O) = [residual +] x (M, I) @ W (O, I)^T; output columns split across nt threads */
+void mor_linear(const float *x, int64_t M, int64_t I, const void *W, int wbf, int64_t O, float *y,
+                const float *residual, int nt) {
+    double t0 = prof_on ? now_s() : 0.0;
+    PARALLEL(nt) {
+        int64_t lo, hi;
+        share(O, 8, THREAD_ID(), THREADS(), &lo, &hi);
+        linear_part(x, M, I, W, wbf, O, y, residual, lo, hi);
+    }
+    if (prof_on) prof_s[8] += now_s() - t0;
+}
+
+/* y (M, O) = silu(x @ Wg^T) * (x @ Wu^T): the gated MLP's first half in one pass */
+void mor_linear_silu_mul(const float *x, int64_t M, int64_t I, const void *Wg, const void *Wu, int wbf, int64_t O,
+                         float *y, int nt) {
+    PARALLEL(nt) {
+        int64_t lo, hi;
+        share(O, 8, THREAD_ID(), THREADS(), &lo, &hi);
+        silu_mul_part(x, M, I, Wg, Wu, wbf, O, y, lo, hi);
+    }
+}
+
+void mor_rms_norm(const float *x, int64_t M, int64_t D, const float *w, float eps, float *y) {
+    rms_norm_rows(x, D, w, eps, y, 0, M);
+}
+
+/* rotary embedding in place on x (M, heads, hd) with per-row cos/sin (M, hd) */
+void mor_rope(float *x, int64_t M, int64_t heads, int64_t hd, const float *cos, const float *sin) {
+    for (int64_t m = 0; m < M; m++) rope_row(x + m * heads * hd, heads, hd, cos + m * hd, sin + m * hd);
+}
+
+/* store K/V rows (N, width) at physical rows rows[n] of the caches (rows of `width` floats) */
+void mor_kv_write(const float *k, const float *v, int64_t N, int64_t width, const int64_t *rows, float *kc,
+                  float *vc) {
+    for (int64_t n = 0; n < N; n++) {
+        memcpy(kc + rows[n] * width, k + n * width, width * sizeof(float));
+        memcpy(vc + rows[n] * width, v + n * width, width * sizeof(float));
+    }
+}
+
+/* Decode attention over a paged cache, one query per row: q (M, H, hd); row m attends to its
+ * keys 0..qidx[m], key t in block blocks[m * sm + (t / bs) * sb]; head h reads KV head
+ * h / (H / KV); out (M, H, hd). bs <= 256, hd <= 512. */
+void mor_paged_attention(const float *q, int64_t M, int64_t H, int64_t KV, int64_t hd, const float *kc,
+                         const float *vc, int64_t bs, const int64_t *blocks, int64_t sm, int64_t sb,
+                         const int64_t *qidx, float scale, float *out, int nt) {
+    PARALLEL(nt) {
+        int64_t lo, hi;
+        share(M * H, 1, THREAD_ID(), THREADS(), &lo, &hi);
+        for (int64_t p = lo; p < hi; p++) {
+            int64_t m = p / H, h = p % H;
+            attend_one(q + p * hd, h / (H / KV), KV, hd, kc, vc, bs, blocks + m * sm, sb, qidx[m] + 1, scale,
+                       out + p * hd);
+        }
+    }
+}
+
+/* One decoder layer for one token per row (the engine's decode step), every phase split
+ * across nt threads inside one parallel region (a barrier between phases):
+ *   a = rms(x); q = rope(a Wq^T); k = rope(a Wk^T), v = a Wv^T for the first n_write rows,
+ *   stored at cache rows `rows`; o = attention(q, cache); h = x + o Wo^T;
+ *   out = h + (silu(rms(h) Wg^T) * (rms(h) Wu^T)) Wd^T.
+ * x, out (M, D); cos, sin (M, hd). Attention segments: seg (nseg, 6) int64 rows
+ * [a, b, blocks address, sm, sb, qidx address]: rows [a, b) read layer `j` of their block
+ * tables (int64 at blocks + i * sm + t * sb + j, i the row within the segment) up to their
+ * qidx. Weights Wq..Wd in fp32 or (wbf = 1) bf16. Scratch: work (M * (2 D + (H + 2 KV) hd + H hd + F)) floats. */
+void mor_decode_layer(const float *x, float *out, int64_t M, int64_t D, const float *ln1, const float *ln2,
+                      float eps, const void *Wq, const void *Wk, const void *Wv, const void *Wo,
+                      const void *Wg, const void *Wu, const void *Wd, int wbf, int64_t F, int64_t H, int64_t KV,
+                      int64_t hd, const float *cos, const float *sin, int64_t n_write, const int64_t *rows,
+                      float *kc, float *vc, int64_t bs, const int64_t *seg, int64_t nseg, int64_t j,
+                      float *work, int nt) {
+    int64_t Oq = H * hd, Ok = KV * hd;
+    float *a = work, *q = a + M * D, *k = q + M * Oq, *v = k + M * Ok, *o = v + M * Ok, *h = o + M * Oq,
+          *g = h + M * D;
+    float scale = 1.0f / sqrtf((float)hd);
+    double mark0 = prof_on ? now_s() : 0.0;
+    PARALLEL(nt) {
+        int t = THREAD_ID(), T = THREADS();
+        double mark = mark0;
+        int64_t lo, hi;
+        share(M, 1, t, T, &lo, &hi);
+        rms_norm_rows(x, D, ln1, eps, a, lo, hi);
+#pragma omp barrier
+        TICK(0)
+        /* q, k, v as one output range [0, Oq + 2 Ok) */
+        share(Oq + 2 * Ok, 8, t, T, &lo, &hi);
+        if (lo < Oq) linear_part(a, M, D, Wq, wbf, Oq, q, 0, lo, hi < Oq ? hi : Oq);
+        if (n_write) {
+            int64_t l1 = lo > Oq ? lo - Oq : 0, h1 = hi - Oq < Ok ? hi - Oq : Ok;
+            if (l1 < h1) linear_part(a, n_write, D, Wk, wbf, Ok, k, 0, l1, h1);
+            int64_t l2 = lo > Oq + Ok ? lo - Oq - Ok : 0, h2 = hi - Oq - Ok;
+            if (l2 < h2) linear_part(a, n_write, D, Wv, wbf, Ok, v, 0, l2, h2);
+        }
+#pragma omp barrier
+        TICK(1)
+        share(M, 1, t, T, &lo, &hi);
+        for (int64_t m = lo; m < hi; m++) {
+            rope_row(q + m * Oq, H, hd, cos + m * hd, sin + m * hd);
+            if (m < n_write) {
+                rope_row(k + m * Ok, KV, hd, cos + m * hd, sin + m * hd);
+                memcpy(kc + rows[m] * Ok, k + m * Ok, Ok * sizeof(float));
+                memcpy(vc + rows[m] * Ok, v + m * Ok, Ok * sizeof(float));
+            }
+        }
+#pragma omp barrier
+        TICK(2)
+        share(M * H, 1, t, T, &lo, &hi);
+        for (int64_t p = lo; p < hi; p++) {
+            int64_t m = p / H, hh = p % H, s = 0;
+            while (s + 1 < nseg && m >= seg[s * 6 + 1]) s++;
+            const int64_t *sg = seg + s * 6;
+            const int64_t *blocks = (const int64_t *)(intptr_t)sg[2] + (m - sg[0]) * sg[3] + j;
+            const int64_t *qidx = (const int64_t *)(intptr_t)sg[5];
+            attend_one(q + p * hd, hh / (H / KV), KV, hd, kc, vc, bs, blocks, sg[4], qidx[m - sg[0]] + 1, scale,
+                       o + p * hd);
+        }
+#pragma omp barrier
+        TICK(3)
+        share(D, 8, t, T, &lo, &hi);
+        linear_part(o, M, Oq, Wo, wbf, D, h, x, lo, hi);
+#pragma omp barrier
+        TICK(4)
+        share(M, 1, t, T, &lo, &hi);
+        rms_norm_rows(h, D, ln2, eps, a, lo, hi);
+#pragma omp barrier
+        TICK(5)
+        share(F, 8, t, T, &lo, &hi);
+        silu_mul_part(a, M, D, Wg, Wu, wbf, F, g, lo, hi);
+#pragma omp barrier
+        TICK(6)
+        share(D, 8, t, T, &lo, &hi);
+        linear_part(g, M, F, Wd, wbf, D, out, h, lo, hi);
+#pragma omp barrier
+        TICK(7)
+    }
+}

@@ -1,0 +1,315 @@
+"""CPU decode kernels (issue 17): matrix products that stream weights at memory speed on all
+threads, fused RMSNorm / RoPE / SiLU-gate, and attention that reads the paged K/V cache in
+place.
+
+Why: on CPU, PyTorch's fp32 ``F.linear`` with a few rows streams weights at a fraction of the
+memory bandwidth and does not use a second thread, and a decoder layer written in PyTorch
+costs ~250 small ops (each a few microseconds) plus a copy of every cache block it reads.
+``cpu_kernels.c`` does the decode-step arithmetic of one layer in 8 calls. Every output
+element is computed by the same operations whatever the batch, its tile and the thread
+count, so a token's result does not depend on the batch it shares (bit-exact), and differs
+from PyTorch's only by fp32 rounding order.
+
+The source ships with the package and is compiled on first use with the system C compiler
+(``$CC`` or ``cc``; ``-O3 -march=native -fopenmp``) into ``$MOR_KERNEL_CACHE`` (default
+``~/.cache/mor/kernels``), keyed by a hash of the source, compiler and flags; the build is
+atomic (temporary file + rename), so concurrent first uses are safe. ``load()`` returns
+None with the reason in ``unavailable_reason()`` when there is no compiler or the build
+fails; ``MOR_CPU_KERNELS=0`` turns them off. The engine falls back to PyTorch then.
+
+Threads: each call uses ``torch.get_num_threads()`` threads (one OpenMP runtime: the library
+links the ``libgomp`` PyTorch already loaded).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
+_lib: ctypes.CDLL | None = None
+_reason: str | None = None
+_tried = False
+
+_p, _i64, _int, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+SIGNATURES = {
+    "mor_linear": ([_p, _i64, _i64, _p, _int, _i64, _p, _p, _int], None),
+    "mor_linear_silu_mul": ([_p, _i64, _i64, _p, _p, _int, _i64, _p, _int], None),
+    "mor_rms_norm": ([_p, _i64, _i64, _p, _f32, _p], None),
+    "mor_rope": ([_p, _i64, _i64, _i64, _p, _p], None),
+    "mor_kv_write": ([_p, _p, _i64, _i64, _p, _p, _p], None),
+    "mor_paged_attention": ([_p, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _i64, _i64, _p, _f32, _p, _int], None),
+    "mor_profile": ([_int], None),
+    "mor_profile_take": ([_p], None),
+    "mor_decode_layer": ([_p, _p, _i64, _i64, _p, _p, _f32, _p, _p, _p, _p, _p, _p, _p, _int, _i64, _i64, _i64, _i64,
+                          _p, _p, _i64, _p, _p, _p, _i64, _p, _i64, _i64, _p, _int], None),
+}
+MAX_BLOCK_SIZE, MAX_HEAD_DIM = 256, 512  # the attention kernel's stack buffers
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOR_KERNEL_CACHE") or Path.home() / ".cache" / "mor" / "kernels")
+
+
+def _compiler() -> str | None:
+    """``$CC`` (which must exist when set), else cc / gcc / clang on the PATH."""
+    cc = os.environ.get("CC")
+    if cc:
+        found = shutil.which(cc)
+        if found is None:
+            raise RuntimeError(f"$CC={cc!r} is not an executable on the PATH")
+        return found
+    return shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+@functools.lru_cache(maxsize=None)
+def _build_key(cc: str) -> str:
+    """What a compiled library depends on besides the source and flags: the compiler (path and
+    version) and this CPU (``-march=native``: its feature flags)."""
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            cpu = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return "\n".join([cc, version.splitlines()[0] if version else "", os.uname().machine, cpu])
+
+
+def build(force: bool = False) -> Path:
+    """Compile ``cpu_kernels.c`` (cached) and return the shared library's path. Raises
+    RuntimeError naming the compiler and its complaint when no flag set builds."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set $CC, or install gcc / clang)")
+    src = SOURCE.read_bytes()  # compiled from these bytes (a copy), so the key matches the code
+    machine = _build_key(cc).encode()
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(src + b"\0" + " ".join(flags).encode() + b"\0" + machine).hexdigest()
+        out = cache_dir() / f"cpu_kernels-{key[:16]}.so"
+        if out.exists() and not force:
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
+            c_file, so_file = Path(tmp) / "cpu_kernels.c", Path(tmp) / "cpu_kernels.so"
+            c_file.write_bytes(src)
+            cmd = [cc, *flags, "-shared", "-fPIC", "-ffp-contract=fast", str(c_file), "-o", str(so_file), "-lm"]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if r.returncode == 0 and so_file.exists():
+                os.replace(so_file, out)
+                return out
+            errors.append(f"{' '.join(flags)}: exit {r.returncode} {r.stderr.strip()[-400:]}")
+    raise RuntimeError(f"{cc} could not build {SOURCE.name}: " + " | ".join(errors))
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (``unavailable_reason()`` says why). Built once per process."""
+    global _lib, _reason, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("MOR_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        _reason = "disabled by MOR_CPU_KERNELS"
+        return None
+    try:
+        path = build()
+        lib = ctypes.CDLL(str(path))
+        for name, (args, res) in SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, res
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
+        _reason = f"{type(e).__name__}: {e}"
+        return None
+    _lib = lib
+    return lib
+
+
+def unavailable_reason() -> str | None:
+    load()
+    return _reason
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the kernels can run a model on ``device`` in ``dtype`` (CPU fp32)."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32 and available()
+
+
+# ---------------------------------------------------------------- tensor-level wrappers
+# Inputs must be contiguous fp32 CPU tensors (checked by the caller, the engine runner, once).
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)  # matrix weights the kernels read
+
+
+def _wbf(w: torch.Tensor) -> int:
+    if w.dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"CPU kernel weights must be float32 or bfloat16, not {w.dtype}")
+    return int(w.dtype == torch.bfloat16)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``[residual +] x @ w.T`` for x (M, I) fp32, w (O, I) fp32 or bf16 (widened exactly)."""
+    M, I = x.shape
+    O = w.shape[0]
+    y = torch.empty(M, O, dtype=torch.float32)
+    _lib.mor_linear(x.data_ptr(), M, I, w.data_ptr(), _wbf(w), O, y.data_ptr(),
+                    None if residual is None else residual.data_ptr(), _threads())
+    return y
+
+
+def linear_silu_mul(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    """``silu(x @ w_gate.T) * (x @ w_up.T)`` (weights of one dtype, fp32 or bf16)."""
+    M, I = x.shape
+    O = w_gate.shape[0]
+    if w_up.dtype != w_gate.dtype:
+        raise ValueError("gate and up weights must share a dtype")
+    y = torch.empty(M, O, dtype=torch.float32)
+    _lib.mor_linear_silu_mul(x.data_ptr(), M, I, w_gate.data_ptr(), w_up.data_ptr(), _wbf(w_gate), O, y.data_ptr(),
+                             _threads())
+    return y
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    M, D = x.shape
+    y = torch.empty(M, D, dtype=torch.float32)
+    _lib.mor_rms_norm(x.data_ptr(), M, D, w.data_ptr(), eps, y.data_ptr())
+    return y
+
+
+def rope_(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in place on x (M, heads * hd) with per-row cos/sin (M, hd)."""
+    M, hd = cos.shape
+    _lib.mor_rope(x.data_ptr(), M, heads, hd, cos.data_ptr(), sin.data_ptr())
+    return x
+
+
+def kv_write(k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, k_cache: torch.Tensor,
+             v_cache: torch.Tensor) -> None:
+    """Store K/V (N, width) at physical cache rows ``rows`` (N,) int64."""
+    N, width = k.shape
+    _lib.mor_kv_write(k.data_ptr(), v.data_ptr(), N, width, rows.data_ptr(), k_cache.data_ptr(),
+                      v_cache.data_ptr())
+
+
+def paged_attention(q: torch.Tensor, heads: int, kv_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    blocks: torch.Tensor, layer: int, qidx: torch.Tensor, out: torch.Tensor) -> None:
+    """Decode attention for q (M, heads * hd): row m attends to its keys 0..qidx[m], found through
+    ``blocks[m, :, layer]`` (blocks (M, nb, layers) int64, contiguous) in the caches
+    (num_blocks, block_size, kv_heads, hd). Writes ``out`` (M, heads * hd)."""
+    M = q.shape[0]
+    bs, hd = k_cache.shape[1], k_cache.shape[3]
+    nb, layers = blocks.shape[1], blocks.shape[2]
+    _lib.mor_paged_attention(q.data_ptr(), M, heads, kv_heads, hd, k_cache.data_ptr(), v_cache.data_ptr(), bs,
+                             blocks.data_ptr() + 8 * layer, nb * layers, layers, qidx.data_ptr(),
+                             hd ** -0.5, out.data_ptr(), _threads())
+
+
+def weight_copy(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``w`` as the kernels read it: itself (fp32), or a bf16 copy whose values must already be
+    bf16-representable (the "bf16-weights" model copy rounds them), so the copy is exact."""
+    w = w.detach()
+    if dtype == torch.float32:
+        return w
+    c = w.to(dtype).contiguous()
+    if not torch.equal(c.float(), w):
+        raise ValueError("weights are not bf16 values: round them first (decode_precision='bf16-weights')")
+    return c
+
+
+class DecodeLayer:
+    """One decoder layer's weights, held for ``mor_decode_layer`` (one token per row: the whole
+    layer in one call, its phases split across threads inside one parallel region). Matrix
+    weights are read in ``weight_dtype`` (fp32, or bf16 copies of bf16-valued weights)."""
+
+    def __init__(self, layer, cfg, weight_dtype: torch.dtype = torch.float32):
+        at, mlp = layer.self_attn, layer.mlp
+        mats = [weight_copy(m.weight, weight_dtype) for m in (at.q_proj, at.k_proj, at.v_proj, at.o_proj,
+                                                               mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+        self.tensors = (layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(), *mats)
+        self.wbf = _wbf(mats[0])
+        for t in self.tensors:
+            if t.dtype not in WEIGHT_DTYPES or t.device.type != "cpu" or not t.is_contiguous():
+                raise ValueError("the CPU kernels need contiguous fp32 / bf16 CPU weights")
+        if self.tensors[0].dtype != torch.float32 or self.tensors[1].dtype != torch.float32:
+            raise ValueError("the CPU kernels need fp32 norm weights")
+        self.eps = float(layer.input_layernorm.eps)
+        if float(layer.post_attention_layernorm.eps) != self.eps:
+            raise ValueError("the CPU kernels expect one RMSNorm epsilon per layer")
+        self.ptrs = [t.data_ptr() for t in self.tensors]
+        self.D, self.F = cfg.hidden_size, cfg.intermediate_size
+        self.H, self.KV, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+    def work_floats(self, M: int) -> int:
+        return M * (2 * self.D + (self.H + 2 * self.KV) * self.hd + self.H * self.hd + self.F)
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_write: int, rows: torch.Tensor | None,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, seg: torch.Tensor, j: int,
+                 work: torch.Tensor) -> torch.Tensor:
+        """x (M, D) -> (M, D); cos/sin (M, hd); ``rows`` (n_write,) cache rows of the new K/V;
+        ``seg`` (segments, 6) int64 (``segment_table``); ``work`` >= ``work_floats(M)`` floats."""
+        M = x.shape[0]
+        out = torch.empty_like(x)
+        ln1, ln2, wq, wk, wv, wo, wg, wu, wd = self.ptrs
+        _lib.mor_decode_layer(x.data_ptr(), out.data_ptr(), M, self.D, ln1, ln2, self.eps, wq, wk, wv, wo, wg, wu,
+                              wd, self.wbf, self.F, self.H, self.KV, self.hd, cos.data_ptr(), sin.data_ptr(), n_write,
+                              rows.data_ptr() if n_write else None, k_cache.data_ptr(), v_cache.data_ptr(),
+                              k_cache.shape[1], seg.data_ptr(), seg.shape[0], j, work.data_ptr(), _threads())
+        return out
+
+
+def segment_table(segments) -> torch.Tensor:
+    """(segments, 6) int64 rows [a, b, blocks address, row stride, block stride, qidx address] of
+    attention segments (``a``, ``b``, ``blocks`` (rows, nb, layers) and ``qidx`` (rows, 1)
+    contiguous int64 tensors), as ``mor_decode_layer`` reads them. The tensors must outlive
+    the calls that use the table."""
+    rows = []
+    for s in segments:
+        if not (s.blocks.is_contiguous() and s.qidx.is_contiguous()):
+            raise ValueError("attention segments must hold contiguous block tables and indices")
+        nb, layers = s.blocks.shape[1], s.blocks.shape[2]
+        rows.append([s.a, s.b, s.blocks.data_ptr(), nb * layers, layers, s.qidx.data_ptr()])
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+# ---------------------------------------------------------------- profiling counters
+# the C side's phase clocks (mor.engine.profile reads them): the phases of one decoder layer
+# (each including the wait for the slowest thread) and standalone ``linear`` calls (LM head)
+PROFILE_PHASES = ("norm", "qkv", "rope_kv_write", "attention", "o_proj", "norm2", "gate_up", "down", "linear")
+PHASE_KIND = {"norm": "other_ops", "norm2": "other_ops", "rope_kv_write": "kv_copy", "attention": "attention",
+              "qkv": "matmul", "o_proj": "matmul", "gate_up": "matmul", "down": "matmul", "linear": "matmul"}
+
+
+def set_profiling(on: bool) -> None:
+    """Start (and zero) or stop the kernels' phase clocks."""
+    if load() is not None:
+        take_profile()
+        _lib.mor_profile(1 if on else 0)
+
+
+def take_profile() -> dict[str, float]:
+    """Seconds per ``PROFILE_PHASES`` entry since the last call (the clocks restart)."""
+    if load() is None:
+        return {k: 0.0 for k in PROFILE_PHASES}
+    buf = (ctypes.c_double * len(PROFILE_PHASES))()
+    _lib.mor_profile_take(ctypes.addressof(buf))
+    return dict(zip(PROFILE_PHASES, buf))

@@ -1,0 +1,477 @@
+"""Compiled CPU decode kernels (mor.engine.kernels, issue 17): each kernel against PyTorch /
+the model's own modules, the bit-exactness they promise (a row's result does not depend on
+the batch it runs in nor on the thread count), the engine running on them against the
+engine on PyTorch ops, the fallback when they are unavailable, and the build cache."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from mor.engine import kernels
+
+if kernels.load() is None:
+    pytest.skip(f"CPU kernels unavailable: {kernels.unavailable_reason()}", allow_module_level=True)
+
+from helpers import V, build  # noqa: E402
+from helpers import tiny as tiny_config  # noqa: E402
+from mor.engine import Engine, SamplingParams  # noqa: E402
+from mor.model import RMSNorm, apply_rope, rope_cos_sin  # noqa: E402
+
+torch.set_default_dtype(torch.float32)
+
+ROWS = (1, 2, 3, 4, 5, 8, 33)
+SHAPES = [(7, 20), (257, 100), (64, 64), (16, 15), (33, 1), (192, 64), (9, 47)]  # (O, I): I % 16 != 0 too
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def weights(O, I, seed):
+    """(O, I) weights scaled so that outputs are O(1)."""
+    return torch.randn(O, I, generator=gen(seed)) * I ** -0.5
+
+
+class threads:
+    """``torch.set_num_threads(n)`` inside the block, the previous count restored after."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+
+
+# ------------------------------------------------------------------ linear algebra kernels
+@pytest.mark.parametrize("O,I", SHAPES)
+def test_linear_matches_torch(O, I):
+    """``linear`` (with and without the residual) equals F.linear in fp32 for every batch size,
+    including sizes that are not multiples of the 4-row tile or of the 16-wide vector."""
+    w = weights(O, I, 1)
+    for M in ROWS:
+        x = torch.randn(M, I, generator=gen(M))
+        r = torch.randn(M, O, generator=gen(100 + M))
+        ref = F.linear(x, w)
+        torch.testing.assert_close(kernels.linear(x, w), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(kernels.linear(x, w, residual=r), r + ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("O,I", SHAPES)
+def test_linear_silu_mul_matches_torch(O, I):
+    """``linear_silu_mul`` equals silu(F.linear(x, g)) * F.linear(x, u)."""
+    g, u = weights(O, I, 2), weights(O, I, 3)
+    for M in ROWS:
+        x = torch.randn(M, I, generator=gen(M))
+        ref = F.silu(F.linear(x, g)) * F.linear(x, u)
+        torch.testing.assert_close(kernels.linear_silu_mul(x, g, u), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("O,I", [(7, 20), (257, 100), (192, 64), (9, 47)])
+def test_linear_rows_are_bit_exact_whatever_the_batch_and_threads(O, I):
+    """Each output row of ``linear`` / ``linear_silu_mul`` is bit-identical (torch.equal) whether
+    the row is computed alone, in any batch (any tile position) or with 1 or 2 threads."""
+    w, g, u = weights(O, I, 4), weights(O, I, 5), weights(O, I, 6)
+    r = torch.randn(33, O, generator=gen(7))
+    x = torch.randn(33, I, generator=gen(8))
+    with threads(1):
+        full = kernels.linear(x, w, r)
+        full_su = kernels.linear_silu_mul(x, g, u)
+    for i in range(33):
+        assert torch.equal(kernels.linear(x[i:i + 1].contiguous(), w, r[i:i + 1].contiguous())[0], full[i]), i
+        assert torch.equal(kernels.linear_silu_mul(x[i:i + 1].contiguous(), g, u)[0], full_su[i]), i
+    for a, b in [(0, 2), (1, 3), (5, 10), (30, 33)]:  # batches of 2, 2, 5 and 3 rows
+        assert torch.equal(kernels.linear(x[a:b].contiguous(), w, r[a:b].contiguous()), full[a:b])
+        assert torch.equal(kernels.linear_silu_mul(x[a:b].contiguous(), g, u), full_su[a:b])
+    with threads(2):
+        assert torch.get_num_threads() == 2
+        assert torch.equal(kernels.linear(x, w, r), full)
+        assert torch.equal(kernels.linear_silu_mul(x, g, u), full_su)
+        assert torch.equal(kernels.linear(x[:1].contiguous(), w, r[:1].contiguous())[0], full[0])
+    assert torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("D", [64, 20, 7, 1])
+def test_rms_norm_matches_the_model_rmsnorm(D):
+    """``rms_norm`` equals mor.model.RMSNorm (random weight, eps 1e-5 and 1e-6), row by row."""
+    for eps in (1e-5, 1e-6):
+        norm = RMSNorm(D, eps=eps)
+        with torch.no_grad():
+            norm.weight.normal_(generator=gen(D))
+        for M in (1, 3, 8):
+            x = torch.randn(M, D, generator=gen(M)) * 3
+            torch.testing.assert_close(kernels.rms_norm(x, norm.weight.detach(), eps), norm(x).detach(),
+                                       atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads,hd", [(4, 16), (2, 128), (3, 24)])
+def test_rope_matches_apply_rope_in_place(heads, hd):
+    """``rope_`` rotates x in place exactly as apply_rope with the rope_cos_sin tables, each row
+    at its own position."""
+    M = 6
+    pos = torch.tensor([0, 1, 7, 31, 100, 255])
+    cos, sin = rope_cos_sin(pos, hd, 10000.0, torch.float32)  # (1, 1, M, hd)
+    cos, sin = cos.reshape(M, hd).contiguous(), sin.reshape(M, hd).contiguous()
+    x = torch.randn(M, heads * hd, generator=gen(hd))
+    ref = apply_rope(x.view(M, heads, hd), cos[:, None], sin[:, None]).reshape(M, heads * hd)
+    y = kernels.rope_(x, heads, cos, sin)
+    assert y.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(x, ref, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(x, torch.randn(M, heads * hd, generator=gen(hd)))  # really rotated
+
+
+def test_kv_write_stores_rows_like_index_copy():
+    """``kv_write`` puts K/V rows at the given physical cache rows, exactly as index_copy_ on
+    the (rows, kv_heads, hd) view, and touches nothing else."""
+    KV, hd, bs, nblocks = 2, 24, 4, 6
+    g = gen(5)
+    kc, vc = torch.randn(nblocks, bs, KV, hd, generator=g), torch.randn(nblocks, bs, KV, hd, generator=g)
+    k, v = torch.randn(5, KV * hd, generator=g), torch.randn(5, KV * hd, generator=g)
+    rows = torch.tensor([0, 23, 5, 6, 12], dtype=torch.int64)
+    kr, vr = kc.clone(), vc.clone()
+    kr.view(-1, KV, hd).index_copy_(0, rows, k.view(5, KV, hd))
+    vr.view(-1, KV, hd).index_copy_(0, rows, v.view(5, KV, hd))
+    kernels.kv_write(k, v, rows, kc, vc)
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+
+
+# ------------------------------------------------------------------ paged attention
+def paged_reference(q, H, KV, kc, vc, blocks, layer, qidx):
+    """SDPA of each row's query over its keys 0..qidx gathered from the block table."""
+    M, bs, hd = q.shape[0], kc.shape[1], kc.shape[3]
+    outs = []
+    for m in range(M):
+        n = int(qidx[m]) + 1
+        t = torch.arange(n)
+        blk = blocks[m, t // bs, layer]
+        k = kc[blk, t % bs].transpose(0, 1)  # (KV, n, hd)
+        v = vc[blk, t % bs].transpose(0, 1)
+        k, v = k.repeat_interleave(H // KV, 0), v.repeat_interleave(H // KV, 0)
+        o = F.scaled_dot_product_attention(q[m].view(H, 1, hd), k, v)
+        outs.append(o.reshape(H * hd))
+    return torch.stack(outs)
+
+
+def paged_case(H, KV, hd, bs, nb, layers, M, seed):
+    g = gen(seed)
+    num_blocks = M * nb * layers + 3
+    kc = torch.randn(num_blocks, bs, KV, hd, generator=g)
+    vc = torch.randn(num_blocks, bs, KV, hd, generator=g)
+    blocks = torch.randperm(num_blocks, generator=g)[:M * nb * layers].view(M, nb, layers).contiguous()
+    q = torch.randn(M, H * hd, generator=g) * 2
+    n = nb * bs
+    picks = [0, n - 1, bs // 2, min(n - 1, bs + bs // 2), min(n - 1, bs), n // 2 + 1]  # mid-block, last key
+    qidx = torch.tensor([picks[m % len(picks)] for m in range(M)], dtype=torch.int64)
+    return q, kc, vc, blocks, qidx
+
+
+@pytest.mark.parametrize("H,KV,hd", [(4, 2, 128), (4, 2, 24), (4, 1, 16), (4, 4, 8)])
+@pytest.mark.parametrize("bs,nb", [(1, 9), (4, 5), (16, 3)])
+def test_paged_attention_matches_sdpa_on_gathered_blocks(H, KV, hd, bs, nb):
+    """``paged_attention`` reading the paged cache through ``blocks[:, :, layer]`` equals SDPA on
+    K/V gathered from the same block table (GQA, keys up to mid-block and the last key), for
+    every layer of a (rows, nb, layers) table; 1 and 2 threads give identical results."""
+    M, layers = 7, 3
+    q, kc, vc, blocks, qidx = paged_case(H, KV, hd, bs, nb, layers, M, seed=hd + bs)
+    results = []
+    for layer in range(layers):
+        out = torch.full((M, H * hd), float("nan"))
+        kernels.paged_attention(q, H, KV, kc, vc, blocks, layer, qidx, out)
+        ref = paged_reference(q, H, KV, kc, vc, blocks, layer, qidx)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+        results.append(out)
+    assert not torch.allclose(results[0], results[1])  # the layers really read different blocks
+    with threads(2):
+        out = torch.empty(M, H * hd)
+        kernels.paged_attention(q, H, KV, kc, vc, blocks, 1, qidx, out)
+    assert torch.equal(out, results[1])
+    one = torch.empty(1, H * hd)  # one row alone: bit-identical to its row in the batch
+    kernels.paged_attention(q[3:4].contiguous(), H, KV, kc, vc, blocks[3:4].contiguous(), 1, qidx[3:4].clone(), one)
+    assert torch.equal(one[0], results[1][3])
+
+
+# ------------------------------------------------------------------ one whole decoder layer
+def test_decode_layer_matches_the_model_layer_math():
+    """``DecodeLayer`` (one token per row) equals the model's decoder-layer modules: norm,
+    q/k/v projections, RoPE, K/V stored at the given cache rows for the first ``n_write`` rows
+    only, attention through two segments with their own block tables at layer ``j``, o_proj +
+    residual, MLP + residual."""
+    torch.manual_seed(0)
+    cfg = tiny_config("mor", num_attention_heads=4, num_key_value_heads=2)
+    model = build(cfg, seed=3)
+    L = model.model.layers[2]
+    at = L.self_attn
+    H, KV, hd, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+    M, n_write, bs, nb, layers, j = 5, 3, 4, 3, 2, 1
+    g = gen(11)
+    num_blocks = 2 * M * nb * layers
+    kc0 = torch.randn(num_blocks, bs, KV, hd, generator=g)
+    vc0 = torch.randn(num_blocks, bs, KV, hd, generator=g)
+    blocks = torch.randperm(num_blocks, generator=g)[:M * nb * layers].view(M, nb, layers).contiguous()
+    qidx = torch.tensor([[9], [0], [5], [11], [2]], dtype=torch.int64)  # writers: their new key's index
+    rows = torch.stack([blocks[m, int(qidx[m]) // bs, j] * bs + int(qidx[m]) % bs for m in range(n_write)])
+    positions = torch.tensor([9, 0, 5, 30, 2])
+    cos, sin = rope_cos_sin(positions, hd, cfg.rope_theta, torch.float32)
+    cos, sin = cos.reshape(M, hd).contiguous(), sin.reshape(M, hd).contiguous()
+    x = torch.randn(M, D, generator=g)
+    segs = [SimpleNamespace(a=0, b=3, blocks=blocks[:3].contiguous(), qidx=qidx[:3].contiguous()),
+            SimpleNamespace(a=3, b=5, blocks=blocks[3:].contiguous(), qidx=qidx[3:].contiguous())]
+    table = kernels.segment_table(segs)
+    layer = kernels.DecodeLayer(L, cfg)
+    kc, vc = kc0.clone(), vc0.clone()
+    out = layer(x, cos, sin, n_write, rows, kc, vc, table, j, torch.empty(layer.work_floats(M)))
+
+    with torch.no_grad():
+        a = L.input_layernorm(x)
+        q = apply_rope(at.q_proj(a).view(M, H, hd), cos[:, None], sin[:, None]).reshape(M, H * hd)
+        k = apply_rope(at.k_proj(a[:n_write]).view(n_write, KV, hd), cos[:n_write, None], sin[:n_write, None])
+        v = at.v_proj(a[:n_write]).view(n_write, KV, hd)
+        kr, vr = kc0.clone(), vc0.clone()
+        kr.view(-1, KV, hd)[rows] = k
+        vr.view(-1, KV, hd)[rows] = v
+        o = paged_reference(q, H, KV, kr, vr, blocks, j, qidx[:, 0])
+        h = x + at.o_proj(o)
+        ref = h + L.mlp(L.post_attention_layernorm(h))
+    torch.testing.assert_close(kc, kr, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vc, vr, atol=1e-5, rtol=1e-5)
+    changed = (kc != kc0).flatten(2).any(-1)  # only the n_write rows' entries were written
+    assert changed.sum() == n_write and all(bool(changed.view(-1)[r]) for r in rows)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    with threads(2):
+        out2 = layer(x, cos, sin, n_write, rows, kc0.clone(), vc0.clone(), table, j,
+                     torch.empty(layer.work_floats(M)))
+    assert torch.equal(out2, out)
+
+
+# ------------------------------------------------------------------ the engine on the kernels
+def tiny(arch="mor", **kw):
+    """Untied embeddings: random models do not just repeat their input."""
+    kw.setdefault("tie_word_embeddings", False)
+    return tiny_config(arch, **kw)
+
+
+def prompts(lengths, seed=3):
+    g = gen(seed)
+    return [torch.randint(1, V, (n,), generator=g).tolist() for n in lengths]
+
+
+def count_kernel_layers(eng, monkeypatch):
+    """A list that grows by one per decoder layer run on the kernels."""
+    calls, fn = [], eng.runner._layer_kernels
+    monkeypatch.setattr(eng.runner, "_layer_kernels", lambda *a: calls.append(1) or fn(*a))
+    return calls
+
+
+ENGINE_CASES = [
+    ("vanilla", {}, "sequence"),
+    ("recursive", {}, "depth"),
+    ("mor", {}, "depth"),  # expert-choice
+    ("mor", {}, "sequence"),
+    ("mor", dict(router_type="token"), "depth"),
+    ("mor", dict(kv_mode="shared"), "depth"),
+    ("mor", dict(router_type="token", kv_mode="shared"), "sequence"),
+]
+
+
+@pytest.mark.parametrize("arch,kw,schedule", ENGINE_CASES,
+                         ids=["-".join([a, s] + [f"{k}={v}" for k, v in kw.items()]) for a, kw, s in ENGINE_CASES])
+def test_engine_on_kernels_equals_engine_on_torch(arch, kw, schedule, monkeypatch):
+    """Greedy decoding with ``cpu_kernels=True`` gives the same tokens and depths as with
+    ``cpu_kernels=False`` (PyTorch ops), and logits within fp32 rounding; the kernels really
+    ran decoder layers (and PyTorch ran none on the kernels). Prompts of 1, 6 and 13 tokens,
+    and a batch of 2-, 1- and 2-token prompts (a one-token prefill with a padding row runs on
+    the kernels too)."""
+    model = build(tiny(arch, **kw), seed=1)
+    params = SamplingParams(max_tokens=7, temperature=0, ignore_eos=True)
+    depths = []
+    for ps in (prompts((1, 6, 13)), prompts((2, 1, 2), seed=4)):
+        outs = {}
+        for on in (True, False):
+            eng = Engine(model, max_batch=4, block_size=4, schedule=schedule, record_logits=True, cpu_kernels=on)
+            assert eng.cpu_kernels is on
+            calls = count_kernel_layers(eng, monkeypatch)
+            for p in ps:
+                eng.add_request(p, params)
+            outs[on] = eng.run_until_done()
+            assert (len(calls) > 0) is on
+        for k, t in zip(outs[True], outs[False]):
+            assert k.token_ids == t.token_ids and k.depths == t.depths
+            torch.testing.assert_close(k.logits, t.logits, atol=2e-5, rtol=1e-4)
+            depths += k.depths
+    if arch == "mor":
+        assert len(set(depths)) > 1, "routing should vary for this test to mean something"
+
+
+def test_engine_uses_kernels_by_default_on_cpu_fp32():
+    """``cpu_kernels=None`` (default) picks the kernels for an fp32 CPU model."""
+    eng = Engine(build(tiny("vanilla")), max_batch=2)
+    assert eng.cpu_kernels is True and eng.runner.kernels is kernels
+
+
+BATCH_CASES = [
+    ("vanilla", "sequence"),
+    ("mor", "depth"),  # routers run on the kernels too: their decisions are batch-independent
+]
+
+
+@pytest.mark.parametrize("arch,schedule", BATCH_CASES, ids=["vanilla", "mor"])
+def test_kernels_batch_equals_alone_bit_exact(arch, schedule, monkeypatch):
+    """With the kernels, a request's logits inside a mixed batch (requests at different
+    positions, depths, and batch sizes that change as requests finish) are bit-identical
+    (torch.equal) to the same request run alone. One-token prompts: every step runs on the
+    kernels (multi-token prefill is PyTorch, batched with padding)."""
+    model = build(tiny(arch), seed=1)
+    ps = prompts((1, 1, 1, 1, 1), seed=11)
+    lens = [7, 3, 9, 5, 8]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lens]
+
+    def engine(max_batch):
+        return Engine(model, max_batch=max_batch, schedule=schedule, block_size=4, record_logits=True,
+                      cpu_kernels=True)
+
+    eng = engine(3)
+    calls = count_kernel_layers(eng, monkeypatch)
+    for p, sp in zip(ps, params):
+        eng.add_request(p, sp)
+    together = eng.run_until_done()
+    assert calls and eng.stats.mean_running > 1.5
+    depths = []
+    for i, (p, sp, o) in enumerate(zip(ps, params, together)):
+        alone = engine(1)
+        alone.add_request(p, sp)
+        a = alone.run_until_done()[0]
+        assert o.token_ids == a.token_ids and o.depths == a.depths, i
+        diff = (o.logits - a.logits).abs().max(dim=-1).values
+        assert torch.equal(o.logits, a.logits), f"request {i}: max |diff| per step {diff.tolist()}"
+        depths += o.depths
+    if arch == "mor":
+        assert len(set(depths)) > 1
+
+
+# ------------------------------------------------------------------ fallback and errors
+def test_unavailable_kernels_fall_back_to_torch(monkeypatch):
+    """When the kernels could not be built, ``Engine(model)`` runs on PyTorch and still
+    generates the same tokens; ``cpu_kernels=True`` raises ValueError naming the reason."""
+    model = build(tiny("mor"), seed=2)
+    ps = prompts((1, 5))
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    ref = Engine(model, max_batch=2, block_size=4, cpu_kernels=False)
+    for p in ps:
+        ref.add_request(p, params)
+    expected = [o.token_ids for o in ref.run_until_done()]
+    monkeypatch.setattr(kernels, "_tried", True)
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_reason", "no compiler on this test machine")
+    assert not kernels.available() and kernels.unavailable_reason() == "no compiler on this test machine"
+    eng = Engine(model, max_batch=2, block_size=4)
+    assert eng.cpu_kernels is False and eng.runner.kernels is None
+    for p in ps:
+        eng.add_request(p, params)
+    assert [o.token_ids for o in eng.run_until_done()] == expected
+    with pytest.raises(ValueError, match="no compiler on this test machine"):
+        Engine(model, max_batch=2, cpu_kernels=True)
+
+
+def test_mor_cpu_kernels_env_disables_them(monkeypatch):
+    """``MOR_CPU_KERNELS=0`` makes a fresh ``load()`` return None with that reason; the module
+    state is restored afterwards (monkeypatch)."""
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_reason", None)
+    monkeypatch.setenv("MOR_CPU_KERNELS", "0")
+    assert kernels.load() is None
+    assert "MOR_CPU_KERNELS" in kernels.unavailable_reason()
+    assert Engine(build(tiny("vanilla")), max_batch=1).cpu_kernels is False
+
+
+@pytest.mark.parametrize("how", ["bf16-model", "decode_precision=int8", "decode_precision=bf16", "block_size=512"])
+def test_unsupported_engines_do_not_use_kernels(how):
+    """A bf16 model, an int8 / bf16 decode copy or blocks larger than the attention kernel's
+    buffers run on PyTorch automatically; ``cpu_kernels=True`` raises ValueError saying why."""
+    model = build(tiny("vanilla", num_hidden_layers=2))
+    kw, why = {}, {"bf16-model": "fp32", "decode_precision=bf16": "fp32",
+                   "decode_precision=int8": "Int8Linear", "block_size=512": "block_size"}[how]
+    if how == "bf16-model":
+        model = model.to(torch.bfloat16)
+    elif how == "block_size=512":
+        kw = dict(block_size=512)
+    else:
+        kw = dict(decode_precision=how.split("=")[1])
+    eng = Engine(model, max_batch=1, **kw)
+    assert eng.cpu_kernels is False
+    eng.add_request([1, 2], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    assert len(eng.run_until_done()[0].token_ids) == 2
+    with pytest.raises(ValueError, match=why):
+        Engine(model, max_batch=1, cpu_kernels=True, **kw)
+
+
+# ------------------------------------------------------------------ the build cache
+def test_build_is_cached_and_not_recompiled(tmp_path, monkeypatch):
+    """``build()`` compiles into ``$MOR_KERNEL_CACHE``; a second call returns the same file
+    without running the compiler again (mtime unchanged, no compiler call); the library loads
+    and has the kernels; no temporary files are left."""
+    monkeypatch.setenv("MOR_KERNEL_CACHE", str(tmp_path / "cache"))
+    path = kernels.build()
+    assert path.parent == tmp_path / "cache" and path.suffix == ".so" and path.is_file()
+    mtime = path.stat().st_mtime_ns
+
+    def no_compiler(*a, **k):
+        raise AssertionError("recompiled")
+
+    monkeypatch.setattr(kernels.subprocess, "run", no_compiler)
+    assert kernels.build() == path and path.stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    import ctypes
+    lib = ctypes.CDLL(str(path))
+    assert all(hasattr(lib, name) for name in kernels.SIGNATURES)
+
+
+def test_broken_compiler_raises_naming_it(tmp_path, monkeypatch):
+    """A compiler that fails every flag set gives RuntimeError naming it (and no file in the
+    cache); ``load()`` then returns None with that reason."""
+    monkeypatch.setenv("MOR_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "/bin/false")
+    with pytest.raises(RuntimeError, match="/bin/false could not build cpu_kernels.c"):
+        kernels.build()
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_reason", None)
+    assert kernels.load() is None and "/bin/false" in kernels.unavailable_reason()
+
+
+def test_missing_compiler(tmp_path, monkeypatch):
+    """$CC naming no program is an error naming it (not a silent fallback); with no $CC and no
+    compiler on the PATH ``build`` raises RuntimeError saying so."""
+    monkeypatch.setenv("MOR_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(RuntimeError, match="no-such-cc"):
+        kernels.build()
+    monkeypatch.delenv("CC")
+    monkeypatch.setattr(kernels.shutil, "which", lambda *a, **k: None)
+    with pytest.raises(RuntimeError, match="no C compiler found"):
+        kernels.build()
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("M", [1, 3, 7])
+def test_linear_reads_bf16_weights_exactly_widened(M):
+    """bf16 weights: the same products as fp32 weights holding the same (bf16) values, bit for
+    bit (the widening is exact and the arithmetic is the same), for linear and silu_mul."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(M, 100, generator=g)
+    w = torch.randn(37, 100, generator=g).to(torch.bfloat16)
+    u = torch.randn(37, 100, generator=g).to(torch.bfloat16)
+    assert torch.equal(kernels.linear(x, w), kernels.linear(x, w.float()))
+    assert torch.equal(kernels.linear_silu_mul(x, w, u), kernels.linear_silu_mul(x, w.float(), u.float()))
+    torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w.float()), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="float16"):
+        kernels.linear(x, w.to(torch.float16))
