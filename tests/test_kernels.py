@@ -392,13 +392,12 @@ def test_mor_cpu_kernels_env_disables_them(monkeypatch):
     assert Engine(build(tiny("vanilla")), max_batch=1).cpu_kernels is False
 
 
-@pytest.mark.parametrize("how", ["bf16-model", "decode_precision=int8", "decode_precision=bf16", "block_size=512"])
+@pytest.mark.parametrize("how", ["bf16-model", "decode_precision=bf16", "block_size=512"])
 def test_unsupported_engines_do_not_use_kernels(how):
-    """A bf16 model, an int8 / bf16 decode copy or blocks larger than the attention kernel's
-    buffers run on PyTorch automatically; ``cpu_kernels=True`` raises ValueError saying why."""
+    """A bf16 model, a bf16 decode copy or blocks larger than the attention kernel's buffers
+    run on PyTorch automatically; ``cpu_kernels=True`` raises ValueError saying why."""
     model = build(tiny("vanilla", num_hidden_layers=2))
-    kw, why = {}, {"bf16-model": "fp32", "decode_precision=bf16": "fp32",
-                   "decode_precision=int8": "Int8Linear", "block_size=512": "block_size"}[how]
+    kw, why = {}, {"bf16-model": "fp32", "decode_precision=bf16": "fp32", "block_size=512": "block_size"}[how]
     if how == "bf16-model":
         model = model.to(torch.bfloat16)
     elif how == "block_size=512":
@@ -475,3 +474,44 @@ def test_linear_reads_bf16_weights_exactly_widened(M):
     torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w.float()), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="float16"):
         kernels.linear(x, w.to(torch.float16))
+
+
+@pytest.mark.parametrize("M", [1, 5])
+def test_linear_int8_weights_with_scales(M):
+    """int8 weights: ``scale[o] * <x, q_o>`` (against PyTorch on the widened weights), the same
+    row alone and in a batch bit for bit; a missing or misshaped scale is an error."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(M, 96, generator=g)
+    q = torch.randint(-127, 128, (33, 96), generator=g).to(torch.int8)
+    scale = torch.rand(33, generator=g) / 100
+    ref = F.linear(x, q.float()) * scale
+    torch.testing.assert_close(kernels.linear(x, q, scale=scale), ref, atol=1e-4, rtol=1e-4)
+    assert torch.equal(kernels.linear(x, q, scale=scale)[-1], kernels.linear(x[-1:].contiguous(), q, scale=scale)[0])
+    u = torch.randint(-127, 128, (33, 96), generator=g).to(torch.int8)
+    torch.testing.assert_close(kernels.linear_silu_mul(x, q, u, scale, scale),
+                               F.silu(ref) * (F.linear(x, u.float()) * scale), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="scale"):
+        kernels.linear(x, q)
+    with pytest.raises(ValueError, match="scale"):
+        kernels.linear(x, q, scale=scale[:5])
+
+
+@pytest.mark.parametrize("arch", ["vanilla", "mor"])
+def test_engine_int8_decode_on_kernels_equals_pytorch_int8(arch):
+    """``decode_precision="int8"`` runs its weight-only int8 layers on the kernels (1 byte per
+    weight) and generates what the PyTorch int8 path generates (same tokens, close logits)."""
+    model = build(tiny(arch), seed=5)
+
+    def run(kernels_on):
+        eng = Engine(model, max_batch=3, block_size=4, record_logits=True, decode_precision="int8",
+                     cpu_kernels=kernels_on)
+        for p in prompts((1, 6, 3), seed=2):
+            eng.add_request(p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+        return eng, eng.run_until_done()
+
+    eng, got = run(True)
+    assert eng.cpu_kernels and eng.runner._klayers[0].wbf == 2 and eng.runner._klayers[0].tensors[2].dtype == torch.int8
+    _, ref = run(False)
+    for a, b in zip(got, ref):
+        assert a.token_ids == b.token_ids and a.depths == b.depths
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)

@@ -1,7 +1,8 @@
 /* CPU decode kernels of the mor engine (issue 17); built and loaded by mor/engine/kernels.py.
  *
- * fp32 activations, K/V and norms; matrix weights in fp32 or bf16 (`wbf: 1`, the opt-in
- * "bf16-weights" decode: half the bytes streamed, each weight widened exactly to fp32). Every output element is computed by the same sequence of operations whatever
+ * fp32 activations, K/V and norms; matrix weights (`wt`) in fp32 (0), bf16 (1: the opt-in
+ * "bf16-weights" decode, each weight widened exactly to fp32) or int8 (2: weight-only int8,
+ * y[o] = scale[o] * <x, q_o>, the opt-in "int8" decode), read at 4, 2 or 1 bytes each. Every output element is computed by the same sequence of operations whatever
  * the number of rows M, the tile it falls in and the number of threads: a token's result does
  * not depend on the batch it runs in (bit-exact "batch == alone").
  *
@@ -37,15 +38,18 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-/* element i of a weight matrix stored as fp32 (wbf = 0) or bf16 (wbf = 1) */
-static inline float wget(const void *w, int64_t i, int wbf) {
-    return wbf ? bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
+typedef int8_t vq __attribute__((vector_size(VW), aligned(1)));
+
+/* element i of a weight matrix stored as fp32 (wt = 0), bf16 (1) or int8 (2) */
+static inline float wget(const void *w, int64_t i, int wt) {
+    return wt == 2 ? (float)((const int8_t *)w)[i] : wt ? bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
 }
-static inline vf wload(const void *w, int64_t i, int wbf) {
-    return wbf ? vload_bf16((const uint16_t *)w + i) : vload((const float *)w + i);
+static inline vf wload(const void *w, int64_t i, int wt) {
+    if (wt == 2) return __builtin_convertvector(*(const vq *)((const int8_t *)w + i), vf);
+    return wt ? vload_bf16((const uint16_t *)w + i) : vload((const float *)w + i);
 }
-static inline const void *wrow(const void *W, int64_t o, int64_t I, int wbf) {
-    return (const char *)W + o * I * (wbf ? 2 : 4);
+static inline const void *wrow(const void *W, int64_t o, int64_t I, int wt) {
+    return (const char *)W + o * I * (wt == 2 ? 1 : wt ? 2 : 4);
 }
 
 /* fixed-order horizontal sum: halves, then quarters, ... (the same everywhere) */
@@ -98,7 +102,15 @@ static inline AI void tile(const float *x, int64_t ldx, const void *w, int64_t I
 static inline AI void tile_rows(const float *x, int64_t I, const void *w, int wbf, int64_t m, int mt, int ot,
                                 float *t) {
     const float *xm = x + m * I;
-    if (wbf) {
+    if (wbf == 2) {
+#define WBF 2
+        if (ot == 4) {
+            TILE_MT(4)
+        } else {
+            TILE_MT(1)
+        }
+#undef WBF
+    } else if (wbf) {
 #define WBF 1
         if (ot == 4) {
             TILE_MT(4)
@@ -150,8 +162,8 @@ static inline void share(int64_t n, int64_t unit, int id, int nt, int64_t *lo, i
 
 /* outputs [lo, hi) of y (M, O) = [residual +] x (M, I) @ W (O, I)^T: for each tile of weight
  * rows (read once from memory), every 4-row tile of x */
-static void linear_part(const float *x, int64_t M, int64_t I, const void *W, int wbf, int64_t O, float *y,
-                        const float *residual, int64_t lo, int64_t hi) {
+static void linear_part(const float *x, int64_t M, int64_t I, const void *W, int wbf, const float *scale,
+                        int64_t O, float *y, const float *residual, int64_t lo, int64_t hi) {
     float t[MAXMT * 4];
     int64_t ntiles = (M + MAXMT - 1) / MAXMT;
     for (int64_t o = lo; o < hi;) {
@@ -164,7 +176,8 @@ static void linear_part(const float *x, int64_t M, int64_t I, const void *W, int
             for (int a = 0; a < mt; a++)
                 for (int b = 0; b < ot; b++) {
                     int64_t k = (m + a) * O + o + b;
-                    y[k] = residual ? residual[k] + t[a * 4 + b] : t[a * 4 + b];
+                    float v = scale ? scale[o + b] * t[a * 4 + b] : t[a * 4 + b];
+                    y[k] = residual ? residual[k] + v : v;
                 }
         }
         o += ot;
@@ -175,7 +188,7 @@ static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
 /* outputs [lo, hi) of y (M, O) = silu(x @ Wg^T) * (x @ Wu^T) */
 static void silu_mul_part(const float *x, int64_t M, int64_t I, const void *Wg, const void *Wu, int wbf,
-                          int64_t O, float *y, int64_t lo, int64_t hi) {
+                          const float *sg, const float *su, int64_t O, float *y, int64_t lo, int64_t hi) {
     float g[MAXMT * 4], u[MAXMT * 4];
     int64_t ntiles = (M + MAXMT - 1) / MAXMT;
     for (int64_t o = lo; o < hi;) {
@@ -187,7 +200,11 @@ static void silu_mul_part(const float *x, int64_t M, int64_t I, const void *Wg, 
             tile_rows(x, I, wrow(Wg, o, I, wbf), wbf, m, mt, ot, g);
             tile_rows(x, I, wrow(Wu, o, I, wbf), wbf, m, mt, ot, u);
             for (int a = 0; a < mt; a++)
-                for (int b = 0; b < ot; b++) y[(m + a) * O + o + b] = silu(g[a * 4 + b]) * u[a * 4 + b];
+                for (int b = 0; b < ot; b++) {
+                    float gv = sg ? sg[o + b] * g[a * 4 + b] : g[a * 4 + b];
+                    float uv = su ? su[o + b] * u[a * 4 + b] : u[a * 4 + b];
+                    y[(m + a) * O + o + b] = silu(gv) * uv;
+                }
         }
         o += ot;
     }
@@ -298,24 +315,24 @@ void mor_profile_take(double *out) {
 /* ------------------------------------------------------------------ exported kernels */
 
 /* y (M, O) = [residual +] x (M, I) @ W (O, I)^T; output columns split across nt threads */
-void mor_linear(const float *x, int64_t M, int64_t I, const void *W, int wbf, int64_t O, float *y,
-                const float *residual, int nt) {
+void mor_linear(const float *x, int64_t M, int64_t I, const void *W, int wbf, const float *scale, int64_t O,
+                float *y, const float *residual, int nt) {
     double t0 = prof_on ? now_s() : 0.0;
     PARALLEL(nt) {
         int64_t lo, hi;
         share(O, 8, THREAD_ID(), THREADS(), &lo, &hi);
-        linear_part(x, M, I, W, wbf, O, y, residual, lo, hi);
+        linear_part(x, M, I, W, wbf, scale, O, y, residual, lo, hi);
     }
     if (prof_on) prof_s[8] += now_s() - t0;
 }
 
 /* y (M, O) = silu(x @ Wg^T) * (x @ Wu^T): the gated MLP's first half in one pass */
-void mor_linear_silu_mul(const float *x, int64_t M, int64_t I, const void *Wg, const void *Wu, int wbf, int64_t O,
-                         float *y, int nt) {
+void mor_linear_silu_mul(const float *x, int64_t M, int64_t I, const void *Wg, const void *Wu, int wbf,
+                         const float *sg, const float *su, int64_t O, float *y, int nt) {
     PARALLEL(nt) {
         int64_t lo, hi;
         share(O, 8, THREAD_ID(), THREADS(), &lo, &hi);
-        silu_mul_part(x, M, I, Wg, Wu, wbf, O, y, lo, hi);
+        silu_mul_part(x, M, I, Wg, Wu, wbf, sg, su, O, y, lo, hi);
     }
 }
 
@@ -362,10 +379,11 @@ void mor_paged_attention(const float *q, int64_t M, int64_t H, int64_t KV, int64
  * x, out (M, D); cos, sin (M, hd). Attention segments: seg (nseg, 6) int64 rows
  * [a, b, blocks address, sm, sb, qidx address]: rows [a, b) read layer `j` of their block
  * tables (int64 at blocks + i * sm + t * sb + j, i the row within the segment) up to their
- * qidx. Weights Wq..Wd in fp32 or (wbf = 1) bf16. Scratch: work (M * (2 D + (H + 2 KV) hd + H hd + F)) floats. */
+ * qidx. Weights Wq..Wd in fp32, bf16 or int8 (wbf = 0, 1, 2); for int8, scales holds the
+ * addresses of their 7 per-output-row fp32 scales (else NULL). Scratch: work (M * (2 D + (H + 2 KV) hd + H hd + F)) floats. */
 void mor_decode_layer(const float *x, float *out, int64_t M, int64_t D, const float *ln1, const float *ln2,
                       float eps, const void *Wq, const void *Wk, const void *Wv, const void *Wo,
-                      const void *Wg, const void *Wu, const void *Wd, int wbf, int64_t F, int64_t H, int64_t KV,
+                      const void *Wg, const void *Wu, const void *Wd, int wbf, const int64_t *scales, int64_t F, int64_t H, int64_t KV,
                       int64_t hd, const float *cos, const float *sin, int64_t n_write, const int64_t *rows,
                       float *kc, float *vc, int64_t bs, const int64_t *seg, int64_t nseg, int64_t j,
                       float *work, int nt) {
@@ -373,6 +391,7 @@ void mor_decode_layer(const float *x, float *out, int64_t M, int64_t D, const fl
     float *a = work, *q = a + M * D, *k = q + M * Oq, *v = k + M * Ok, *o = v + M * Ok, *h = o + M * Oq,
           *g = h + M * D;
     float scale = 1.0f / sqrtf((float)hd);
+#define S(i) (scales ? (const float *)(intptr_t)scales[i] : (const float *)0)
     double mark0 = prof_on ? now_s() : 0.0;
     PARALLEL(nt) {
         int t = THREAD_ID(), T = THREADS();
@@ -384,12 +403,12 @@ void mor_decode_layer(const float *x, float *out, int64_t M, int64_t D, const fl
         TICK(0)
         /* q, k, v as one output range [0, Oq + 2 Ok) */
         share(Oq + 2 * Ok, 8, t, T, &lo, &hi);
-        if (lo < Oq) linear_part(a, M, D, Wq, wbf, Oq, q, 0, lo, hi < Oq ? hi : Oq);
+        if (lo < Oq) linear_part(a, M, D, Wq, wbf, S(0), Oq, q, 0, lo, hi < Oq ? hi : Oq);
         if (n_write) {
             int64_t l1 = lo > Oq ? lo - Oq : 0, h1 = hi - Oq < Ok ? hi - Oq : Ok;
-            if (l1 < h1) linear_part(a, n_write, D, Wk, wbf, Ok, k, 0, l1, h1);
+            if (l1 < h1) linear_part(a, n_write, D, Wk, wbf, S(1), Ok, k, 0, l1, h1);
             int64_t l2 = lo > Oq + Ok ? lo - Oq - Ok : 0, h2 = hi - Oq - Ok;
-            if (l2 < h2) linear_part(a, n_write, D, Wv, wbf, Ok, v, 0, l2, h2);
+            if (l2 < h2) linear_part(a, n_write, D, Wv, wbf, S(2), Ok, v, 0, l2, h2);
         }
 #pragma omp barrier
         TICK(1)
@@ -417,7 +436,7 @@ void mor_decode_layer(const float *x, float *out, int64_t M, int64_t D, const fl
 #pragma omp barrier
         TICK(3)
         share(D, 8, t, T, &lo, &hi);
-        linear_part(o, M, Oq, Wo, wbf, D, h, x, lo, hi);
+        linear_part(o, M, Oq, Wo, wbf, S(3), D, h, x, lo, hi);
 #pragma omp barrier
         TICK(4)
         share(M, 1, t, T, &lo, &hi);
@@ -425,12 +444,13 @@ void mor_decode_layer(const float *x, float *out, int64_t M, int64_t D, const fl
 #pragma omp barrier
         TICK(5)
         share(F, 8, t, T, &lo, &hi);
-        silu_mul_part(a, M, D, Wg, Wu, wbf, F, g, lo, hi);
+        silu_mul_part(a, M, D, Wg, Wu, wbf, S(4), S(5), F, g, lo, hi);
 #pragma omp barrier
         TICK(6)
         share(D, 8, t, T, &lo, &hi);
-        linear_part(g, M, F, Wd, wbf, D, out, h, lo, hi);
+        linear_part(g, M, F, Wd, wbf, S(6), D, out, h, lo, hi);
 #pragma omp barrier
         TICK(7)
     }
 }
+#undef S

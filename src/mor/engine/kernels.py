@@ -42,15 +42,15 @@ _tried = False
 
 _p, _i64, _int, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
-    "mor_linear": ([_p, _i64, _i64, _p, _int, _i64, _p, _p, _int], None),
-    "mor_linear_silu_mul": ([_p, _i64, _i64, _p, _p, _int, _i64, _p, _int], None),
+    "mor_linear": ([_p, _i64, _i64, _p, _int, _p, _i64, _p, _p, _int], None),
+    "mor_linear_silu_mul": ([_p, _i64, _i64, _p, _p, _int, _p, _p, _i64, _p, _int], None),
     "mor_rms_norm": ([_p, _i64, _i64, _p, _f32, _p], None),
     "mor_rope": ([_p, _i64, _i64, _i64, _p, _p], None),
     "mor_kv_write": ([_p, _p, _i64, _i64, _p, _p, _p], None),
     "mor_paged_attention": ([_p, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _i64, _i64, _p, _f32, _p, _int], None),
     "mor_profile": ([_int], None),
     "mor_profile_take": ([_p], None),
-    "mor_decode_layer": ([_p, _p, _i64, _i64, _p, _p, _f32, _p, _p, _p, _p, _p, _p, _p, _int, _i64, _i64, _i64, _i64,
+    "mor_decode_layer": ([_p, _p, _i64, _i64, _p, _p, _f32, _p, _p, _p, _p, _p, _p, _p, _int, _p, _i64, _i64, _i64, _i64,
                           _p, _p, _i64, _p, _p, _p, _i64, _p, _i64, _i64, _p, _int], None),
 }
 MAX_BLOCK_SIZE, MAX_HEAD_DIM = 256, 512  # the attention kernel's stack buffers
@@ -158,34 +158,49 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-WEIGHT_DTYPES = (torch.float32, torch.bfloat16)  # matrix weights the kernels read
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)  # matrix weights the kernels read (codes 0, 1, 2)
 
 
-def _wbf(w: torch.Tensor) -> int:
+def _wt(w: torch.Tensor, scale: torch.Tensor | None = None) -> int:
+    """The kernels' weight-type code of ``w``; int8 weights need their fp32 per-row ``scale``."""
     if w.dtype not in WEIGHT_DTYPES:
-        raise ValueError(f"CPU kernel weights must be float32 or bfloat16, not {w.dtype}")
-    return int(w.dtype == torch.bfloat16)
+        raise ValueError(f"CPU kernel weights must be float32, bfloat16 or int8, not {w.dtype}")
+    code = WEIGHT_DTYPES.index(w.dtype)
+    if (code == 2) != (scale is not None):
+        raise ValueError("int8 weights need a per-row scale (and only int8 weights take one)")
+    if scale is not None and (scale.dtype != torch.float32 or scale.shape != (w.shape[0],)
+                              or not scale.is_contiguous()):
+        raise ValueError(f"the int8 scale must be a contiguous fp32 ({w.shape[0]},) tensor")
+    return code
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``[residual +] x @ w.T`` for x (M, I) fp32, w (O, I) fp32 or bf16 (widened exactly)."""
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
+           scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``[residual +] x @ w.T`` for x (M, I) fp32, w (O, I) fp32 or bf16 (widened exactly), or
+    int8 with its per-row ``scale`` (``scale[o] * <x, q_o>``)."""
     M, I = x.shape
     O = w.shape[0]
     y = torch.empty(M, O, dtype=torch.float32)
-    _lib.mor_linear(x.data_ptr(), M, I, w.data_ptr(), _wbf(w), O, y.data_ptr(),
-                    None if residual is None else residual.data_ptr(), _threads())
+    _lib.mor_linear(x.data_ptr(), M, I, w.data_ptr(), _wt(w, scale), _ptr(scale), O, y.data_ptr(),
+                    _ptr(residual), _threads())
     return y
 
 
-def linear_silu_mul(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
-    """``silu(x @ w_gate.T) * (x @ w_up.T)`` (weights of one dtype, fp32 or bf16)."""
+def linear_silu_mul(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, scale_gate: torch.Tensor | None = None,
+                    scale_up: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(x @ w_gate.T) * (x @ w_up.T)`` (weights of one type; int8 with their scales)."""
     M, I = x.shape
     O = w_gate.shape[0]
-    if w_up.dtype != w_gate.dtype:
-        raise ValueError("gate and up weights must share a dtype")
+    code = _wt(w_gate, scale_gate)
+    if _wt(w_up, scale_up) != code:
+        raise ValueError("gate and up weights must share a type")
     y = torch.empty(M, O, dtype=torch.float32)
-    _lib.mor_linear_silu_mul(x.data_ptr(), M, I, w_gate.data_ptr(), w_up.data_ptr(), _wbf(w_gate), O, y.data_ptr(),
-                             _threads())
+    _lib.mor_linear_silu_mul(x.data_ptr(), M, I, w_gate.data_ptr(), w_up.data_ptr(), code, _ptr(scale_gate),
+                             _ptr(scale_up), O, y.data_ptr(), _threads())
     return y
 
 
@@ -243,13 +258,23 @@ class DecodeLayer:
 
     def __init__(self, layer, cfg, weight_dtype: torch.dtype = torch.float32):
         at, mlp = layer.self_attn, layer.mlp
-        mats = [weight_copy(m.weight, weight_dtype) for m in (at.q_proj, at.k_proj, at.v_proj, at.o_proj,
-                                                               mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+        mods = (at.q_proj, at.k_proj, at.v_proj, at.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if all(hasattr(m, "weight_q") for m in mods):  # weight-only int8 (mor.engine.quant.Int8Linear)
+            mats = [m.weight_q.detach() for m in mods]
+            self.scales = [m.scale.detach() for m in mods]
+        else:
+            mats = [weight_copy(m.weight, weight_dtype) for m in mods]
+            self.scales = None
         self.tensors = (layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(), *mats)
-        self.wbf = _wbf(mats[0])
+        self.wbf = _wt(mats[0], None if self.scales is None else self.scales[0])
+        for i, t in enumerate(mats):
+            if _wt(t, None if self.scales is None else self.scales[i]) != self.wbf:
+                raise ValueError("the CPU kernels need one weight type for a layer's seven projections")
         for t in self.tensors:
-            if t.dtype not in WEIGHT_DTYPES or t.device.type != "cpu" or not t.is_contiguous():
-                raise ValueError("the CPU kernels need contiguous fp32 / bf16 CPU weights")
+            if t.device.type != "cpu" or not t.is_contiguous():
+                raise ValueError("the CPU kernels need contiguous CPU weights")
+        self._scale_table = (None if self.scales is None
+                             else torch.tensor([t.data_ptr() for t in self.scales], dtype=torch.int64))
         if self.tensors[0].dtype != torch.float32 or self.tensors[1].dtype != torch.float32:
             raise ValueError("the CPU kernels need fp32 norm weights")
         self.eps = float(layer.input_layernorm.eps)
@@ -271,7 +296,7 @@ class DecodeLayer:
         out = torch.empty_like(x)
         ln1, ln2, wq, wk, wv, wo, wg, wu, wd = self.ptrs
         _lib.mor_decode_layer(x.data_ptr(), out.data_ptr(), M, self.D, ln1, ln2, self.eps, wq, wk, wv, wo, wg, wu,
-                              wd, self.wbf, self.F, self.H, self.KV, self.hd, cos.data_ptr(), sin.data_ptr(), n_write,
+                              wd, self.wbf, _ptr(self._scale_table), self.F, self.H, self.KV, self.hd, cos.data_ptr(), sin.data_ptr(), n_write,
                               rows.data_ptr() if n_write else None, k_cache.data_ptr(), v_cache.data_ptr(),
                               k_cache.shape[1], seg.data_ptr(), seg.shape[0], j, work.data_ptr(), _threads())
         return out

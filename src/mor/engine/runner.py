@@ -55,6 +55,7 @@ from ..cache import KVCache, KVPool
 from ..model import MoRForCausalLM, apply_rope, gather_tokens, rope_cos_sin, scatter_tokens
 from ..routing import combine, continues, gate_scores, pack_mask, token_choice
 from . import kernels
+from .quant import Int8Linear
 from .request import Request
 from .sampling import sample
 from .scheduler import StepPlan
@@ -94,8 +95,8 @@ class AttentionSegment:
 
 def kernel_obstacle(model: MoRForCausalLM, pool: KVPool) -> str | None:
     """Why the CPU kernels cannot run ``model`` with ``pool`` (None: they can): CPU, fp32
-    weights and cache, bias-free ``nn.Linear`` projections with contiguous weights, a
-    compiler that built them."""
+    weights and cache, bias-free ``nn.Linear`` projections with contiguous weights (or the
+    weight-only int8 ``Int8Linear`` of ``decode_precision="int8"``), a compiler that built them."""
     p = model.model.embed_tokens.weight
     if p.device.type != "cpu" or p.dtype != torch.float32 or pool.dtype != torch.float32:
         return f"they run fp32 on CPU (this model: {p.dtype} on {p.device.type})"
@@ -106,8 +107,12 @@ def kernel_obstacle(model: MoRForCausalLM, pool: KVPool) -> str | None:
         layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
         layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
     for m in linears:
-        if type(m) is not nn.Linear or m.bias is not None or not m.weight.is_contiguous():
-            return f"{type(m).__name__} layers are not supported (plain bias-free nn.Linear only)"
+        if type(m) is Int8Linear and m is not model.lm_head:  # weight-only int8 decode
+            if not (m.weight_q.is_contiguous() and m.scale.dtype == torch.float32):
+                return "Int8Linear layers need contiguous int8 weights and fp32 scales"
+        elif type(m) is not nn.Linear or m.bias is not None or not m.weight.is_contiguous():
+            return (f"{type(m).__name__} layers are not supported (plain bias-free nn.Linear, or Int8Linear "
+                    f"projections, only)")
     if not kernels.available():
         return f"not built: {kernels.unavailable_reason()}"
     return None
