@@ -13,6 +13,9 @@
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #define VW 16
 typedef float vf __attribute__((vector_size(VW * 4)));
@@ -39,13 +42,34 @@ static inline float bf16_to_f32(uint16_t h) {
 }
 
 typedef int8_t vq __attribute__((vector_size(VW), aligned(1)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+
+/* VW int8 values as fp32 (exact). GCC scalarises the generic int8 -> int32 conversion, so
+ * x86 gets its sign-extension instruction. */
+static inline vf widen_int8(const int8_t *p) {
+#if defined(__AVX512F__)
+    __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+    vf v;
+    memcpy(&v, &f, sizeof v);
+    return v;
+#elif defined(__AVX2__)
+    __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+    __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))));
+    vf v;
+    memcpy(&v, &lo, sizeof lo);
+    memcpy((char *)&v + sizeof lo, &hi, sizeof hi);
+    return v;
+#else
+    return __builtin_convertvector(__builtin_convertvector(*(const vq *)p, vi), vf);
+#endif
+}
 
 /* element i of a weight matrix stored as fp32 (wt = 0), bf16 (1) or int8 (2) */
 static inline float wget(const void *w, int64_t i, int wt) {
     return wt == 2 ? (float)((const int8_t *)w)[i] : wt ? bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
 }
 static inline vf wload(const void *w, int64_t i, int wt) {
-    if (wt == 2) return __builtin_convertvector(*(const vq *)((const int8_t *)w + i), vf);
+    if (wt == 2) return widen_int8((const int8_t *)w + i);
     return wt ? vload_bf16((const uint16_t *)w + i) : vload((const float *)w + i);
 }
 static inline const void *wrow(const void *W, int64_t o, int64_t I, int wt) {

@@ -106,7 +106,7 @@ def build(force: bool = False) -> Path:
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
             c_file, so_file = Path(tmp) / "cpu_kernels.c", Path(tmp) / "cpu_kernels.so"
             c_file.write_bytes(src)
-            cmd = [cc, *flags, "-shared", "-fPIC", "-ffp-contract=fast", str(c_file), "-o", str(so_file), "-lm"]
+            cmd = [cc, *flags, "-shared", "-fPIC", "-ffp-contract=fast", "-Wno-psabi", str(c_file), "-o", str(so_file), "-lm"]
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if r.returncode == 0 and so_file.exists():
                 os.replace(so_file, out)
