@@ -128,3 +128,14 @@ def print_profile(p: dict) -> None:
               f"{r['gflops_per_s']:>9.1f}{r['read_gb_per_s']:>7.1f}{r['of_roofline']:>6.2f}  "
               + " ".join(f"{ph[k]:>6.2f}" for k in PHASES) + " | " + " ".join(f"{op[k]:>7.2f}" for k in OP_KINDS)
               + f"{sum(r['op_calls_per_step'].values()):>7.0f}" + extra)
+    krows = [r for r in p["rows"] if r.get("kernel_phases_s")]
+    if krows:  # the compiled decode layers' own clocks (mor.engine.kernels): inside the kinds above
+        from ..engine.kernels import PROFILE_PHASES
+
+        print("\nCPU kernel phases, ms per step (the matmul / attention / kv_copy / other_ops kinds above include them)")
+        hdr = f"{'model':<14}{'set':<6}{'batch':>6}" + "".join(f"{k[:9]:>10}" for k in PROFILE_PHASES)
+        print(hdr)
+        print("-" * len(hdr))
+        for r in krows:
+            print(f"{r['model']:<14}{r['setting']:<6}{r['batch']:>6}"
+                  + "".join(f"{r['kernel_phases_s'].get(k, 0.0) * 1e3:>10.2f}" for k in PROFILE_PHASES))
