@@ -278,6 +278,9 @@ ENGINE_CASES = [
     ("mor", dict(router_type="token"), "depth"),
     ("mor", dict(kv_mode="shared"), "depth"),
     ("mor", dict(router_type="token", kv_mode="shared"), "sequence"),
+    # Middle-Sequence sharing: a step's shared-block call splits into one run per unique layer
+    ("mor", dict(sharing="middle_sequence", num_hidden_layers=8), "depth"),
+    ("mor", dict(sharing="middle_sequence", num_hidden_layers=8, router_type="token", router_arch="mlp"), "depth"),
 ]
 
 
@@ -316,33 +319,38 @@ def test_engine_uses_kernels_by_default_on_cpu_fp32():
     assert eng.cpu_kernels is True and eng.runner.kernels is kernels
 
 
-BATCH_CASES = [
-    ("vanilla", "sequence"),
-    ("mor", "depth"),  # routers run on the kernels too: their decisions are batch-independent
+BATCH_CASES = [  # (arch, config, schedule, max_batch, requests)
+    ("vanilla", {}, "sequence", 3, 5),
+    ("mor", {}, "depth", 3, 5),  # routers run on the kernels too: their decisions are batch-independent
+    # more than 32 rows: PyTorch's vectorised sigmoid / GELU would round a tensor's tail
+    # differently from its body (the runner pads the routing activations' rows)
+    ("mor", {}, "depth", 40, 40),
+    ("mor", dict(router_type="token", router_func="sigmoid", router_arch="mlp"), "depth", 40, 40),
 ]
 
 
-@pytest.mark.parametrize("arch,schedule", BATCH_CASES, ids=["vanilla", "mor"])
-def test_kernels_batch_equals_alone_bit_exact(arch, schedule, monkeypatch):
+@pytest.mark.parametrize("arch,kw,schedule,max_batch,n", BATCH_CASES,
+                         ids=["vanilla", "mor", "mor-40", "mor-token-sigmoid-mlp-40"])
+def test_kernels_batch_equals_alone_bit_exact(arch, kw, schedule, max_batch, n, monkeypatch):
     """With the kernels, a request's logits inside a mixed batch (requests at different
     positions, depths, and batch sizes that change as requests finish) are bit-identical
     (torch.equal) to the same request run alone. One-token prompts: every step runs on the
     kernels (multi-token prefill is PyTorch, batched with padding)."""
-    model = build(tiny(arch), seed=1)
-    ps = prompts((1, 1, 1, 1, 1), seed=11)
-    lens = [7, 3, 9, 5, 8]
-    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lens]
+    model = build(tiny(arch, **kw), seed=1)
+    ps = prompts((1,) * n, seed=11)
+    lens = [3 + (5 * i) % 7 for i in range(n)]
+    params = [SamplingParams(max_tokens=k, temperature=0, ignore_eos=True) for k in lens]
 
     def engine(max_batch):
         return Engine(model, max_batch=max_batch, schedule=schedule, block_size=4, record_logits=True,
                       cpu_kernels=True)
 
-    eng = engine(3)
+    eng = engine(max_batch)
     calls = count_kernel_layers(eng, monkeypatch)
     for p, sp in zip(ps, params):
         eng.add_request(p, sp)
     together = eng.run_until_done()
-    assert calls and eng.stats.mean_running > 1.5
+    assert calls and eng.stats.mean_running > min(1.5, 0.5 * max_batch)
     depths = []
     for i, (p, sp, o) in enumerate(zip(ps, params, together)):
         alone = engine(1)
@@ -515,3 +523,39 @@ def test_engine_int8_decode_on_kernels_equals_pytorch_int8(arch):
     for a, b in zip(got, ref):
         assert a.token_ids == b.token_ids and a.depths == b.depths
         torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_mixed_or_odd_layers_fall_back_or_say_why():
+    """A layer mixing int8 and fp32 projections, or RMSNorms with two epsilons, is not for the
+    kernels: the default engine falls back to PyTorch (and still generates), ``cpu_kernels=True``
+    raises naming the reason."""
+    from mor.engine.quant import Int8Linear
+
+    for change, why in ((lambda m: setattr(m.model.layers[0].self_attn, "q_proj",
+                                           Int8Linear.from_linear(m.model.layers[0].self_attn.q_proj)),
+                         "Int8Linear"),
+                        (lambda m: setattr(m.model.layers[1].post_attention_layernorm, "eps", 1e-3), "epsilon")):
+        model = build(tiny("mor"), seed=3)
+        change(model)
+        eng = Engine(model, max_batch=2)
+        assert eng.cpu_kernels is False and why in eng.runner.kernel_obstacle
+        eng.add_request([1, 2], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+        assert len(eng.run_until_done()[0].token_ids) == 3
+        with pytest.raises(ValueError, match=why):
+            Engine(model, max_batch=2, cpu_kernels=True)
+
+
+def test_cc_may_carry_arguments(tmp_path, monkeypatch):
+    """``$CC`` is split like a shell command ("ccache gcc", "gcc -DX"); the whole command,
+    flags included, is part of the cache key."""
+    import shutil
+
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        pytest.skip("no gcc")
+    monkeypatch.setenv("MOR_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", f"{gcc} -DMOR_TEST_DEFINE=1")
+    a = kernels.build()
+    monkeypatch.setenv("CC", gcc)
+    b = kernels.build()
+    assert a != b and a.is_file() and b.is_file()

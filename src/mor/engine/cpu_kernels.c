@@ -76,13 +76,19 @@ static inline const void *wrow(const void *W, int64_t o, int64_t I, int wt) {
     return (const char *)W + o * I * (wt == 2 ? 1 : wt ? 2 : 4);
 }
 
-/* fixed-order horizontal sum: halves, then quarters, ... (the same everywhere) */
+/* fixed-order horizontal sum: halves, then quarters, ... (the same everywhere). memcpy
+ * rather than __builtin_shufflevector, which needs GCC 12; compilers turn it into moves. */
 static inline float hsum(vf v) {
     typedef float v8 __attribute__((vector_size(32)));
-    typedef float v4 __attribute__((vector_size(16)));
-    v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
+    float t[VW], u[8];
+    v8 lo, hi;
+    memcpy(t, &v, sizeof t);
+    memcpy(&lo, t, sizeof lo);
+    memcpy(&hi, t + 8, sizeof hi);
+    lo += hi;
+    memcpy(u, &lo, sizeof u);
+    float q0 = u[0] + u[4], q1 = u[1] + u[5], q2 = u[2] + u[6], q3 = u[3] + u[7];
+    return (q0 + q2) + (q1 + q3);
 }
 
 #define AI __attribute__((always_inline))
@@ -175,7 +181,8 @@ static inline void share(int64_t n, int64_t unit, int id, int nt, int64_t *lo, i
 
 #ifdef _OPENMP
 #include <omp.h>
-#define PARALLEL(nt) _Pragma("omp parallel num_threads(nt) if(nt > 1)")
+#define DO_PRAGMA(x) _Pragma(#x)
+#define PARALLEL(n) DO_PRAGMA(omp parallel num_threads(n) if ((n) > 1))
 #define THREAD_ID() omp_get_thread_num()
 #define THREADS() omp_get_num_threads()
 #else

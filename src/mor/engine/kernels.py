@@ -27,7 +27,9 @@ import ctypes
 import functools
 import hashlib
 import os
+import shlex
 import shutil
+import threading
 import subprocess
 import tempfile
 from pathlib import Path
@@ -36,9 +38,11 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
+EXTRA_FLAGS = ["-shared", "-fPIC", "-ffp-contract=fast", "-Wno-psabi"]  # every build (part of the cache key)
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
 _tried = False
+_load_lock = threading.Lock()
 
 _p, _i64, _int, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
@@ -60,23 +64,26 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MOR_KERNEL_CACHE") or Path.home() / ".cache" / "mor" / "kernels")
 
 
-def _compiler() -> str | None:
-    """``$CC`` (which must exist when set), else cc / gcc / clang on the PATH."""
+def _compiler() -> list[str] | None:
+    """The compiler command: ``$CC`` (split like a shell word list, e.g. "ccache gcc"; its
+    program must exist when set), else cc / gcc / clang on the PATH."""
     cc = os.environ.get("CC")
     if cc:
-        found = shutil.which(cc)
+        words = shlex.split(cc)
+        found = shutil.which(words[0]) if words else None
         if found is None:
             raise RuntimeError(f"$CC={cc!r} is not an executable on the PATH")
-        return found
-    return shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        return [found, *words[1:]]
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return [found] if found else None
 
 
 @functools.lru_cache(maxsize=None)
-def _build_key(cc: str) -> str:
+def _build_key(cc: tuple[str, ...]) -> str:
     """What a compiled library depends on besides the source and flags: the compiler (path and
     version) and this CPU (``-march=native``: its feature flags)."""
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
     cpu = ""
@@ -85,7 +92,7 @@ def _build_key(cc: str) -> str:
             cpu = next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
         pass
-    return "\n".join([cc, version.splitlines()[0] if version else "", os.uname().machine, cpu])
+    return "\n".join([" ".join(cc), version.splitlines()[0] if version else "", os.uname().machine, cpu])
 
 
 def build(force: bool = False) -> Path:
@@ -95,10 +102,10 @@ def build(force: bool = False) -> Path:
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC, or install gcc / clang)")
     src = SOURCE.read_bytes()  # compiled from these bytes (a copy), so the key matches the code
-    machine = _build_key(cc).encode()
+    machine = _build_key(tuple(cc)).encode()
     errors = []
     for flags in FLAG_SETS:
-        key = hashlib.sha256(src + b"\0" + " ".join(flags).encode() + b"\0" + machine).hexdigest()
+        key = hashlib.sha256(src + b"\0" + " ".join(flags + EXTRA_FLAGS).encode() + b"\0" + machine).hexdigest()
         out = cache_dir() / f"cpu_kernels-{key[:16]}.so"
         if out.exists() and not force:
             return out
@@ -106,13 +113,13 @@ def build(force: bool = False) -> Path:
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
             c_file, so_file = Path(tmp) / "cpu_kernels.c", Path(tmp) / "cpu_kernels.so"
             c_file.write_bytes(src)
-            cmd = [cc, *flags, "-shared", "-fPIC", "-ffp-contract=fast", "-Wno-psabi", str(c_file), "-o", str(so_file), "-lm"]
+            cmd = [*cc, *flags, *EXTRA_FLAGS, str(c_file), "-o", str(so_file), "-lm"]
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if r.returncode == 0 and so_file.exists():
                 os.replace(so_file, out)
                 return out
             errors.append(f"{' '.join(flags)}: exit {r.returncode} {r.stderr.strip()[-400:]}")
-    raise RuntimeError(f"{cc} could not build {SOURCE.name}: " + " | ".join(errors))
+    raise RuntimeError(f"{' '.join(cc)} could not build {SOURCE.name}: " + " | ".join(errors))
 
 
 def load() -> ctypes.CDLL | None:
@@ -120,21 +127,22 @@ def load() -> ctypes.CDLL | None:
     global _lib, _reason, _tried
     if _tried:
         return _lib
-    _tried = True
-    if os.environ.get("MOR_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
-        _reason = "disabled by MOR_CPU_KERNELS"
-        return None
-    try:
-        path = build()
-        lib = ctypes.CDLL(str(path))
-        for name, (args, res) in SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = args, res
-    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
-        _reason = f"{type(e).__name__}: {e}"
-        return None
-    _lib = lib
-    return lib
+    with _load_lock:
+        if _tried:
+            return _lib
+        if os.environ.get("MOR_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+            _reason = "disabled by MOR_CPU_KERNELS"
+        else:
+            try:
+                lib = ctypes.CDLL(str(build()))
+                for name, (args, res) in SIGNATURES.items():
+                    fn = getattr(lib, name)
+                    fn.argtypes, fn.restype = args, res
+                _lib = lib
+            except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
+                _reason = f"{type(e).__name__}: {e}"
+        _tried = True
+    return _lib
 
 
 def unavailable_reason() -> str | None:
@@ -144,11 +152,6 @@ def unavailable_reason() -> str | None:
 
 def available() -> bool:
     return load() is not None
-
-
-def usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the kernels can run a model on ``device`` in ``dtype`` (CPU fp32)."""
-    return torch.device(device).type == "cpu" and dtype == torch.float32 and available()
 
 
 # ---------------------------------------------------------------- tensor-level wrappers
@@ -233,6 +236,9 @@ def paged_attention(q: torch.Tensor, heads: int, kv_heads: int, k_cache: torch.T
     (num_blocks, block_size, kv_heads, hd). Writes ``out`` (M, heads * hd)."""
     M = q.shape[0]
     bs, hd = k_cache.shape[1], k_cache.shape[3]
+    if bs > MAX_BLOCK_SIZE or hd > MAX_HEAD_DIM:
+        raise ValueError(f"paged_attention needs block_size <= {MAX_BLOCK_SIZE} and head_dim <= {MAX_HEAD_DIM} "
+                         f"(got {bs}, {hd})")
     nb, layers = blocks.shape[1], blocks.shape[2]
     _lib.mor_paged_attention(q.data_ptr(), M, heads, kv_heads, hd, k_cache.data_ptr(), v_cache.data_ptr(), bs,
                              blocks.data_ptr() + 8 * layer, nb * layers, layers, qidx.data_ptr(),

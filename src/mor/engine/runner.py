@@ -95,24 +95,43 @@ class AttentionSegment:
 
 def kernel_obstacle(model: MoRForCausalLM, pool: KVPool) -> str | None:
     """Why the CPU kernels cannot run ``model`` with ``pool`` (None: they can): CPU, fp32
-    weights and cache, bias-free ``nn.Linear`` projections with contiguous weights (or the
-    weight-only int8 ``Int8Linear`` of ``decode_precision="int8"``), a compiler that built them."""
+    activations, norms, routers and cache; bias-free ``nn.Linear`` projections with contiguous
+    weights (or the weight-only int8 ``Int8Linear`` of ``decode_precision="int8"``, all seven of
+    a layer); one RMSNorm epsilon per layer; a compiler that built them."""
     p = model.model.embed_tokens.weight
     if p.device.type != "cpu" or p.dtype != torch.float32 or pool.dtype != torch.float32:
         return f"they run fp32 on CPU (this model: {p.dtype} on {p.device.type})"
     if pool.block_size > kernels.MAX_BLOCK_SIZE or model.config.head_dim > kernels.MAX_HEAD_DIM:
         return (f"block_size <= {kernels.MAX_BLOCK_SIZE} and head_dim <= {kernels.MAX_HEAD_DIM} "
                 f"(here {pool.block_size}, {model.config.head_dim})")
-    linears = [model.lm_head] + [m for layer in model.model.layers for m in (
-        layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-        layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
-    for m in linears:
-        if type(m) is Int8Linear and m is not model.lm_head:  # weight-only int8 decode
-            if not (m.weight_q.is_contiguous() and m.scale.dtype == torch.float32):
+
+    def plain(m: nn.Module) -> bool:
+        return (type(m) is nn.Linear and m.bias is None and m.weight.dtype == torch.float32
+                and m.weight.is_contiguous())
+
+    if not plain(model.lm_head):
+        return f"the LM head must be a bias-free fp32 nn.Linear (here {type(model.lm_head).__name__})"
+    core = model.model
+    norms = [core.norm] + [n for layer in core.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    if any(n.weight.dtype != torch.float32 or not n.weight.is_contiguous() for n in norms):
+        return "RMSNorm weights must be contiguous fp32"
+    for layer in core.layers:
+        if layer.input_layernorm.eps != layer.post_attention_layernorm.eps:
+            return "a layer's two RMSNorms must share one epsilon"
+        mods = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
+        if all(type(m) is Int8Linear for m in mods):  # weight-only int8 decode
+            if not all(m.weight_q.is_contiguous() and m.scale.dtype == torch.float32 and m.scale.is_contiguous()
+                       for m in mods):
                 return "Int8Linear layers need contiguous int8 weights and fp32 scales"
-        elif type(m) is not nn.Linear or m.bias is not None or not m.weight.is_contiguous():
-            return (f"{type(m).__name__} layers are not supported (plain bias-free nn.Linear, or Int8Linear "
-                    f"projections, only)")
+        elif not all(plain(m) for m in mods):
+            kinds = sorted({type(m).__name__ for m in mods})
+            return (f"a layer's projections must all be bias-free fp32 nn.Linear or all Int8Linear "
+                    f"(here {', '.join(kinds)})")
+    routers = [m for name in ("routers", "aux_routers", "router") if hasattr(core, name)
+               for m in getattr(core, name).modules() if isinstance(m, nn.Linear)]
+    if any(m.weight.dtype != torch.float32 or not m.weight.is_contiguous() for m in routers):
+        return "router weights must be contiguous fp32"
     if not kernels.available():
         return f"not built: {kernels.unavailable_reason()}"
     return None
@@ -164,17 +183,21 @@ class ModelRunner:
         # while a profiler sets it to a dict (mor.engine.profile); None: no clocks read, no syncs
         self.timing: dict[str, float] | None = None
         self._mark = 0.0
-        # decode (one token per row) on the CPU kernels: None = when they apply, True = required
+        # decode (one token per row) on the CPU kernels: None = when they apply, True = required.
+        # The kernels read the weights as they are now (a snapshot of the parameter tensors:
+        # in-place updates are seen, replaced parameters are not; build a new engine then).
         self.kernels = None
-        why = kernel_obstacle(model, pool)
+        self.kernel_obstacle = why = kernel_obstacle(model, pool) if cpu_kernels is not False else "off"
+        if why is None:
+            try:  # matrix weights as the kernels read them (bf16 copies for decode_precision="bf16-weights")
+                self._klayers = [kernels.DecodeLayer(layer, cfg, kernel_weights) for layer in self.core.layers]
+                self._lm_head = kernels.weight_copy(model.lm_head.weight, kernel_weights)
+                self._work = torch.empty(0, dtype=torch.float32)
+                self.kernels = kernels
+            except ValueError as e:
+                self.kernel_obstacle = why = str(e)
         if cpu_kernels and why:
             raise ValueError(f"cpu_kernels=True, but the CPU kernels cannot run this engine: {why}")
-        if cpu_kernels is not False and why is None:
-            self.kernels = kernels
-            # matrix weights as the kernels read them (bf16 copies for decode_precision="bf16-weights")
-            self._klayers = [kernels.DecodeLayer(layer, cfg, kernel_weights) for layer in self.core.layers]
-            self._lm_head = kernels.weight_copy(model.lm_head.weight, kernel_weights)
-            self._work = torch.empty(0, dtype=torch.float32)
 
     def _tick(self, phase: str) -> None:
         """Charge the time since the last tick to ``phase`` (when timing; syncs CUDA first)."""
@@ -458,8 +481,9 @@ class ModelRunner:
         self.h.index_copy_(0, st, x[:, 0])
         if self.kind == "token":
             cfg = self.config
-            _, choice, gate = token_choice(self._route(self.core.router.net, x[:, 0]).float(), cfg.router_func,
-                                           cfg.router_alpha, self.core.balance_bias)
+            _, choice, gate = self._rowwise(lambda t: token_choice(t, cfg.router_func, cfg.router_alpha,
+                                                                   self.core.balance_bias),
+                                            self._route(self.core.router.net, x[:, 0]).float())
             self.h_first.index_copy_(0, st, x[:, 0])
             self.token_gate.index_copy_(0, st, gate.to(self.dtype))
             self.token_depth.index_copy_(0, st, choice + 1)
@@ -502,16 +526,35 @@ class ModelRunner:
 
     def _route(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """A router network on x (n, d). On the CPU kernels its linear layers run there, so that
-        a token's routing decision, like the rest of its step, does not depend on its batch."""
+        a token's routing decision, like the rest of its step, does not depend on its batch
+        (and its activations run on padded rows, ``_rowwise``)."""
         if self.kernels is None:
             return net(x)
-        for m in (net if isinstance(net, nn.Sequential) else [net]):
-            if isinstance(m, nn.Linear):
-                y = self.kernels.linear(x.contiguous(), m.weight.detach())
-                x = y if m.bias is None else y + m.bias
-            else:
-                x = m(x)
-        return x
+
+        def run(x):
+            for m in (net if isinstance(net, nn.Sequential) else [net]):
+                if isinstance(m, nn.Linear):
+                    y = self.kernels.linear(x.contiguous(), m.weight.detach())
+                    x = y if m.bias is None else y + m.bias
+                else:
+                    x = m(x)
+            return x
+
+        return self._rowwise(run, x)
+
+    ROW_PAD = 64
+
+    def _rowwise(self, fn, x: torch.Tensor):
+        """``fn(x)`` for a row-wise ``fn``; on the CPU kernel path computed on x padded with zero
+        rows to a multiple of ``ROW_PAD`` rows. PyTorch's vectorised exp / tanh / erf round the
+        tail of a tensor (past the last full vector) differently from its body, so without the
+        padding a token's routing activations could depend on how many tokens share its step."""
+        n = x.shape[0]
+        pad = -n % self.ROW_PAD
+        if self.kernels is None or pad == 0:
+            return fn(x)
+        out = fn(torch.cat([x, x.new_zeros((pad,) + tuple(x.shape[1:]))]))
+        return tuple(o[:n] for o in out) if isinstance(out, tuple) else out[:n]
 
     def _plan_attention(self, segs: list[tuple], recs: np.ndarray, slots: np.ndarray) -> list[AttentionSegment]:
         """One attention call per cache group read, or a single call for the whole batch (each
@@ -589,7 +632,8 @@ class ModelRunner:
         gate = is_last = first = None
         if self.kind == "expert" and cfg.gate_combine != "pass_through":
             logits = self._router_logits(self.core.routers, x_in, recs)
-            gate = gate_scores(logits, cfg.router_func, cfg.router_alpha)[:, None].to(y.dtype)
+            gate = self._rowwise(lambda t: gate_scores(t, cfg.router_func, cfg.router_alpha), logits)
+            gate = gate[:, None].to(y.dtype)
         elif self.kind == "token":
             gate = self.token_gate.index_select(0, st)
             is_last = (self.token_depth.index_select(0, st) == self._long(recs) + 1)[:, None]
