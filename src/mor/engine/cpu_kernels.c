@@ -191,35 +191,15 @@ static inline void share(int64_t n, int64_t unit, int id, int nt, int64_t *lo, i
 #define THREADS() 1
 #endif
 
-/* outputs [lo, hi) of y (M, O) = [residual +] x (M, I) @ W (O, I)^T: for each tile of weight
- * rows (read once from memory), every 4-row tile of x */
-static void linear_part(const float *x, int64_t M, int64_t I, const void *W, int wbf, const float *scale,
-                        int64_t O, float *y, const float *residual, int64_t lo, int64_t hi) {
-    float t[MAXMT * 4];
-    int64_t ntiles = (M + MAXMT - 1) / MAXMT;
-    for (int64_t o = lo; o < hi;) {
-        int ot = out_tile(M, hi - o);
-        for (int64_t r = 0; r < ntiles; r++) {
-            int64_t m;
-            int mt;
-            row_tile(M, r, &m, &mt);
-            tile_rows(x, I, wrow(W, o, I, wbf), wbf, m, mt, ot, t);
-            for (int a = 0; a < mt; a++)
-                for (int b = 0; b < ot; b++) {
-                    int64_t k = (m + a) * O + o + b;
-                    float v = scale ? scale[o + b] * t[a * 4 + b] : t[a * 4 + b];
-                    y[k] = residual ? residual[k] + v : v;
-                }
-        }
-        o += ot;
-    }
-}
-
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
-/* outputs [lo, hi) of y (M, O) = silu(x @ Wg^T) * (x @ Wu^T) */
-static void silu_mul_part(const float *x, int64_t M, int64_t I, const void *Wg, const void *Wu, int wbf,
-                          const float *sg, const float *su, int64_t O, float *y, int64_t lo, int64_t hi) {
+/* outputs [lo, hi) of y (M, O) = [residual +] x (M, I) @ W (O, I)^T, or with a second matrix
+ * W2: silu(x @ W^T) * (x @ W2^T) (the gated MLP's first half). int8 weights are scaled per
+ * output row by s / s2. For each tile of weight rows (read once from memory), every tile of
+ * up to MAXMT rows of x. */
+static void products_part(const float *x, int64_t M, int64_t I, const void *W, const void *W2, int wbf,
+                          const float *s, const float *s2, int64_t O, float *y, const float *residual, int64_t lo,
+                          int64_t hi) {
     float g[MAXMT * 4], u[MAXMT * 4];
     int64_t ntiles = (M + MAXMT - 1) / MAXMT;
     for (int64_t o = lo; o < hi;) {
@@ -228,17 +208,28 @@ static void silu_mul_part(const float *x, int64_t M, int64_t I, const void *Wg, 
             int64_t m;
             int mt;
             row_tile(M, r, &m, &mt);
-            tile_rows(x, I, wrow(Wg, o, I, wbf), wbf, m, mt, ot, g);
-            tile_rows(x, I, wrow(Wu, o, I, wbf), wbf, m, mt, ot, u);
+            tile_rows(x, I, wrow(W, o, I, wbf), wbf, m, mt, ot, g);
+            if (W2) tile_rows(x, I, wrow(W2, o, I, wbf), wbf, m, mt, ot, u);
             for (int a = 0; a < mt; a++)
                 for (int b = 0; b < ot; b++) {
-                    float gv = sg ? sg[o + b] * g[a * 4 + b] : g[a * 4 + b];
-                    float uv = su ? su[o + b] * u[a * 4 + b] : u[a * 4 + b];
-                    y[(m + a) * O + o + b] = silu(gv) * uv;
+                    int64_t k = (m + a) * O + o + b;
+                    float v = s ? s[o + b] * g[a * 4 + b] : g[a * 4 + b];
+                    if (W2) v = silu(v) * (s2 ? s2[o + b] * u[a * 4 + b] : u[a * 4 + b]);
+                    y[k] = residual ? residual[k] + v : v;
                 }
         }
         o += ot;
     }
+}
+
+static inline void linear_part(const float *x, int64_t M, int64_t I, const void *W, int wbf, const float *scale,
+                               int64_t O, float *y, const float *residual, int64_t lo, int64_t hi) {
+    products_part(x, M, I, W, 0, wbf, scale, 0, O, y, residual, lo, hi);
+}
+
+static inline void silu_mul_part(const float *x, int64_t M, int64_t I, const void *Wg, const void *Wu, int wbf,
+                                 const float *sg, const float *su, int64_t O, float *y, int64_t lo, int64_t hi) {
+    products_part(x, M, I, Wg, Wu, wbf, sg, su, O, y, 0, lo, hi);
 }
 
 /* rows [lo, hi) of y (M, D) = w * (x * rsqrt(mean(x^2) + eps)), the model's RMSNorm in fp32 */
