@@ -119,43 +119,32 @@ static inline AI void tile(const float *x, int64_t ldx, const void *w, int64_t I
         }
 }
 
-/* t[a * 4 + b] = <x_{m+a}, w_b> for the mt rows of x from row m and ot (1 or 4) rows of W */
-#define TILE_MT(OT)                                                                                \
+/* t[a * 4 + b] = <x_{m+a}, w_b> for the mt rows of x from row m and ot (1 or 4) rows of W:
+ * one specialised tile per (weight type, ot, mt), the constants known at compile time */
+#define TILE_MT(WT, OT)                                                                            \
     switch (mt) {                                                                                  \
-    case 6: tile(xm, I, w, I, 6, OT, WBF, t); break;                                               \
-    case 5: tile(xm, I, w, I, 5, OT, WBF, t); break;                                               \
-    case 4: tile(xm, I, w, I, 4, OT, WBF, t); break;                                               \
-    case 3: tile(xm, I, w, I, 3, OT, WBF, t); break;                                               \
-    case 2: tile(xm, I, w, I, 2, OT, WBF, t); break;                                               \
-    default: tile(xm, I, w, I, 1, OT, WBF, t); break;                                              \
+    case 6: tile(xm, I, w, I, 6, OT, WT, t); break;                                                \
+    case 5: tile(xm, I, w, I, 5, OT, WT, t); break;                                                \
+    case 4: tile(xm, I, w, I, 4, OT, WT, t); break;                                                \
+    case 3: tile(xm, I, w, I, 3, OT, WT, t); break;                                                \
+    case 2: tile(xm, I, w, I, 2, OT, WT, t); break;                                                \
+    default: tile(xm, I, w, I, 1, OT, WT, t); break;                                               \
+    }
+#define TILE_OT(WT)                                                                                \
+    if (ot == 4) {                                                                                 \
+        TILE_MT(WT, 4)                                                                             \
+    } else {                                                                                       \
+        TILE_MT(WT, 1)                                                                             \
     }
 static inline AI void tile_rows(const float *x, int64_t I, const void *w, int wbf, int64_t m, int mt, int ot,
                                 float *t) {
     const float *xm = x + m * I;
     if (wbf == 2) {
-#define WBF 2
-        if (ot == 4) {
-            TILE_MT(4)
-        } else {
-            TILE_MT(1)
-        }
-#undef WBF
+        TILE_OT(2)
     } else if (wbf) {
-#define WBF 1
-        if (ot == 4) {
-            TILE_MT(4)
-        } else {
-            TILE_MT(1)
-        }
-#undef WBF
+        TILE_OT(1)
     } else {
-#define WBF 0
-        if (ot == 4) {
-            TILE_MT(4)
-        } else {
-            TILE_MT(1)
-        }
-#undef WBF
+        TILE_OT(0)
     }
 }
 
