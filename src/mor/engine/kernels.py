@@ -5,17 +5,22 @@ place.
 Why: on CPU, PyTorch's fp32 ``F.linear`` with a few rows streams weights at a fraction of the
 memory bandwidth and does not use a second thread, and a decoder layer written in PyTorch
 costs ~250 small ops (each a few microseconds) plus a copy of every cache block it reads.
-``cpu_kernels.c`` does the decode-step arithmetic of one layer in 8 calls. Every output
-element is computed by the same operations whatever the batch, its tile and the thread
-count, so a token's result does not depend on the batch it shares (bit-exact), and differs
-from PyTorch's only by fp32 rounding order.
+``cpu_kernels.c`` runs one decoder layer's decode-step arithmetic in one call
+(``mor_decode_layer``, wrapped by :class:`DecodeLayer`); ``linear``, ``linear_silu_mul``,
+``rms_norm``, ``rope_``, ``kv_write`` and ``paged_attention`` expose its parts (the LM head
+and routers use ``linear``; the tests check each part against PyTorch). Weights in fp32,
+bf16 or int8 (with per-row scales). Every output element is computed by the same operations
+whatever the batch, its tile and the thread count, so a token's result does not depend on
+the batch it shares (bit-exact), and differs from PyTorch's only by fp32 rounding order.
 
 The source ships with the package and is compiled on first use with the system C compiler
-(``$CC`` or ``cc``; ``-O3 -march=native -fopenmp``) into ``$MOR_KERNEL_CACHE`` (default
-``~/.cache/mor/kernels``), keyed by a hash of the source, compiler and flags; the build is
-atomic (temporary file + rename), so concurrent first uses are safe. ``load()`` returns
-None with the reason in ``unavailable_reason()`` when there is no compiler or the build
-fails; ``MOR_CPU_KERNELS=0`` turns them off. The engine falls back to PyTorch then.
+(``$CC``, split like a shell command, else cc / gcc / clang; ``-O3 -march=native -fopenmp``,
+then fewer flags) into ``$MOR_KERNEL_CACHE`` (default ``~/.cache/mor/kernels``), keyed by a
+hash of the source, the whole command, the compiler's version and the CPU's feature flags;
+the build is atomic (temporary directory + rename), so concurrent first uses are safe.
+``load()`` returns None with the reason in ``unavailable_reason()`` when there is no
+compiler or the build fails; ``MOR_CPU_KERNELS=0`` turns them off. The engine falls back to
+PyTorch then.
 
 Threads: each call uses ``torch.get_num_threads()`` threads (one OpenMP runtime: the library
 links the ``libgomp`` PyTorch already loaded).
