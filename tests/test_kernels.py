@@ -559,3 +559,13 @@ def test_cc_may_carry_arguments(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", gcc)
     b = kernels.build()
     assert a != b and a.is_file() and b.is_file()
+
+
+def test_llm_passes_cpu_kernels_and_decode_precision_to_its_engine():
+    from mor.engine import LLM
+
+    model = build(tiny("vanilla", num_hidden_layers=2))
+    assert LLM(model, max_batch=2).engine.cpu_kernels is True
+    assert LLM(model, max_batch=2, cpu_kernels=False).engine.cpu_kernels is False
+    eng = LLM(model, max_batch=2, decode_precision="bf16-weights").engine
+    assert eng.decode_precision == "bf16-weights" and eng.runner._klayers[0].wbf == 1
