@@ -76,18 +76,22 @@ static inline const void *wrow(const void *W, int64_t o, int64_t I, int wt) {
     return (const char *)W + o * I * (wt == 2 ? 1 : wt ? 2 : 4);
 }
 
-/* fixed-order horizontal sum: halves, then quarters, ... (the same everywhere). memcpy
- * rather than __builtin_shufflevector, which needs GCC 12; compilers turn it into moves. */
+/* fixed-order horizontal sum: halves, then quarters, ... (the same everywhere) */
 static inline float hsum(vf v) {
     typedef float v8 __attribute__((vector_size(32)));
+#if defined(__clang__) || __GNUC__ >= 12
+    v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    float q0 = a[0] + a[4], q1 = a[1] + a[5], q2 = a[2] + a[6], q3 = a[3] + a[7];
+#else /* no __builtin_shufflevector before GCC 12: the same sums through memory (slower) */
     float t[VW], u[8];
-    v8 lo, hi;
+    v8 a, hi;
     memcpy(t, &v, sizeof t);
-    memcpy(&lo, t, sizeof lo);
+    memcpy(&a, t, sizeof a);
     memcpy(&hi, t + 8, sizeof hi);
-    lo += hi;
-    memcpy(u, &lo, sizeof u);
+    a += hi;
+    memcpy(u, &a, sizeof u);
     float q0 = u[0] + u[4], q1 = u[1] + u[5], q2 = u[2] + u[6], q3 = u[3] + u[7];
+#endif
     return (q0 + q2) + (q1 + q3);
 }
 
