@@ -569,3 +569,16 @@ def test_llm_passes_cpu_kernels_and_decode_precision_to_its_engine():
     assert LLM(model, max_batch=2, cpu_kernels=False).engine.cpu_kernels is False
     eng = LLM(model, max_batch=2, decode_precision="bf16-weights").engine
     assert eng.decode_precision == "bf16-weights" and eng.runner._klayers[0].wbf == 1
+
+
+def test_a_damaged_cached_library_is_rebuilt(tmp_path, monkeypatch):
+    """A cached library that cannot be opened (truncated, or missing a kernel) is compiled
+    again once, instead of turning the kernels off for every later process."""
+    monkeypatch.setenv("MOR_KERNEL_CACHE", str(tmp_path))
+    path = kernels.build()
+    path.write_bytes(b"\x7fELF truncated")
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_reason", None)
+    assert kernels.load() is not None, kernels.unavailable_reason()
+    assert path.stat().st_size > 1000

@@ -181,7 +181,6 @@ class Engine:
                                   generator=self.generator, cpu_kernels=cpu_kernels,
                                   kernel_weights=torch.bfloat16 if getattr(model, "decode_precision", None) == "bf16-weights"
                                   else torch.float32)
-        self.cpu_kernels = self.runner.kernels is not None
         if eos_token_id is None:
             found = find_eos(tokenizer) if tokenizer is not None else None
             eos_token_id = found[0] if found else 0
@@ -190,6 +189,11 @@ class Engine:
         self.last_logits: torch.Tensor | None = None  # the latest step's LM-head rows (logprobs)
         self._next_id = 0
         self.reset_stats()
+
+    @property
+    def cpu_kernels(self) -> bool:
+        """Whether decode steps run on the compiled CPU kernels (``runner.kernel_obstacle``: why not)."""
+        return self.runner.kernels is not None
 
     # .................................................................. requests
     def encode(self, prompt: str | list[int]) -> tuple[list[int], str | None]:

@@ -127,6 +127,15 @@ def build(force: bool = False) -> Path:
     raise RuntimeError(f"{' '.join(cc)} could not build {SOURCE.name}: " + " | ".join(errors))
 
 
+def _open(path: Path) -> ctypes.CDLL:
+    """The library at ``path`` with every kernel's signature set (AttributeError if one is missing)."""
+    lib = ctypes.CDLL(str(path))
+    for name, (args, res) in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    return lib
+
+
 def load() -> ctypes.CDLL | None:
     """The compiled kernels, or None (``unavailable_reason()`` says why). Built once per process."""
     global _lib, _reason, _tried
@@ -139,10 +148,10 @@ def load() -> ctypes.CDLL | None:
             _reason = "disabled by MOR_CPU_KERNELS"
         else:
             try:
-                lib = ctypes.CDLL(str(build()))
-                for name, (args, res) in SIGNATURES.items():
-                    fn = getattr(lib, name)
-                    fn.argtypes, fn.restype = args, res
+                try:
+                    lib = _open(build())
+                except (OSError, AttributeError):  # a damaged cached library: build it again, once
+                    lib = _open(build(force=True))
                 _lib = lib
             except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
                 _reason = f"{type(e).__name__}: {e}"
@@ -262,35 +271,33 @@ def weight_copy(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return c
 
 
+def projections(layer) -> tuple:
+    """A decoder layer's seven projections in the order ``mor_decode_layer`` takes them."""
+    at, mlp = layer.self_attn, layer.mlp
+    return at.q_proj, at.k_proj, at.v_proj, at.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+
 class DecodeLayer:
     """One decoder layer's weights, held for ``mor_decode_layer`` (one token per row: the whole
     layer in one call, its phases split across threads inside one parallel region). Matrix
-    weights are read in ``weight_dtype`` (fp32, or bf16 copies of bf16-valued weights)."""
+    weights are read in ``weight_dtype`` (fp32, or bf16 copies of bf16-valued weights), or as
+    int8 with their scales (``Int8Linear``). Whether a layer suits the kernels at all (fp32
+    contiguous norms, one epsilon, one kind of projection) is ``runner.kernel_obstacle``'s
+    question, asked before this is built."""
 
     def __init__(self, layer, cfg, weight_dtype: torch.dtype = torch.float32):
-        at, mlp = layer.self_attn, layer.mlp
-        mods = (at.q_proj, at.k_proj, at.v_proj, at.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        mods = projections(layer)
         if all(hasattr(m, "weight_q") for m in mods):  # weight-only int8 (mor.engine.quant.Int8Linear)
             mats = [m.weight_q.detach() for m in mods]
             self.scales = [m.scale.detach() for m in mods]
         else:
             mats = [weight_copy(m.weight, weight_dtype) for m in mods]
             self.scales = None
-        self.tensors = (layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(), *mats)
         self.wbf = _wt(mats[0], None if self.scales is None else self.scales[0])
-        for i, t in enumerate(mats):
-            if _wt(t, None if self.scales is None else self.scales[i]) != self.wbf:
-                raise ValueError("the CPU kernels need one weight type for a layer's seven projections")
-        for t in self.tensors:
-            if t.device.type != "cpu" or not t.is_contiguous():
-                raise ValueError("the CPU kernels need contiguous CPU weights")
         self._scale_table = (None if self.scales is None
                              else torch.tensor([t.data_ptr() for t in self.scales], dtype=torch.int64))
-        if self.tensors[0].dtype != torch.float32 or self.tensors[1].dtype != torch.float32:
-            raise ValueError("the CPU kernels need fp32 norm weights")
+        self.tensors = (layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(), *mats)
         self.eps = float(layer.input_layernorm.eps)
-        if float(layer.post_attention_layernorm.eps) != self.eps:
-            raise ValueError("the CPU kernels expect one RMSNorm epsilon per layer")
         self.ptrs = [t.data_ptr() for t in self.tensors]
         self.D, self.F = cfg.hidden_size, cfg.intermediate_size
         self.H, self.KV, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim

@@ -31,11 +31,11 @@ from torch.nn import functional
 DECODE_PRECISIONS = ("bf16", "fp16", "int8", "bf16-weights")
 
 
-def matrix_linears(model: nn.Module) -> list[nn.Module]:
-    """The linear layers whose weights low-precision decode changes: every decoder layer's
-    attention and MLP projections (``bf16-weights`` adds the LM head)."""
-    return [child for layer in model.model.layers for parent in (layer.self_attn, layer.mlp)
-            for child in parent.children() if isinstance(child, nn.Linear)]
+def matrix_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, name, layer) for the linear layers whose weights low-precision decode changes:
+    every decoder layer's attention and MLP projections (``bf16-weights`` adds the LM head)."""
+    return [(parent, name, child) for layer in model.model.layers for parent in (layer.self_attn, layer.mlp)
+            for name, child in parent.named_children() if isinstance(child, nn.Linear)]
 
 
 class Int8Linear(nn.Module):
@@ -86,14 +86,11 @@ def low_precision_copy(model: nn.Module, precision: str) -> nn.Module:
         return m.to(torch.float16)
     if precision == "bf16-weights":
         with torch.no_grad():
-            for lin in matrix_linears(m) + [m.lm_head]:
+            for lin in [c for _, _, c in matrix_linears(m)] + [m.lm_head]:
                 lin.weight.copy_(lin.weight.to(torch.bfloat16).to(lin.weight.dtype))
         return m
-    for layer in m.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, Int8Linear.from_linear(child))
+    for parent, name, child in matrix_linears(m):
+        setattr(parent, name, Int8Linear.from_linear(child))
     return m
 
 

@@ -118,8 +118,7 @@ def kernel_obstacle(model: MoRForCausalLM, pool: KVPool) -> str | None:
     for layer in core.layers:
         if layer.input_layernorm.eps != layer.post_attention_layernorm.eps:
             return "a layer's two RMSNorms must share one epsilon"
-        mods = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-                layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
+        mods = kernels.projections(layer)
         if all(type(m) is Int8Linear for m in mods):  # weight-only int8 decode
             if not all(m.weight_q.is_contiguous() and m.scale.dtype == torch.float32 and m.scale.is_contiguous()
                        for m in mods):
