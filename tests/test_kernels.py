@@ -198,6 +198,83 @@ def test_paged_attention_matches_sdpa_on_gathered_blocks(H, KV, hd, bs, nb):
     assert torch.equal(one[0], results[1][3])
 
 
+# ------------------------------------------------------------------ sampling
+def torch_inverse_cdf(logits, temps, u):
+    """The PyTorch sampler's rule (mor.engine.sampling): softmax(x / T), cumulative sum,
+    right bisection at u * total."""
+    cdf = torch.softmax(logits / temps[:, None], dim=-1).cumsum(-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1).clamp(max=logits.size(1) - 1)
+
+
+@pytest.mark.parametrize("V", [5, 16, 37, 1000, 8192])
+def test_sample_greedy_is_the_first_argmax_and_draws_follow_the_inverse_cdf(V):
+    g = gen(V)
+    x = torch.randn(300, V, generator=g) * 3
+    x[0, 1:3] = x[0].max() + 1  # a tie: the first index wins, as torch.argmax
+    u = torch.rand(300, generator=g)
+    greedy = kernels.sample(x, torch.zeros(300), u)
+    assert torch.equal(greedy, x.argmax(-1)) and greedy[0] == 1
+    for T in (1.0, 0.7, 2.5):
+        temps = torch.full((300,), T)
+        drawn = kernels.sample(x, temps, u)
+        ref = torch_inverse_cdf(x, temps, u)
+        # the same rule with the same numbers: equal but where u falls within rounding of a boundary
+        assert (drawn == ref).float().mean() >= 0.99, (T, (drawn != ref).sum())
+
+
+def test_sample_frequencies_follow_the_distribution_and_never_draw_masked_tokens():
+    probs = torch.tensor([0.05, 0.45, 0.3, 0.0, 0.2] + [0.0] * 20)
+    n = 40000
+    logits = probs.log().expand(n, -1).contiguous()  # zero-probability tokens are -inf
+    u = torch.rand(n, generator=gen(0))
+    u[:50] = 1.0 - 2.0 ** -24  # the largest float below 1: the last possible token, never a masked one
+    tok = kernels.sample(logits, torch.ones(n), u)
+    freq = torch.bincount(tok, minlength=25).float() / n
+    torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)
+    assert set(tok[:50].tolist()) == {4}
+    assert (probs[tok] > 0).all()
+    hot = kernels.sample(logits, torch.full((n,), 0.5), u)  # temperature 0.5 squares and renormalises
+    sq = probs ** 2 / (probs ** 2).sum()
+    torch.testing.assert_close(torch.bincount(hot, minlength=25).float() / n, sq, atol=0.01, rtol=0)
+
+
+def test_sample_rows_do_not_depend_on_the_batch_or_threads_and_nan_rows_are_skipped():
+    x = torch.randn(33, 1000, generator=gen(3)) * 4
+    temps = torch.rand(33, generator=gen(4)) + 0.2
+    temps[5] = 0.0
+    u = torch.rand(33, generator=gen(5))
+    with threads(2):
+        batch = kernels.sample(x, temps, u)
+    with threads(1):
+        alone = torch.cat([kernels.sample(x[i:i + 1].contiguous(), temps[i:i + 1], u[i:i + 1]) for i in range(33)])
+    assert torch.equal(batch, alone)
+    temps[7] = float("nan")
+    out = kernels.sample(x, temps, u)
+    assert out[7] == -1 and torch.equal(out[:7], batch[:7]) and torch.equal(out[8:], batch[8:])
+
+
+def test_engine_sampling_on_kernels_follows_the_torch_rule():
+    """``mor.engine.sampling.sample`` with the kernels: greedy, temperature and top-k / top-p rows
+    in one batch, the same uniform numbers as the PyTorch sampler (same generator states)."""
+    from mor.engine.sampling import sample
+
+    x = torch.randn(64, 300, generator=gen(6)) * 3
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.8),
+              SamplingParams(temperature=1.2, top_k=5), SamplingParams(temperature=1.0, top_p=0.5)] * 16
+    gens = [None] * 64
+    a = sample(x, params, gens, gen(7))
+    b = sample(x, params, gens, gen(7), kernels)
+    assert (a == b).float().mean() >= 0.97
+    assert torch.equal(a[0::4], x[0::4].argmax(-1)) and torch.equal(b[0::4], a[0::4])
+    top5 = x[2::4].topk(5).indices
+    assert all(int(t) in top5[i].tolist() for i, t in enumerate(b[2::4]))
+    # per-request generators: each row draws from its own, so its token does not depend on the batch
+    own = [torch.Generator().manual_seed(100 + i) for i in range(64)]
+    c = sample(x, params, own, gen(8), kernels)
+    one = sample(x[9:10], params[9:10], [torch.Generator().manual_seed(109)], gen(9), kernels)
+    assert c[9] == one[0]
+
+
 # ------------------------------------------------------------------ one whole decoder layer
 def test_decode_layer_matches_the_model_layer_math():
     """``DecodeLayer`` (one token per row) equals the model's decoder-layer modules: norm,
@@ -251,6 +328,43 @@ def test_decode_layer_matches_the_model_layer_math():
     assert torch.equal(out2, out)
 
 
+@pytest.mark.parametrize("nl", [2, 3])
+def test_decode_layers_runs_a_stack_as_its_layers_one_by_one(nl):
+    """``decode_layers`` on nl layers in one call equals calling each layer alone on the previous
+    one's output, bit for bit: outputs, and the K/V each layer stored at its own cache rows (a
+    strided (rows, layers) view) reading its own layer ``j0 + l`` of the block tables."""
+    cfg = tiny_config("vanilla", num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+    model = build(cfg, seed=5)
+    H, KV, hd, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+    M, n_write, bs, nb, group_layers, j0 = 6, 4, 4, 2, 4, 4 - nl
+    g = gen(12)
+    num_blocks = M * nb * group_layers
+    kc0, vc0 = torch.randn(num_blocks, bs, KV, hd, generator=g), torch.randn(num_blocks, bs, KV, hd, generator=g)
+    blocks = torch.randperm(num_blocks, generator=g).view(M, nb, group_layers).contiguous()
+    qidx = torch.tensor([[5], [0], [7], [2], [6], [1]], dtype=torch.int64)
+    rows = torch.stack([blocks[m, int(qidx[m]) // bs, :] * bs + int(qidx[m]) % bs for m in range(n_write)])
+    cos, sin = rope_cos_sin(qidx[:, 0], hd, cfg.rope_theta, torch.float32)
+    cos, sin = cos.reshape(M, hd).contiguous(), sin.reshape(M, hd).contiguous()
+    x = torch.randn(M, D, generator=g)
+    seg = kernels.segment_table([SimpleNamespace(a=0, b=M, blocks=blocks, qidx=qidx)])
+    layers = [kernels.DecodeLayer(model.model.layers[u], cfg) for u in range(4 - nl, 4)]
+    work = torch.empty(layers[0].work_floats(M))
+    kc, vc, y = kc0.clone(), vc0.clone(), x
+    for i, layer in enumerate(layers):
+        y = layer(y, cos, sin, n_write, rows[:, j0 + i].contiguous(), kc, vc, seg, j0 + i, work)
+    table = torch.tensor([layer.row for layer in layers])
+    view = rows[:, j0:]  # (n_write, nl) with row stride group_layers
+    for nt in (1, 2):
+        kc2, vc2 = kc0.clone(), vc0.clone()
+        with threads(nt):
+            out = kernels.decode_layers(table, layers[0].dims, x, cos, sin, n_write, view, view.stride(0), kc2, vc2,
+                                        seg, j0, torch.empty(layers[0].work_floats(M) + 5))
+        assert torch.equal(out, y) and torch.equal(kc2, kc) and torch.equal(vc2, vc)
+    with pytest.raises(ValueError, match="work holds"):
+        kernels.decode_layers(table, layers[0].dims, x, cos, sin, n_write, view, view.stride(0), kc2, vc2, seg, j0,
+                              torch.empty(10))
+
+
 # ------------------------------------------------------------------ the engine on the kernels
 def tiny(arch="mor", **kw):
     """Untied embeddings: random models do not just repeat their input."""
@@ -265,8 +379,8 @@ def prompts(lengths, seed=3):
 
 def count_kernel_layers(eng, monkeypatch):
     """A list that grows by one per decoder layer run on the kernels."""
-    calls, fn = [], eng.runner._layer_kernels
-    monkeypatch.setattr(eng.runner, "_layer_kernels", lambda *a: calls.append(1) or fn(*a))
+    calls, fn = [], eng.runner._layers_kernels
+    monkeypatch.setattr(eng.runner, "_layers_kernels", lambda us, *a: calls.extend([1] * len(us)) or fn(us, *a))
     return calls
 
 

@@ -386,86 +386,223 @@ void mor_paged_attention(const float *q, int64_t M, int64_t H, int64_t KV, int64
     }
 }
 
-/* One decoder layer for one token per row (the engine's decode step), every phase split
- * across nt threads inside one parallel region (a barrier between phases):
+/* One decoder layer for one token per row (the engine's decode step), run by thread t of T
+ * inside a parallel region (a barrier between phases, and one at the end):
  *   a = rms(x); q = rope(a Wq^T); k = rope(a Wk^T), v = a Wv^T for the first n_write rows,
- *   stored at cache rows `rows`; o = attention(q, cache); h = x + o Wo^T;
+ *   stored at cache rows rows[m * rstride]; o = attention(q, cache); h = x + o Wo^T;
  *   out = h + (silu(rms(h) Wg^T) * (rms(h) Wu^T)) Wd^T.
- * x, out (M, D); cos, sin (M, hd). Attention segments: seg (nseg, 6) int64 rows
- * [a, b, blocks address, sm, sb, qidx address]: rows [a, b) read layer `j` of their block
- * tables (int64 at blocks + i * sm + t * sb + j, i the row within the segment) up to their
- * qidx. Weights Wq..Wd in fp32, bf16 or int8 (wbf = 0, 1, 2); for int8, scales holds the
- * addresses of their 7 per-output-row fp32 scales (else NULL). Scratch: work (M * (2 D + (H + 2 KV) hd + H hd + F)) floats. */
-void mor_decode_layer(const float *x, float *out, int64_t M, int64_t D, const float *ln1, const float *ln2,
-                      float eps, const void *Wq, const void *Wk, const void *Wv, const void *Wo,
-                      const void *Wg, const void *Wu, const void *Wd, int wbf, const int64_t *scales, int64_t F, int64_t H, int64_t KV,
-                      int64_t hd, const float *cos, const float *sin, int64_t n_write, const int64_t *rows,
-                      float *kc, float *vc, int64_t bs, const int64_t *seg, int64_t nseg, int64_t j,
-                      float *work, int nt) {
+ * The layer's weights: a LAYER_ROW entry of int64 [ln1, ln2, Wq, Wk, Wv, Wo, Wg, Wu, Wd (addresses),
+ * scales (address of the 7 per-output-row fp32 int8 scales' addresses, or 0), weight type
+ * (0 fp32, 1 bf16, 2 int8), the RMSNorm epsilon's fp32 bits]. x, out (M, D); cos, sin (M, hd).
+ * Attention segments: seg (nseg, 6) int64 rows [a, b, blocks address, sm, sb, qidx address]:
+ * rows [a, b) read layer `j` of their block tables (int64 at blocks + i * sm + t * sb + j, i the
+ * row within the segment) up to their qidx. Scratch: work (M * (2 D + (H + 2 KV) hd + H hd + F)). */
+#define LAYER_ROW 12
+static void layer_phases(const float *x, float *out, int64_t M, int64_t D, const int64_t *lw, int64_t F, int64_t H,
+                         int64_t KV, int64_t hd, const float *cos, const float *sin, int64_t n_write,
+                         const int64_t *rows, int64_t rstride, float *kc, float *vc, int64_t bs, const int64_t *seg,
+                         int64_t nseg, int64_t j, float *work, int t, int T, double *markp) {
     int64_t Oq = H * hd, Ok = KV * hd;
     float *a = work, *q = a + M * D, *k = q + M * Oq, *v = k + M * Ok, *o = v + M * Ok, *h = o + M * Oq,
           *g = h + M * D;
+    const float *ln1 = (const float *)(intptr_t)lw[0], *ln2 = (const float *)(intptr_t)lw[1];
+#define W(i) ((const void *)(intptr_t)lw[2 + (i)])
+    const int64_t *scales = (const int64_t *)(intptr_t)lw[9];
+    int wbf = (int)lw[10];
+    int32_t eps_bits = (int32_t)lw[11];
+    float eps;
+    memcpy(&eps, &eps_bits, sizeof eps);
     float scale = 1.0f / sqrtf((float)hd);
 #define S(i) (scales ? (const float *)(intptr_t)scales[i] : (const float *)0)
+    double mark = *markp;
+    int64_t lo, hi;
+    share(M, 1, t, T, &lo, &hi);
+    rms_norm_rows(x, D, ln1, eps, a, lo, hi);
+#pragma omp barrier
+    TICK(0)
+    /* q, k, v as one output range [0, Oq + 2 Ok) */
+    share(Oq + 2 * Ok, 8, t, T, &lo, &hi);
+    if (lo < Oq) linear_part(a, M, D, W(0), wbf, S(0), Oq, q, 0, lo, hi < Oq ? hi : Oq);
+    if (n_write) {
+        int64_t l1 = lo > Oq ? lo - Oq : 0, h1 = hi - Oq < Ok ? hi - Oq : Ok;
+        if (l1 < h1) linear_part(a, n_write, D, W(1), wbf, S(1), Ok, k, 0, l1, h1);
+        int64_t l2 = lo > Oq + Ok ? lo - Oq - Ok : 0, h2 = hi - Oq - Ok;
+        if (l2 < h2) linear_part(a, n_write, D, W(2), wbf, S(2), Ok, v, 0, l2, h2);
+    }
+#pragma omp barrier
+    TICK(1)
+    share(M, 1, t, T, &lo, &hi);
+    for (int64_t m = lo; m < hi; m++) {
+        rope_row(q + m * Oq, H, hd, cos + m * hd, sin + m * hd);
+        if (m < n_write) {
+            rope_row(k + m * Ok, KV, hd, cos + m * hd, sin + m * hd);
+            memcpy(kc + rows[m * rstride] * Ok, k + m * Ok, Ok * sizeof(float));
+            memcpy(vc + rows[m * rstride] * Ok, v + m * Ok, Ok * sizeof(float));
+        }
+    }
+#pragma omp barrier
+    TICK(2)
+    share(M * H, 1, t, T, &lo, &hi);
+    for (int64_t p = lo; p < hi; p++) {
+        int64_t m = p / H, hh = p % H, s = 0;
+        while (s + 1 < nseg && m >= seg[s * 6 + 1]) s++;
+        const int64_t *sg = seg + s * 6;
+        const int64_t *blocks = (const int64_t *)(intptr_t)sg[2] + (m - sg[0]) * sg[3] + j;
+        const int64_t *qidx = (const int64_t *)(intptr_t)sg[5];
+        attend_one(q + p * hd, hh / (H / KV), KV, hd, kc, vc, bs, blocks, sg[4], qidx[m - sg[0]] + 1, scale,
+                   o + p * hd);
+    }
+#pragma omp barrier
+    TICK(3)
+    share(D, 8, t, T, &lo, &hi);
+    linear_part(o, M, Oq, W(3), wbf, S(3), D, h, x, lo, hi);
+#pragma omp barrier
+    TICK(4)
+    share(M, 1, t, T, &lo, &hi);
+    rms_norm_rows(h, D, ln2, eps, a, lo, hi);
+#pragma omp barrier
+    TICK(5)
+    share(F, 8, t, T, &lo, &hi);
+    silu_mul_part(a, M, D, W(4), W(5), wbf, S(4), S(5), F, g, lo, hi);
+#pragma omp barrier
+    TICK(6)
+    share(D, 8, t, T, &lo, &hi);
+    linear_part(g, M, F, W(6), wbf, S(6), D, out, h, lo, hi);
+#pragma omp barrier
+    TICK(7)
+    *markp = mark;
+#undef S
+#undef W
+}
+
+/* nl consecutive decoder layers (layer_phases) in one parallel region: weights table (nl,
+ * LAYER_ROW); layer l reads the previous layer's output (the first reads x) and the last
+ * writes out (tmp (M, D) holds the others); layer l stores its new K/V at cache rows
+ * rows[m * rstride + l] and reads layer j0 + l of the block tables. */
+void mor_decode_layers(const int64_t *table, int64_t nl, const float *x, float *out, float *tmp, int64_t M,
+                       int64_t D, int64_t F, int64_t H, int64_t KV, int64_t hd, const float *cos, const float *sin,
+                       int64_t n_write, const int64_t *rows, int64_t rstride, float *kc, float *vc, int64_t bs,
+                       const int64_t *seg, int64_t nseg, int64_t j0, float *work, int nt) {
     double mark0 = prof_on ? now_s() : 0.0;
     PARALLEL(nt) {
         int t = THREAD_ID(), T = THREADS();
         double mark = mark0;
-        int64_t lo, hi;
-        share(M, 1, t, T, &lo, &hi);
-        rms_norm_rows(x, D, ln1, eps, a, lo, hi);
-#pragma omp barrier
-        TICK(0)
-        /* q, k, v as one output range [0, Oq + 2 Ok) */
-        share(Oq + 2 * Ok, 8, t, T, &lo, &hi);
-        if (lo < Oq) linear_part(a, M, D, Wq, wbf, S(0), Oq, q, 0, lo, hi < Oq ? hi : Oq);
-        if (n_write) {
-            int64_t l1 = lo > Oq ? lo - Oq : 0, h1 = hi - Oq < Ok ? hi - Oq : Ok;
-            if (l1 < h1) linear_part(a, n_write, D, Wk, wbf, S(1), Ok, k, 0, l1, h1);
-            int64_t l2 = lo > Oq + Ok ? lo - Oq - Ok : 0, h2 = hi - Oq - Ok;
-            if (l2 < h2) linear_part(a, n_write, D, Wv, wbf, S(2), Ok, v, 0, l2, h2);
+        const float *in = x;
+        for (int64_t l = 0; l < nl; l++) {
+            float *dst = (nl - 1 - l) % 2 == 0 ? out : tmp;
+            layer_phases(in, dst, M, D, table + l * LAYER_ROW, F, H, KV, hd, cos, sin, n_write,
+                         n_write ? rows + l : 0, rstride, kc, vc, bs, seg, nseg, j0 + l, work, t, T, &mark);
+            in = dst;
         }
-#pragma omp barrier
-        TICK(1)
-        share(M, 1, t, T, &lo, &hi);
-        for (int64_t m = lo; m < hi; m++) {
-            rope_row(q + m * Oq, H, hd, cos + m * hd, sin + m * hd);
-            if (m < n_write) {
-                rope_row(k + m * Ok, KV, hd, cos + m * hd, sin + m * hd);
-                memcpy(kc + rows[m] * Ok, k + m * Ok, Ok * sizeof(float));
-                memcpy(vc + rows[m] * Ok, v + m * Ok, Ok * sizeof(float));
-            }
-        }
-#pragma omp barrier
-        TICK(2)
-        share(M * H, 1, t, T, &lo, &hi);
-        for (int64_t p = lo; p < hi; p++) {
-            int64_t m = p / H, hh = p % H, s = 0;
-            while (s + 1 < nseg && m >= seg[s * 6 + 1]) s++;
-            const int64_t *sg = seg + s * 6;
-            const int64_t *blocks = (const int64_t *)(intptr_t)sg[2] + (m - sg[0]) * sg[3] + j;
-            const int64_t *qidx = (const int64_t *)(intptr_t)sg[5];
-            attend_one(q + p * hd, hh / (H / KV), KV, hd, kc, vc, bs, blocks, sg[4], qidx[m - sg[0]] + 1, scale,
-                       o + p * hd);
-        }
-#pragma omp barrier
-        TICK(3)
-        share(D, 8, t, T, &lo, &hi);
-        linear_part(o, M, Oq, Wo, wbf, S(3), D, h, x, lo, hi);
-#pragma omp barrier
-        TICK(4)
-        share(M, 1, t, T, &lo, &hi);
-        rms_norm_rows(h, D, ln2, eps, a, lo, hi);
-#pragma omp barrier
-        TICK(5)
-        share(F, 8, t, T, &lo, &hi);
-        silu_mul_part(a, M, D, Wg, Wu, wbf, S(4), S(5), F, g, lo, hi);
-#pragma omp barrier
-        TICK(6)
-        share(D, 8, t, T, &lo, &hi);
-        linear_part(g, M, F, Wd, wbf, S(6), D, out, h, lo, hi);
-#pragma omp barrier
-        TICK(7)
     }
 }
-#undef S
+
+/* ------------------------------------------------------------------ sampling */
+
+/* e^x for x <= 0, 16 lanes at a time (Cephes' expf polynomial after x = n ln2 + r; relative
+ * error ~2e-7); 0 below -87 (e^-87 is near the smallest normal float), and for -inf. */
+static inline vf vexp_le0(vf x) {
+    const vf z = {0}, lo = z - 87.0f;
+    vi under = x < lo;
+    x = (vf)(((vi)x & ~under) | ((vi)lo & under));
+    vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln 2) */
+    vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    vf p = z + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    vf e = p * r * r + r + 1.0f;
+    vi scale = (__builtin_convertvector(n, vi) + 127) << 23;
+    return (vf)((vi)(e * (vf)scale) & ~under);
+}
+
+/* logits b*VW .. b*VW+VW-1 of a row of V (past the end: -inf) */
+static inline vf logit_block(const float *x, int64_t V, int64_t b) {
+    if ((b + 1) * VW <= V) return vload(x + b * VW);
+    float t[VW];
+    for (int k = 0; k < VW; k++) t[k] = b * VW + k < V ? x[b * VW + k] : -INFINITY;
+    vf v;
+    memcpy(&v, t, sizeof v);
+    return v;
+}
+
+/* e^(x / T - ymax) for logits b*VW .. b*VW+VW-1 (0 past the end) */
+static inline vf exp_block(const float *x, int64_t V, int64_t b, float T, float ymax) {
+    vf v = logit_block(x, V, b);
+    return vexp_le0((T == 1.0f ? v : v / T) - ymax);
+}
+
+#define SB 8 /* blocks per super-block: the unit of the first cumulative sum */
+
+/* the sum of e over super-block s (blocks s*SB ..), in a fixed order */
+static inline float super_sum(const float *x, int64_t V, int64_t nb, int64_t s, float T, float ymax) {
+    vf acc = {0};
+    for (int64_t b = s * SB; b < nb && b < (s + 1) * SB; b++) acc += exp_block(x, V, b, T, ymax);
+    return hsum(acc);
+}
+
+/* One token from a row of V logits: T <= 0 picks the first largest logit; otherwise token i
+ * with probability e_i / S, e_i = exp(x_i / T - max / T), by walking the cumulative sum to
+ * u * S (u in [0, 1)): over super-blocks of SB * VW tokens, then blocks of VW, then tokens,
+ * each level summed in a fixed order, so the draw depends only on the row, T and u. Tokens
+ * with e_i = 0 (-inf logits) are never drawn. */
+static int64_t sample_row(const float *x, int64_t V, float T, float u) {
+    int64_t nb = (V + VW - 1) / VW, ns = (nb + SB - 1) / SB;
+    vf m = logit_block(x, V, 0);
+    for (int64_t b = 1; b < nb; b++) {
+        vf v = logit_block(x, V, b);
+        vi gt = v > m;
+        m = (vf)(((vi)v & gt) | ((vi)m & ~gt));
+    }
+    float mx = m[0];
+    for (int k = 1; k < VW; k++) mx = m[k] > mx ? m[k] : mx;
+    if (!(T > 0.0f) || !(mx > -INFINITY) || mx == INFINITY) { /* greedy (or nothing to sample) */
+        int64_t best = 0;
+        while (best < V - 1 && !(x[best] == mx)) best++;
+        return best;
+    }
+    float ymax = T == 1.0f ? mx : mx / T, S = 0.0f;
+    for (int64_t s = 0; s < ns; s++) S += super_sum(x, V, nb, s, T, ymax);
+    float target = u * S, c = 0.0f;
+    int64_t last = -1;
+    for (int64_t s = 0; s < ns; s++) {
+        float ss = super_sum(x, V, nb, s, T, ymax);
+        if (!(c + ss > target)) {
+            c += ss;
+            continue;
+        }
+        for (int64_t b = s * SB; b < nb && b < (s + 1) * SB; b++) { /* in this super-block */
+            vf e = exp_block(x, V, b, T, ymax);
+            float bs = hsum(e);
+            if (c + bs > target) {
+                for (int k = 0; k < VW; k++) {
+                    if (e[k] > 0.0f) {
+                        last = b * VW + k;
+                        c += e[k];
+                        if (c > target) return last;
+                    }
+                }
+                return last; /* rounding of the in-block sum: its last possible token */
+            }
+            c += bs;
+            for (int k = 0; k < VW; k++) last = e[k] > 0.0f ? b * VW + k : last;
+        }
+        return last; /* rounding of the in-super-block sums */
+    }
+    return last;
+}
+
+/* out[m] = a token drawn from row m of logits (M, V) at temperature temps[m] (<= 0: greedy)
+ * with uniform number u[m]; rows with a NaN temperature are skipped (out[m] = -1). Rows split
+ * across nt threads. */
+void mor_sample(const float *logits, int64_t M, int64_t V, const float *temps, const float *u, int64_t *out,
+                int nt) {
+    PARALLEL(nt) {
+        int64_t lo, hi;
+        share(M, 1, THREAD_ID(), THREADS(), &lo, &hi);
+        for (int64_t m = lo; m < hi; m++)
+            out[m] = temps[m] != temps[m] ? -1 : sample_row(logits + m * V, V, temps[m], u[m]);
+    }
+}

@@ -6,7 +6,8 @@ Why: on CPU, PyTorch's fp32 ``F.linear`` with a few rows streams weights at a fr
 memory bandwidth and does not use a second thread, and a decoder layer written in PyTorch
 costs ~250 small ops (each a few microseconds) plus a copy of every cache block it reads.
 ``cpu_kernels.c`` runs one decoder layer's decode-step arithmetic in one call
-(``mor_decode_layer``, wrapped by :class:`DecodeLayer`); ``linear``, ``linear_silu_mul``,
+(``mor_decode_layers``: a run of decoder layers in one call, each layer's weights held by
+:class:`DecodeLayer`; :func:`decode_layers`); ``linear``, ``linear_silu_mul``,
 ``rms_norm``, ``rope_``, ``kv_write`` and ``paged_attention`` expose its parts (the LM head
 and routers use ``linear``; the tests check each part against PyTorch). Weights in fp32,
 bf16 or int8 (with per-row scales). Every output element is computed by the same operations
@@ -57,10 +58,11 @@ SIGNATURES = {
     "mor_rope": ([_p, _i64, _i64, _i64, _p, _p], None),
     "mor_kv_write": ([_p, _p, _i64, _i64, _p, _p, _p], None),
     "mor_paged_attention": ([_p, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _i64, _i64, _p, _f32, _p, _int], None),
+    "mor_sample": ([_p, _i64, _i64, _p, _p, _p, _int], None),
     "mor_profile": ([_int], None),
     "mor_profile_take": ([_p], None),
-    "mor_decode_layer": ([_p, _p, _i64, _i64, _p, _p, _f32, _p, _p, _p, _p, _p, _p, _p, _int, _p, _i64, _i64, _i64, _i64,
-                          _p, _p, _i64, _p, _p, _p, _i64, _p, _i64, _i64, _p, _int], None),
+    "mor_decode_layers": ([_p, _i64, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _i64, _p, _p,
+                           _i64, _p, _i64, _i64, _p, _int], None),
 }
 MAX_BLOCK_SIZE, MAX_HEAD_DIM = 256, 512  # the attention kernel's stack buffers
 
@@ -259,6 +261,20 @@ def paged_attention(q: torch.Tensor, heads: int, kv_heads: int, k_cache: torch.T
                              hd ** -0.5, out.data_ptr(), _threads())
 
 
+def sample(logits: torch.Tensor, temps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``logits`` (M, V) fp32: the first largest logit where ``temps[m]``
+    is 0, else a draw from ``softmax(logits[m] / temps[m])`` by inverse CDF with the uniform
+    number ``u[m]``; -1 where ``temps[m]`` is NaN (row skipped). temps, u: (M,) fp32. A row's
+    token depends only on that row, its temperature and its ``u``."""
+    M, V = logits.shape
+    if not logits.is_contiguous() or logits.dtype != torch.float32:
+        raise ValueError("sample needs contiguous fp32 logits")
+    temps, u = temps.float().contiguous(), u.float().contiguous()
+    out = torch.empty(M, dtype=torch.int64)
+    _lib.mor_sample(logits.data_ptr(), M, V, temps.data_ptr(), u.data_ptr(), out.data_ptr(), _threads())
+    return out
+
+
 def weight_copy(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``w`` as the kernels read it: itself (fp32), or a bf16 copy whose values must already be
     bf16-representable (the "bf16-weights" model copy rounds them), so the copy is exact."""
@@ -272,18 +288,20 @@ def weight_copy(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def projections(layer) -> tuple:
-    """A decoder layer's seven projections in the order ``mor_decode_layer`` takes them."""
+    """A decoder layer's seven projections in the order ``mor_decode_layers`` takes them."""
     at, mlp = layer.self_attn, layer.mlp
     return at.q_proj, at.k_proj, at.v_proj, at.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj
 
 
 class DecodeLayer:
-    """One decoder layer's weights, held for ``mor_decode_layer`` (one token per row: the whole
-    layer in one call, its phases split across threads inside one parallel region). Matrix
-    weights are read in ``weight_dtype`` (fp32, or bf16 copies of bf16-valued weights), or as
-    int8 with their scales (``Int8Linear``). Whether a layer suits the kernels at all (fp32
-    contiguous norms, one epsilon, one kind of projection) is ``runner.kernel_obstacle``'s
-    question, asked before this is built."""
+    """One decoder layer's weights as ``mor_decode_layers`` reads them (one token per row: the
+    whole layer in one call, its phases split across threads inside one parallel region):
+    ``row``, the layer's entry of a weights table (``LAYER_ROW`` int64: the norm and matrix
+    addresses, the int8 scales' table, the weight type, the epsilon's fp32 bits). Matrix weights
+    are read in ``weight_dtype`` (fp32, or bf16 copies of bf16-valued weights), or as int8 with
+    their scales (``Int8Linear``). Whether a layer suits the kernels at all (fp32 contiguous
+    norms, one epsilon, one kind of projection) is ``runner.kernel_obstacle``'s question, asked
+    before this is built."""
 
     def __init__(self, layer, cfg, weight_dtype: torch.dtype = torch.float32):
         mods = projections(layer)
@@ -298,32 +316,63 @@ class DecodeLayer:
                              else torch.tensor([t.data_ptr() for t in self.scales], dtype=torch.int64))
         self.tensors = (layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(), *mats)
         self.eps = float(layer.input_layernorm.eps)
-        self.ptrs = [t.data_ptr() for t in self.tensors]
-        self.D, self.F = cfg.hidden_size, cfg.intermediate_size
-        self.H, self.KV, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        eps_bits = int(torch.tensor([self.eps], dtype=torch.float32).view(torch.int32).item())
+        self.row = [t.data_ptr() for t in self.tensors] + [_ptr(self._scale_table) or 0, self.wbf, eps_bits]
+        self.dims = LayerDims(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                              cfg.num_key_value_heads, cfg.head_dim)
 
     def work_floats(self, M: int) -> int:
-        return M * (2 * self.D + (self.H + 2 * self.KV) * self.hd + self.H * self.hd + self.F)
+        return self.dims.work_floats(M)
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_write: int, rows: torch.Tensor | None,
                  k_cache: torch.Tensor, v_cache: torch.Tensor, seg: torch.Tensor, j: int,
                  work: torch.Tensor) -> torch.Tensor:
-        """x (M, D) -> (M, D); cos/sin (M, hd); ``rows`` (n_write,) cache rows of the new K/V;
-        ``seg`` (segments, 6) int64 (``segment_table``); ``work`` >= ``work_floats(M)`` floats."""
-        M = x.shape[0]
-        out = torch.empty_like(x)
-        ln1, ln2, wq, wk, wv, wo, wg, wu, wd = self.ptrs
-        _lib.mor_decode_layer(x.data_ptr(), out.data_ptr(), M, self.D, ln1, ln2, self.eps, wq, wk, wv, wo, wg, wu,
-                              wd, self.wbf, _ptr(self._scale_table), self.F, self.H, self.KV, self.hd, cos.data_ptr(), sin.data_ptr(), n_write,
-                              rows.data_ptr() if n_write else None, k_cache.data_ptr(), v_cache.data_ptr(),
-                              k_cache.shape[1], seg.data_ptr(), seg.shape[0], j, work.data_ptr(), _threads())
-        return out
+        """This layer alone (``decode_layers``); ``rows`` (n_write,) cache rows of the new K/V."""
+        table = torch.tensor([self.row], dtype=torch.int64)
+        return decode_layers(table, self.dims, x, cos, sin, n_write, rows, 1, k_cache, v_cache, seg, j, work)
+
+
+LAYER_ROW = 12  # int64 entries per layer in a weights table (cpu_kernels.c)
+
+
+class LayerDims(tuple):
+    """(D, F, H, KV, hd): hidden size, FFN size, query heads, K/V heads, head size."""
+
+    def __new__(cls, D: int, F: int, H: int, KV: int, hd: int):
+        return super().__new__(cls, (D, F, H, KV, hd))
+
+    def work_floats(self, M: int) -> int:
+        """Scratch floats ``decode_layers`` needs for M rows."""
+        D, F, H, KV, hd = self
+        return M * (3 * D + (H + 2 * KV) * hd + H * hd + F)
+
+
+def decode_layers(table: torch.Tensor, dims: LayerDims, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  n_write: int, rows: torch.Tensor | None, rows_stride: int, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, seg: torch.Tensor, j0: int, work: torch.Tensor) -> torch.Tensor:
+    """Consecutive decoder layers (their ``DecodeLayer.row`` entries: ``table`` (layers,
+    LAYER_ROW) int64) on x (M, D), one token per row, in one call: -> (M, D). cos/sin (M, hd);
+    the first ``n_write`` rows store their K/V, layer l at cache row ``rows[m * rows_stride + l]``
+    (``rows`` contiguous int64); every row attends through ``seg`` (``segment_table``) reading
+    layer ``j0 + l`` of the block tables; ``work`` >= ``dims.work_floats(M)`` floats."""
+    M = x.shape[0]
+    D, F, H, KV, hd = dims
+    if work.numel() < dims.work_floats(M):
+        raise ValueError(f"work holds {work.numel()} floats, {dims.work_floats(M)} needed")
+    out = torch.empty_like(x)
+    tmp = work[-M * D:]  # the last M * D floats: the output of every other layer
+    _lib.mor_decode_layers(table.data_ptr(), table.shape[0], x.data_ptr(), out.data_ptr(), tmp.data_ptr(), M,
+                           D, F, H, KV, hd, cos.data_ptr(), sin.data_ptr(), n_write,
+                           rows.data_ptr() if n_write else None, rows_stride, k_cache.data_ptr(),
+                           v_cache.data_ptr(), k_cache.shape[1], seg.data_ptr(), seg.shape[0], j0, work.data_ptr(),
+                           _threads())
+    return out
 
 
 def segment_table(segments) -> torch.Tensor:
     """(segments, 6) int64 rows [a, b, blocks address, row stride, block stride, qidx address] of
     attention segments (``a``, ``b``, ``blocks`` (rows, nb, layers) and ``qidx`` (rows, 1)
-    contiguous int64 tensors), as ``mor_decode_layer`` reads them. The tensors must outlive
+    contiguous int64 tensors), as ``mor_decode_layers`` reads them. The tensors must outlive
     the calls that use the table."""
     rows = []
     for s in segments:

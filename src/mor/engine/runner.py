@@ -190,6 +190,9 @@ class ModelRunner:
         if why is None:
             try:  # matrix weights as the kernels read them (bf16 copies for decode_precision="bf16-weights")
                 self._klayers = [kernels.DecodeLayer(layer, cfg, kernel_weights) for layer in self.core.layers]
+                self._kdims = self._klayers[0].dims
+                self._ktables: dict[tuple, torch.Tensor] = {}  # layer run -> its weights table
+                self._router_stacks: dict[int, tuple] = {}  # routers module list -> stacked weights
                 self._lm_head = kernels.weight_copy(model.lm_head.weight, kernel_weights)
                 self._work = torch.empty(0, dtype=torch.float32)
                 self.kernels = kernels
@@ -261,8 +264,6 @@ class ModelRunner:
         L = self.core.layers[u]
         at = L.self_attn
         n, Q, _ = x.shape
-        if self._kernel_path(Q):
-            return self._layer_kernels(u, x, cos, sin, n_write, rows, segs, j)
         a = L.input_layernorm(x)
         q = apply_rope(at.q_proj(a).view(n, Q, self.n_heads, self.hd).transpose(1, 2), cos, sin)
         if n_write:
@@ -280,18 +281,34 @@ class ModelRunner:
         """Whether calls with Q tokens per row run on the CPU kernels (one token per row: decode)."""
         return self.kernels is not None and Q == 1
 
-    def _layer_kernels(self, u: int, x: torch.Tensor, cos, sin, n_write: int, rows: torch.Tensor | None,
-                       segs: list[AttentionSegment], j: int) -> torch.Tensor:
-        """``_layer`` for one token per row on the CPU kernels (``mor.engine.kernels``): the same
-        math in one call, attention reading the paged cache in place."""
+    def _layers(self, us: list[int], j0: int, x: torch.Tensor, cos, sin, n_write: int, rows: torch.Tensor | None,
+                segs: list[AttentionSegment]) -> torch.Tensor:
+        """Decoder layers ``us`` in turn on x (n, Q, d), at positions j0, j0 + 1, ... of their
+        cache group; ``rows`` (n_write * Q, len(us)): the physical cache row of each new K/V for
+        each layer (or None). On the CPU kernels: all of them in one call."""
+        if self._kernel_path(x.shape[1]):
+            return self._layers_kernels(us, j0, x, cos, sin, n_write, rows, segs)
+        for i, u in enumerate(us):
+            x = self._layer(u, x, cos, sin, n_write, None if rows is None else rows[:, i], segs, j0 + i)
+        return x
+
+    def _layers_kernels(self, us: list[int], j0: int, x: torch.Tensor, cos, sin, n_write: int,
+                        rows: torch.Tensor | None, segs: list[AttentionSegment]) -> torch.Tensor:
+        """``_layers`` for one token per row on the CPU kernels (``mor.engine.kernels.decode_layers``):
+        the same math in one call, attention reading the paged cache in place."""
         n = x.shape[0]
-        layer = self._klayers[u]
-        need = layer.work_floats(n)
+        table = self._ktables.get(tuple(us))
+        if table is None:
+            table = self._ktables[tuple(us)] = torch.tensor([self._klayers[u].row for u in us], dtype=torch.int64)
+        need = self._kdims.work_floats(n)
         if self._work.numel() < need:
             self._work = torch.empty(need, dtype=torch.float32)
-        out = layer(x.reshape(n, -1).contiguous(), cos.reshape(n, -1).contiguous(), sin.reshape(n, -1).contiguous(),
-                    n_write, None if rows is None else rows.contiguous(), self.cache.k, self.cache.v,
-                    kernels.segment_table(segs), j, self._work)
+        if n_write and rows.stride(1) != 1:
+            rows = rows.contiguous()
+        out = kernels.decode_layers(table, self._kdims, x.reshape(n, -1).contiguous(), cos.reshape(n, -1).contiguous(),
+                                    sin.reshape(n, -1).contiguous(), n_write, rows if n_write else None,
+                                    rows.stride(0) if n_write else 0, self.cache.k, self.cache.v,
+                                    kernels.segment_table(segs), j0, self._work)
         return out.view(n, 1, -1)
 
     def _full_layers(self, layers: list[int], j0: int, x: torch.Tensor, slots: np.ndarray,
@@ -307,10 +324,7 @@ class ModelRunner:
         qidx = positions if valid is None else np.where(valid, positions, 0)
         seg = self._segment(g, slots, qidx, 0, n)
         cos, sin = self._rope(positions)
-        for i, u in enumerate(layers):
-            j = j0 + i
-            x = self._layer(u, x, cos, sin, n, rows[..., j].reshape(-1), [seg], j)
-        return x
+        return self._layers(layers, j0, x, cos, sin, n, rows.reshape(n * Q, -1)[:, j0:j0 + len(layers)], [seg])
 
     # .................................................................. one step
     @torch.no_grad()
@@ -361,7 +375,7 @@ class ModelRunner:
             out.logits = self.finish(np.array(leaving), np.array([position[s] for s in leaving]))
             self._tick("finish")
             out.tokens = sample(out.logits, [r.params for r in out.exits], [r.generator for r in out.exits],
-                                self.generator).tolist()
+                                self.generator, self.kernels).tolist()
             self._tick("sample")
         out.recs = recs
         out.written = self.take_written()
@@ -417,8 +431,7 @@ class ModelRunner:
             qidx = np.where(valid_np, pos_np, 0)
         seg = self._segment(read_group, slots, qidx, 0, n)
         cos, sin = self._rope(np.where(valid_np, pos_np, 0))
-        for j, u in enumerate(self.chunks[r]):
-            x = self._layer(u, x, cos, sin, n_write, None if rows is None else rows[..., j].reshape(-1), [seg], j)
+        x = self._layers(self.chunks[r], 0, x, cos, sin, n_write, None if rows is None else rows.reshape(n * K, -1), [seg])
         if write_group is not None:
             self.written[write_group, slots] += valid_np.sum(axis=1)
         return x
@@ -509,19 +522,34 @@ class ModelRunner:
     def _router_logits(self, routers, x: torch.Tensor, recs: np.ndarray) -> torch.Tensor:
         """``routers[recs[i]](x[i])`` (fp32) for every row. Linear routers run as one matmul
         over their stacked weights; MLP routers run once per recursion present."""
-        nets = [r.net for r in routers]
-        if all(isinstance(n, nn.Linear) for n in nets):
-            W = torch.cat([n.weight for n in nets])  # (N_r, d)
+        stacked = self._stacked_routers(routers)
+        if stacked is not None:
+            W, bias = stacked
             out = functional.linear(x, W) if self.kernels is None else self.kernels.linear(x.contiguous(), W)
-            if any(n.bias is not None for n in nets):
-                out = out + torch.cat([n.bias if n.bias is not None else torch.zeros_like(n.weight[:, 0])
-                                       for n in nets])
+            if bias is not None:
+                out = out + bias
             return out.gather(1, self._long(recs)[:, None]).squeeze(1).float()
         out = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
         for r in np.unique(recs):
             rows = self._long(np.nonzero(recs == r)[0])
             out[rows] = self._route(routers[int(r)].net, x.index_select(0, rows)).squeeze(-1).float()
         return out
+
+    def _stacked_routers(self, routers) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Linear routers' weights (N_r, d) and biases (or None) stacked; None for MLP routers.
+        On the CPU kernels built once (they read the weights as they were at engine build)."""
+        nets = [r.net for r in routers]
+        if not all(isinstance(n, nn.Linear) for n in nets):
+            return None
+        if self.kernels is not None and id(routers) in self._router_stacks:
+            return self._router_stacks[id(routers)]
+        W = torch.cat([n.weight.detach() for n in nets])
+        bias = None
+        if any(n.bias is not None for n in nets):
+            bias = torch.cat([n.bias.detach() if n.bias is not None else torch.zeros_like(n.weight[:, 0]) for n in nets])
+        if self.kernels is not None:
+            self._router_stacks[id(routers)] = (W, bias)
+        return W, bias
 
     def _route(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """A router network on x (n, d). On the CPU kernels its linear layers run there, so that
@@ -605,11 +633,11 @@ class ModelRunner:
                 segs.append((a, b, qidx))
         rows_all = self._long(np.concatenate(rows_parts)) if rows_parts else None
         segments = self._plan_attention(segs, recs, slots)
-        # the shared block: for each layer position j, one call per run of rows that use the
-        # same unique layer (one run under Cycle / Middle-Cycle sharing)
+        # the shared block: for each layer position j, the runs of rows that use the same unique
+        # layer (one run under Cycle / Middle-Cycle sharing: then the whole block in one call)
         x = x_in[:, None, :]
-        B = len(self.chunks[0])
-        for j in range(B):
+        runs_by_j: list[list[list[int]]] = []
+        for j in range(len(self.chunks[0])):
             runs: list[list[int]] = []
             for a, b in ranges:
                 u = self.chunks[int(recs[a])][j]
@@ -617,16 +645,17 @@ class ModelRunner:
                     runs[-1][1] = b
                 else:
                     runs.append([a, b, u])
-            if len(runs) == 1:
-                x = self._layer(runs[0][2], x, cos, sin, n_write, None if rows_all is None else rows_all[:, j],
-                                segments, j)
-                continue
-            parts = []
-            for a, b, u in runs:
-                nw = max(0, min(b, n_write) - a)
-                rw = rows_all[a:a + nw, j] if nw else None
-                parts.append(self._layer(u, x[a:b], cos[a:b], sin[a:b], nw, rw, self._clip(segments, a, b), j))
-            x = torch.cat(parts, dim=0)
+            runs_by_j.append(runs)
+        if all(len(runs) == 1 for runs in runs_by_j):
+            x = self._layers([runs[0][2] for runs in runs_by_j], 0, x, cos, sin, n_write, rows_all, segments)
+        else:
+            for j, runs in enumerate(runs_by_j):
+                parts = []
+                for a, b, u in runs:
+                    nw = max(0, min(b, n_write) - a)
+                    parts.append(self._layers([u], j, x[a:b], cos[a:b], sin[a:b], nw,
+                                              rows_all[a:a + nw, j:j + 1] if nw else None, self._clip(segments, a, b)))
+                x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         y = x[:, 0]
         gate = is_last = first = None
         if self.kind == "expert" and cfg.gate_combine != "pass_through":

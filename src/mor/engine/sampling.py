@@ -25,31 +25,75 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           default_generator: torch.Generator | None = None) -> torch.Tensor:
+           default_generator: torch.Generator | None = None, kernels=None) -> torch.Tensor:
     """One token per row of ``logits`` (N, V) following ``params[i]``; returns (N,) long.
 
     Rows whose request has its own generator draw one uniform number from it per token, so
-    a seeded request samples the same tokens whatever else is in the batch."""
+    a seeded request samples the same tokens whatever else is in the batch. With ``kernels``
+    (``mor.engine.kernels``, loaded; CPU logits) the draw runs there: the same inverse-CDF rule
+    with the same uniform numbers, summed in a different order, so a draw can differ from the
+    PyTorch one where ``u`` falls within rounding of a boundary between two tokens."""
     logits = logits.float()
-    out = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
+    if kernels is not None and logits.device.type == "cpu":
+        return _sample_kernels(kernels, logits.contiguous(), params, rows, generators, default_generator)
+    out = logits.argmax(dim=-1)
     if not rows:
         return out
     dev = logits.device
     idx = torch.tensor(rows, device=dev)
     x = logits.index_select(0, idx) / torch.tensor([params[i].temperature for i in rows], device=dev)[:, None]
-    if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in rows):
+    if _filtered(params, rows):
         x = filter_logits(x, torch.tensor([params[i].top_k for i in rows], device=dev),
                           torch.tensor([float(params[i].top_p) for i in rows], device=dev))
     # inverse-CDF sampling: one uniform number per row (cheaper than torch.multinomial on CPU);
     # right-bisection never lands on a zero-probability token
     cdf = torch.softmax(x, dim=-1).cumsum(dim=-1)
-    u = torch.empty(len(rows), 1, dtype=cdf.dtype, device=dev)
+    u = _uniforms(rows, generators, default_generator, dev)[:, None]
+    drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=x.size(-1) - 1)
+    out[idx] = drawn
+    return out
+
+
+def _filtered(params: list[SamplingParams], rows: list[int]) -> list[int]:
+    """The rows among ``rows`` with a top-k or top-p filter."""
+    return [i for i in rows if params[i].top_k > 0 or params[i].top_p < 1.0]
+
+
+def _uniforms(rows: list[int], generators: list[torch.Generator | None],
+              default_generator: torch.Generator | None, device) -> torch.Tensor:
+    """One uniform number in [0, 1) per row in ``rows`` (fp32), from the row's own generator
+    where it has one, else from ``default_generator`` (one call for the whole batch)."""
+    u = torch.empty(len(rows), dtype=torch.float32, device=device)
     if all(generators[i] is None for i in rows):
         u.uniform_(generator=default_generator)
     else:
         for j, i in enumerate(rows):
-            u[j] = torch.rand(1, generator=generators[i] or default_generator, device=dev, dtype=cdf.dtype)
-    drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=x.size(-1) - 1)
-    out[idx] = drawn
+            u[j] = torch.rand(1, generator=generators[i] or default_generator, device=device, dtype=u.dtype)
+    return u
+
+
+def _sample_kernels(kernels, logits: torch.Tensor, params: list[SamplingParams], rows: list[int],
+                    generators: list[torch.Generator | None],
+                    default_generator: torch.Generator | None) -> torch.Tensor:
+    """``sample`` on the CPU kernels (``kernels.sample``): temperature rows and greedy rows in
+    one call; rows with top-k / top-p are filtered with ``filter_logits`` and drawn in a second."""
+    n = logits.size(0)
+    temps = torch.tensor([float(p.temperature) for p in params], dtype=torch.float32)  # greedy: 0
+    if len(rows) == n:
+        u = _uniforms(rows, generators, default_generator, "cpu")
+    else:
+        u = torch.zeros(n, dtype=torch.float32)
+        if rows:
+            u[torch.tensor(rows)] = _uniforms(rows, generators, default_generator, "cpu")
+    filt = _filtered(params, rows)
+    if filt:
+        temps[filt] = float("nan")  # skipped by the first call
+    out = kernels.sample(logits, temps, u)
+    if filt:
+        idx = torch.tensor(filt)
+        x = filter_logits(logits.index_select(0, idx) / temps.new_tensor([params[i].temperature for i in filt])[:, None],
+                          torch.tensor([params[i].top_k for i in filt]),
+                          torch.tensor([float(params[i].top_p) for i in filt]))
+        out[idx] = kernels.sample(x.contiguous(), torch.ones(len(filt)), u[idx])
     return out
