@@ -214,13 +214,16 @@ class ModelRunner:
     # .................................................................. small helpers
 
     def _long(self, a) -> torch.Tensor:
-        return torch.from_numpy(np.array(a, dtype=np.int64)).to(self.device)
+        t = torch.from_numpy(np.array(a, dtype=np.int64))
+        return t if self.device.type == "cpu" else t.to(self.device)
 
     def _rope(self, positions: np.ndarray):
         """cos/sin (n, 1, Q, head_dim) for positions (n, Q), looked up in a table computed once
         with the model's ``rope_cos_sin``."""
-        p = self._long(positions)
-        return self._cos[p][:, None], self._sin[p][:, None]
+        n, Q = positions.shape
+        p = self._long(positions).reshape(-1)
+        return (self._cos.index_select(0, p).view(n, 1, Q, self.hd),
+                self._sin.index_select(0, p).view(n, 1, Q, self.hd))
 
     def _segment(self, group: int, slots: np.ndarray, qidx: np.ndarray, a: int, b: int) -> AttentionSegment:
         qidx = np.asarray(qidx, dtype=np.int64).reshape(len(slots), -1)
@@ -538,11 +541,13 @@ class ModelRunner:
     def _stacked_routers(self, routers) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """Linear routers' weights (N_r, d) and biases (or None) stacked; None for MLP routers.
         On the CPU kernels built once (they read the weights as they were at engine build)."""
-        nets = [r.net for r in routers]
-        if not all(isinstance(n, nn.Linear) for n in nets):
-            return None
         if self.kernels is not None and id(routers) in self._router_stacks:
             return self._router_stacks[id(routers)]
+        nets = [r.net for r in routers]
+        if not all(isinstance(n, nn.Linear) for n in nets):
+            if self.kernels is not None:
+                self._router_stacks[id(routers)] = None
+            return None
         W = torch.cat([n.weight.detach() for n in nets])
         bias = None
         if any(n.bias is not None for n in nets):
@@ -612,7 +617,7 @@ class ModelRunner:
         x_in = self.h.index_select(0, st)
         cos, sin = self._rope(positions[:, None])
         bounds = np.flatnonzero(np.diff(recs)) + 1
-        ranges = list(zip(np.r_[0, bounds], np.r_[bounds, n]))  # rows of each recursion
+        ranges = list(zip([0, *bounds.tolist()], [*bounds.tolist(), n]))  # rows of each recursion
         # cache plan: writes (rows with a write group come first: r=0 in shared mode)
         n_write = 0
         rows_parts, segs = [], []
