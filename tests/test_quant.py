@@ -26,6 +26,28 @@ def test_int8_linear_is_its_dequantised_weight_within_rounding():
     torch.testing.assert_close(q(x), functional.linear(x, q.dequantized()), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernels_on", [True, False])
+def test_int8_linear_on_cpu_runs_on_the_kernels_or_on_torch(kernels_on, monkeypatch):
+    """fp32 activations on CPU: the compiled kernels' int8 product (prefill-sized inputs too),
+    or ``torch._weight_int8pack_mm`` when the kernels are unavailable; both the dequantised
+    matmul within rounding."""
+    from mor.engine import kernels
+
+    if kernels_on and kernels.load() is None:
+        pytest.skip(f"CPU kernels unavailable: {kernels.unavailable_reason()}")
+    calls = []
+    if kernels_on:
+        fn = kernels.linear
+        monkeypatch.setattr(kernels, "linear", lambda *a, **k: calls.append(1) or fn(*a, **k))
+    else:
+        monkeypatch.setattr(kernels, "load", lambda: None)
+    torch.manual_seed(1)
+    q = Int8Linear.from_linear(torch.nn.Linear(96, 40, bias=False))
+    x = torch.randn(3, 70, 96)
+    torch.testing.assert_close(q(x), functional.linear(x, q.dequantized()), rtol=1e-5, atol=1e-5)
+    assert bool(calls) is kernels_on
+
+
 @pytest.mark.parametrize("arch", ["vanilla", "mor"])
 @pytest.mark.parametrize("precision,max_err,min_agree", [("int8", 0.05, 0.9), ("bf16", 0.05, 0.9),
                                                          ("bf16-weights", 0.05, 0.9)])

@@ -11,8 +11,10 @@ caller's model is untouched):
 * ``"int8"``: weight-only int8 for the linear layers of the decoder layers (attention and
   MLP projections): per-output-channel symmetric scales, ``w ~= scale[o] * q[o, i]`` with
   ``q`` in [-127, 127]; activations, norms, routers, embedding and LM head stay in the
-  model's dtype. On CPU the product runs as ``torch._weight_int8pack_mm``; elsewhere as a
-  dequantised matmul.
+  model's dtype. On CPU the product of fp32 activations runs on the compiled kernels'
+  int8 ``linear`` (``mor.engine.kernels``; any number of rows, prefill included), else as
+  ``torch._weight_int8pack_mm`` (50x slower here at 512 rows); elsewhere as a dequantised
+  matmul.
 
 ``decode_accuracy`` measures what a choice costs on given token sequences: the mean NLL of
 the next token under the original and the low-precision model (teacher forcing,
@@ -27,6 +29,8 @@ import copy
 import torch
 import torch.nn as nn
 from torch.nn import functional
+
+from . import kernels
 
 DECODE_PRECISIONS = ("bf16", "fp16", "int8", "bf16-weights")
 
@@ -63,7 +67,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and self.scale.dtype == torch.float32
+                and kernels.load() is not None):
+            y = kernels.linear(x2.contiguous(), self.weight_q.contiguous(), scale=self.scale.contiguous())
+        elif x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
             y = torch._weight_int8pack_mm(x2.contiguous(), self.weight_q, self.scale.to(x.dtype))
         else:
             y = functional.linear(x2, self.weight_q.to(x.dtype)) * self.scale.to(x.dtype)
