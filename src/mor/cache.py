@@ -232,7 +232,11 @@ class KVPool:
 
     def ensure_one_more(self, group: int, seqs: np.ndarray) -> None:
         """Room for one more token in ``group`` for each sequence (see ``ensure``)."""
-        self.ensure(group, seqs, self.num_tokens(group, seqs) + 1)
+        seqs = np.asarray(seqs, dtype=np.int64)
+        new_lens = self.lens[group, seqs] + 1
+        if seqs.size and new_lens.max() <= self.max_len and (new_lens <= self.nblocks[group, seqs] * self.block_size).all():
+            return  # every sequence has room already (most decode steps)
+        self.ensure(group, seqs, new_lens)
 
     def add_tokens(self, group: int, seqs: np.ndarray, count: np.ndarray | int = 1) -> None:
         """Record that each sequence wrote ``count`` more tokens into ``group`` (within the
@@ -283,14 +287,18 @@ class KVPool:
         maps to row 0 of the reserved block."""
         seqs = np.asarray(seqs, dtype=np.int64)
         idx = np.asarray(idx, dtype=np.int64)
-        pad = idx < 0
-        safe = np.where(pad, 0, idx)
-        owned = self.nblocks[group, seqs].reshape(seqs.shape + (1,) * (idx.ndim - seqs.ndim))
-        if np.any(~pad & (safe // self.block_size >= owned)):
+        seq_idx = seqs.reshape(seqs.shape + (1,) * (idx.ndim - seqs.ndim))
+        padded = idx.size and idx.min() < 0
+        safe = np.where(idx < 0, 0, idx) if padded else idx
+        blocks = safe // self.block_size
+        beyond = blocks >= self.nblocks[group, seq_idx]
+        if padded:
+            beyond &= idx >= 0
+        if beyond.any():
             raise RuntimeError("KV write outside the blocks a sequence owns (ensure() was not called)")
-        blk = self.tables[group][seqs.reshape(seqs.shape + (1,) * (idx.ndim - seqs.ndim)), safe // self.block_size]
-        rows = blk * self.block_size + (safe % self.block_size)[..., None]
-        rows[pad] = 0
+        rows = self.tables[group][seq_idx, blocks] * self.block_size + (safe % self.block_size)[..., None]
+        if padded:
+            rows[idx < 0] = 0
         return rows
 
     def block_table(self, group: int, seqs: np.ndarray, num_blocks: int) -> np.ndarray:

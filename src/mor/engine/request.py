@@ -137,6 +137,11 @@ class Request:
         return self.prompt_ids + self.output_ids
 
     @property
+    def last_id(self) -> int:
+        """The newest token of the sequence (``all_ids[-1]`` without building the list)."""
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    @property
     def position(self) -> int:
         """Position of the in-flight token (the last token of the sequence so far)."""
         return len(self.prompt_ids) + len(self.output_ids) - 1

@@ -346,7 +346,7 @@ class ModelRunner:
         running = [r.slot for r in plan.run]
         if plan.enter:
             slots = [r.slot for r in plan.enter]
-            self.enter(np.array(slots), np.array([r.all_ids[-1] for r in plan.enter]),
+            self.enter(np.array(slots), np.array([r.last_id for r in plan.enter]),
                        np.array([position[s] for s in slots]))
             recs.update((s, 0) for s in slots)
             if self.num_recursions:

@@ -171,7 +171,7 @@ class Scheduler:
             for g in self._groups_written(req):
                 by_group.setdefault(g, []).append(req.slot)
         for g, slots in sorted(by_group.items()):
-            self.pool.ensure_one_more(g, np.array(slots))
+            self.pool.ensure_one_more(g, np.array(slots, dtype=np.int64))
 
     def _victim(self) -> Request | None:
         """The request to preempt: the most recently admitted one (None if fewer than two run)."""
