@@ -106,4 +106,26 @@ def test_bench_infer_profile_reports_phases_and_roofline(capsys):
         assert r["tokens_per_s"] > 0 and 0 < r["of_roofline"]
     m = rows[("MoR-2", "batch")]
     assert m["flop_ratio"] > 1 and m["kv_ratio"] > 1 and m["roofline_speedup"] > 0
+    # the speed-up is against the vanilla run paired (interleaved) with this MoR run
+    assert m["speedup"] == pytest.approx(m["tokens_per_s"] / m["vs_tokens_per_s"]) and m["vs_tokens_per_s"] > 0
     assert any("profile: matmul peak" in line for line in out[:-1])
+
+
+def test_profile_engines_interleaves_windows_and_keeps_each_fastest(monkeypatch):
+    """Side-by-side profiling: one timed window per engine per round, in turn; each engine's
+    fastest window counts; the profiler view only where asked."""
+    from mor.engine import profile as prof_mod
+
+    order, walls = [], {"a": iter([3.0, 1.0, 2.0]), "b": iter([5.0, 6.0, 4.0])}
+
+    def fake_time_phases(engine, steps):
+        order.append(engine)
+        return {"schedule": 0.0}, next(walls[engine]), 2, 4
+
+    ops_for = []
+    monkeypatch.setattr(prof_mod, "time_phases", fake_time_phases)
+    monkeypatch.setattr(prof_mod, "profile_ops", lambda e, s: ops_for.append(e) or ({}, {}, 1.0, 1, {}))
+    a, b = prof_mod.profile_engines(["a", "b"], steps=2, ops=[False, True], repeats=3)
+    assert order == ["a", "b"] * 3
+    assert a.step_s == pytest.approx(0.5) and b.step_s == pytest.approx(2.0) and a.tokens_per_step == 2
+    assert ops_for == ["b"]

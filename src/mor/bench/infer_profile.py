@@ -1,8 +1,9 @@
 """``mor bench infer --profile``: where a decode step's time goes, against this device's limits.
 
 Each model is profiled at batch 1, ``--batch`` and its memory-matched batch
-(``mor.engine.profile``: wall-clock phases and torch.profiler op kinds), and placed against
-the roofline measured in the same run: the step's FLOPs at the matmul peak and its bytes
+(``mor.engine.profile``: wall-clock phases and torch.profiler op kinds), each MoR model side
+by side with its vanilla partner (timed windows interleaved), and placed against the
+roofline measured in the same run: the step's FLOPs at the matmul peak and its bytes
 (weights once per step + the K/V its attention reads) at the memory bandwidth.
 """
 
@@ -31,24 +32,19 @@ def decode_bytes_per_step(model: MoRForCausalLM) -> int:
     return total
 
 
-def profile_model(entry: Entry, batch: int, settings: InferBench, prompt: list[int], *, peak: float,
-                  bandwidth: float, budget: int | None = None) -> dict:
-    """Profile ``--profile-steps`` steady decode steps of ``entry`` at ``batch`` concurrent
-    sequences (mor.engine.profile) and place them against the roofline of this device:
-    the step's FLOPs at ``peak`` FLOP/s and its bytes (weights once per step + the K/V the
-    step's attention reads) at ``bandwidth`` bytes/s."""
+def _steady_engine(entry: Entry, batch: int, settings: InferBench, prompt: list[int], budget: int | None):
+    """An engine for ``entry`` at ``batch`` concurrent sequences, warmed up into steady decode
+    with enough tokens left for the profile. Returns (engine, context, K/V bytes read per step)."""
     from ..engine import Engine, SamplingParams
-    from ..engine.profile import profile_engine
     from .infer import KERNEL_CHOICES
-    from ..flops import executed_flops_per_token
 
-    model, cfg = entry.model, entry.model.config
+    cfg = entry.model.config
     n_steps = max(1, settings.profile_steps)
     warm = 2 + 4 * (entry.num_recursions + 1)
     reps = max(1, settings.repeats)
     length = warm + (reps + 1) * n_steps * (entry.num_recursions + 1) + 8
     max_len = min(len(prompt) + length + 1, cfg.max_position_embeddings)
-    eng = Engine(model, max_batch=batch, max_model_len=max_len, kv_memory_bytes=budget,
+    eng = Engine(entry.model, max_batch=batch, max_model_len=max_len, kv_memory_bytes=budget,
                  block_size=settings.block_size, schedule="depth" if entry.kind == "mor" else "sequence",
                  seed=settings.seed, cpu_kernels=KERNEL_CHOICES[settings.cpu_kernels])
     for _ in range(batch):
@@ -56,15 +52,19 @@ def profile_model(entry: Entry, batch: int, settings: InferBench, prompt: list[i
     for _ in range(warm):
         eng.step()
     kv_read = eng.pool.used_bytes  # each step's attention reads every cached entry once (per layer)
-    prof = profile_engine(eng, n_steps, repeats=reps)
-    del eng
-    gc.collect()
+    return eng, len(prompt) + warm + n_steps // 2, kv_read
+
+
+def _profile_row(entry: Entry, batch: int, prof, ctx: int, kv_read: int, *, peak: float, bandwidth: float) -> dict:
+    """One profile row: the engine's profile placed against the roofline of this device: the
+    step's FLOPs at ``peak`` FLOP/s and its bytes (weights once per step + the K/V the step's
+    attention reads) at ``bandwidth`` bytes/s."""
+    from ..flops import executed_flops_per_token
+
     tps = prof.tokens_per_step / prof.step_s if prof.step_s > 0 else 0.0
-    ctx = len(prompt) + warm + n_steps // 2
-    flops_tok = executed_flops_per_token(cfg, ctx)  # a decode token at context ctx: every key once
-    weights = decode_bytes_per_step(model)
-    tok_step = max(prof.tokens_per_step, 1e-9)
-    bytes_tok = (weights + kv_read) / tok_step
+    flops_tok = executed_flops_per_token(entry.model.config, ctx)  # a decode token at context ctx: every key once
+    weights = decode_bytes_per_step(entry.model)
+    bytes_tok = (weights + kv_read) / max(prof.tokens_per_step, 1e-9)
     limit = min(peak / flops_tok, bandwidth / bytes_tok)
     return {"model": entry.name, "kind": entry.kind, "batch": batch, "tokens_per_s": tps,
             "tokens_per_step": prof.tokens_per_step, "context": ctx,
@@ -74,18 +74,37 @@ def profile_model(entry: Entry, batch: int, settings: InferBench, prompt: list[i
             **prof.as_dict()}
 
 
+def profile_models(entries: list[tuple[Entry, int, int | None]], settings: InferBench, prompt: list[int], *,
+                   peak: float, bandwidth: float, ops: list[bool] | None = None) -> list[dict]:
+    """Profile ``--profile-steps`` steady decode steps of each (entry, batch, KV budget) side by
+    side (``mor.engine.profile.profile_engines``: their timed windows interleaved, so their
+    ratios hold on a machine whose speed drifts) and return one row each (``_profile_row``)."""
+    from ..engine.profile import profile_engines
+
+    made = [_steady_engine(e, batch, settings, prompt, budget) for e, batch, budget in entries]
+    profs = profile_engines([eng for eng, _, _ in made], max(1, settings.profile_steps),
+                            ops if ops is not None else True, repeats=max(1, settings.repeats))
+    rows = [_profile_row(e, batch, prof, ctx, kv_read, peak=peak, bandwidth=bandwidth)
+            for (e, batch, _), prof, (_, ctx, kv_read) in zip(entries, profs, made)]
+    del made
+    gc.collect()
+    return rows
+
+
 def profile_all(settings: InferBench, mors: list[Entry], vanillas: dict[int, Entry], prompt: list[int],
                 max_cases: dict[str, tuple[int, int | None]], dev: torch.device) -> dict:
-    """Profile every model at batch 1, ``--batch`` and its memory-matched batch; MoR rows get
-    the measured speed-up over their vanilla partner next to the roofline prediction, the
-    FLOP ratio and the KV ratio of the shape."""
+    """Profile every model at batch 1, ``--batch`` and its memory-matched batch. Each MoR model
+    is profiled side by side with its vanilla partner (``profile_models``); its row gets the
+    measured speed-up over that paired vanilla run (``vs_tokens_per_s``) next to the roofline
+    prediction, the FLOP ratio and the KV ratio of the shape. The vanilla row printed for a
+    setting is its first pairing."""
     from ..flops import measure_matmul_peak, measure_memory_bandwidth
 
     dtype = mors[0].model.model.embed_tokens.weight.dtype if mors else torch.float32
     peak = measure_matmul_peak(dev, dtype)
     bandwidth = measure_memory_bandwidth(dev)
     rows = []
-    done: dict[tuple, dict] = {}
+    done: set[tuple] = set()
     for e in mors:
         v = vanillas[e.model.config.num_hidden_layers]
         cases = [("1", 1, 1, None), ("batch", settings.batch, settings.batch, None)]
@@ -93,13 +112,13 @@ def profile_all(settings: InferBench, mors: list[Entry], vanillas: dict[int, Ent
             cases.append(("max",) + max_cases[e.name])
         for setting, vb, mb, budget in cases:
             key = (v.name, setting, vb)
+            vr, mr = profile_models([(v, vb, budget), (e, mb, budget)], settings, prompt, peak=peak,
+                                    bandwidth=bandwidth, ops=[key not in done, True])
+            vr["setting"] = setting
             if key not in done:
-                done[key] = dict(profile_model(v, vb, settings, prompt, peak=peak, bandwidth=bandwidth,
-                                               budget=budget), setting=setting)
-                rows.append(done[key])
-            vr = done[key]
-            mr = dict(profile_model(e, mb, settings, prompt, peak=peak, bandwidth=bandwidth, budget=budget),
-                      setting=setting, vs=v.name)
+                done.add(key)
+                rows.append(vr)
+            mr.update(setting=setting, vs=v.name, vs_tokens_per_s=vr["tokens_per_s"])
             mr["speedup"] = mr["tokens_per_s"] / vr["tokens_per_s"] if vr["tokens_per_s"] else 0.0
             mr["roofline_speedup"] = mr["roofline_tokens_per_s"] / vr["roofline_tokens_per_s"]
             mr["flop_ratio"] = vr["flops_per_token"] / mr["flops_per_token"]

@@ -158,19 +158,33 @@ def profile_engine(engine, steps: int = 16, ops: bool = True, repeats: int = 1) 
     The engine should be in steady decode (requests admitted, prompts prefilled). With
     ``repeats`` > 1 the phases view is the fastest of that many consecutive windows (a busy
     machine only ever slows a window down)."""
-    best = None
+    return profile_engines([engine], steps, ops, repeats)[0]
+
+
+def profile_engines(engines: list, steps: int = 16, ops: bool | list[bool] = True,
+                    repeats: int = 1) -> list[StepProfile]:
+    """``profile_engine`` for several engines side by side: their timed windows interleaved,
+    one window of each per round for ``repeats`` rounds, the fastest window of each counting,
+    so that a machine whose speed drifts (a shared VM) slows them alike and their ratio holds.
+    ``ops``: whether to take the profiler view, for all engines or per engine."""
+    want_ops = list(ops) if isinstance(ops, (list, tuple)) else [ops] * len(engines)
+    best: list[tuple | None] = [None] * len(engines)
     for _ in range(max(1, repeats)):
-        phases, wall, n, tokens = time_phases(engine, steps)
-        if n and (best is None or wall / n < best[1] / best[2]):
-            best = (phases, wall, n, tokens)
-    phases, wall, n, tokens = best if best is not None else (phases, wall, n, tokens)
-    n = max(1, n)
-    prof = StepProfile(steps=n, tokens=tokens, step_s=wall / n, phases_s={k: v / n for k, v in phases.items()})
-    if ops:
-        secs, calls, pwall, m, kphases = profile_ops(engine, steps)
-        m = max(1, m)
-        prof.profiled_step_s = pwall / m
-        prof.ops_s = {k: v / m for k, v in secs.items()}
-        prof.op_calls = {k: v / m for k, v in calls.items()}
-        prof.kernel_phases_s = {k: v / m for k, v in kphases.items()}
-    return prof
+        for i, engine in enumerate(engines):
+            window = time_phases(engine, steps)
+            _, wall, n, _ = window
+            if best[i] is None or (n and (not best[i][2] or wall / n < best[i][1] / best[i][2])):
+                best[i] = window
+    out = []
+    for engine, (phases, wall, n, tokens), with_ops in zip(engines, best, want_ops):
+        n = max(1, n)
+        prof = StepProfile(steps=n, tokens=tokens, step_s=wall / n, phases_s={k: v / n for k, v in phases.items()})
+        if with_ops:
+            secs, calls, pwall, m, kphases = profile_ops(engine, steps)
+            m = max(1, m)
+            prof.profiled_step_s = pwall / m
+            prof.ops_s = {k: v / m for k, v in secs.items()}
+            prof.op_calls = {k: v / m for k, v in calls.items()}
+            prof.kernel_phases_s = {k: v / m for k, v in kphases.items()}
+        out.append(prof)
+    return out
