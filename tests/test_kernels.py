@@ -253,6 +253,39 @@ def test_sample_rows_do_not_depend_on_the_batch_or_threads_and_nan_rows_are_skip
     assert out[7] == -1 and torch.equal(out[:7], batch[:7]) and torch.equal(out[8:], batch[8:])
 
 
+def test_sample_never_fails_a_row_nan_tiny_temperatures_and_out_of_range_u():
+    """Every row that is not skipped gets a token in [0, V): a NaN logit gives the first NaN
+    (as torch.argmax); a temperature so small that x / T would overflow draws among the largest
+    logits; u outside [0, 1) is clamped (u >= 1: the last possible token, never a masked one)."""
+    x = torch.randn(4, 40, generator=gen(20))
+    x[1, 7] = x[1, 30] = float("nan")
+    x[2, 5] = x[2, 9] = 50.0  # two tied maxima
+    x[3, 33:] = float("-inf")
+    for T in (1.0, 1e-39, 0.0):
+        out = kernels.sample(x, torch.full((4,), T), torch.tensor([0.3, 0.5, 0.99, 1.0]))
+        assert out[1] == 7 and out[2] in (5, 9) and 0 <= out[0] < 40 and 0 <= out[3] < 33, (T, out)
+    for u in (1.0, 1.5, 1e9, -0.5, float("nan")):
+        out = kernels.sample(x[3:].contiguous(), torch.ones(1), torch.tensor([u]))
+        assert 0 <= out[0] < 33, (u, out)
+    assert kernels.sample(x[3:].contiguous(), torch.ones(1), torch.tensor([1.0]))[0] == 32
+    with pytest.raises(ValueError, match="shape"):
+        kernels.sample(x, torch.ones(3), torch.ones(4))
+
+
+def test_sample_on_a_large_vocabulary_follows_the_exact_inverse_cdf():
+    """V = 131072 (Llama-3 sized), flat and peaked rows, against the inverse CDF computed in
+    float64: the same token in at least 99% of draws, and only ever a neighbour otherwise."""
+    g = gen(21)
+    x = torch.cat([torch.randn(100, 131072, generator=g) * 0.1, torch.randn(100, 131072, generator=g) * 4])
+    u = torch.rand(200, generator=g)
+    for T in (1.0, 50.0):
+        p = torch.softmax(x.double() / T, dim=-1).cumsum(-1)
+        ref = torch.searchsorted(p, (u.double() * p[:, -1])[:, None], right=True).squeeze(1).clamp(max=131071)
+        got = kernels.sample(x, torch.full((200,), T), u)
+        assert (got == ref).float().mean() >= 0.99, (T, int((got != ref).sum()))
+        assert ((got - ref).abs() <= 1).float().mean() >= 0.995
+
+
 def test_engine_sampling_on_kernels_follows_the_torch_rule():
     """``mor.engine.sampling.sample`` with the kernels: greedy, temperature and top-k / top-p rows
     in one batch, the same uniform numbers as the PyTorch sampler (same generator states)."""
@@ -363,6 +396,20 @@ def test_decode_layers_runs_a_stack_as_its_layers_one_by_one(nl):
     with pytest.raises(ValueError, match="work holds"):
         kernels.decode_layers(table, layers[0].dims, x, cos, sin, n_write, view, view.stride(0), kc2, vc2, seg, j0,
                               torch.empty(10))
+    work = torch.empty(layers[0].work_floats(M))
+    with pytest.raises(ValueError, match="table"):
+        kernels.decode_layers(table[:, :5].contiguous(), layers[0].dims, x, cos, sin, 0, None, 0, kc2, vc2, seg, j0, work)
+    with pytest.raises(ValueError, match="unit stride"):
+        kernels.decode_layers(table, layers[0].dims, x, cos, sin, n_write, rows.t(), 1, kc2, vc2, seg, j0, work)
+    with pytest.raises(ValueError, match="rows do not hold"):  # the last rows x layers fall past the tensor
+        kernels.decode_layers(table, layers[0].dims, x, cos, sin, n_write, rows[:, -1:], rows.stride(0), kc2, vc2,
+                              seg, j0, work)
+    # no K/V writes (a recursion reading another's cache): the stack still equals its layers in turn
+    kc3, vc3, y = kc0.clone(), vc0.clone(), x
+    for i, layer in enumerate(layers):
+        y = layer(y, cos, sin, 0, None, kc3, vc3, seg, j0 + i, work)
+    out = kernels.decode_layers(table, layers[0].dims, x, cos, sin, 0, None, 0, kc3, vc3, seg, j0, work)
+    assert torch.equal(out, y) and torch.equal(kc3, kc0) and torch.equal(vc3, vc0)
 
 
 # ------------------------------------------------------------------ the engine on the kernels
@@ -633,7 +680,13 @@ def test_engine_int8_decode_on_kernels_equals_pytorch_int8(arch):
 
     eng, got = run(True)
     assert eng.cpu_kernels and eng.runner._klayers[0].wbf == 2 and eng.runner._klayers[0].tensors[2].dtype == torch.int8
-    _, ref = run(False)
+    calls, fn = [], kernels.linear
+    kernels.linear = lambda *a, **k: calls.append(1) or fn(*a, **k)
+    try:
+        ref_eng, ref = run(False)  # PyTorch int8 only: cpu_kernels=False reaches the Int8Linear layers too
+    finally:
+        kernels.linear = fn
+    assert not ref_eng.cpu_kernels and not calls
     for a, b in zip(got, ref):
         assert a.token_ids == b.token_ids and a.depths == b.depths
         torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)

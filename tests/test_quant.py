@@ -46,6 +46,12 @@ def test_int8_linear_on_cpu_runs_on_the_kernels_or_on_torch(kernels_on, monkeypa
     x = torch.randn(3, 70, 96)
     torch.testing.assert_close(q(x), functional.linear(x, q.dequantized()), rtol=1e-5, atol=1e-5)
     assert bool(calls) is kernels_on
+    n = len(calls)
+    assert q(x.requires_grad_()).requires_grad and len(calls) == n  # autograd: PyTorch ops
+    q.use_kernels = False  # what low_precision_copy(..., cpu_kernels=False) sets
+    with torch.no_grad():
+        q(x)
+    assert len(calls) == n
 
 
 @pytest.mark.parametrize("arch", ["vanilla", "mor"])

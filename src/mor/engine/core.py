@@ -161,7 +161,7 @@ class Engine:
         if max_model_len is not None and not (1 <= max_model_len <= limit):
             raise ValueError(f"max_model_len={max_model_len} must be in [1, max_position_embeddings={limit}]")
         if decode_precision is not None:
-            model = low_precision_copy(model, decode_precision)
+            model = low_precision_copy(model, decode_precision, cpu_kernels=cpu_kernels is not False)
         self.decode_precision = decode_precision
         self.model = model.eval()
         self.config = cfg

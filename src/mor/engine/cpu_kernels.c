@@ -528,53 +528,70 @@ static inline vf logit_block(const float *x, int64_t V, int64_t b) {
     return v;
 }
 
-/* e^(x / T - ymax) for logits b*VW .. b*VW+VW-1 (0 past the end) */
-static inline vf exp_block(const float *x, int64_t V, int64_t b, float T, float ymax) {
-    vf v = logit_block(x, V, b);
-    return vexp_le0((T == 1.0f ? v : v / T) - ymax);
+/* e_i = exp((x_i - max) / T) for logits b*VW .. b*VW+VW-1 (0 past the end). Subtracting the
+ * maximum first cannot overflow, whatever T. */
+static inline vf exp_block(const float *x, int64_t V, int64_t b, float T, float mx) {
+    vf d = logit_block(x, V, b) - mx;
+    return vexp_le0(T == 1.0f ? d : d / T);
+}
+
+/* the first index of the value mx in a row of V (V - 1 if none) */
+static int64_t first_equal(const float *x, int64_t V, float mx) {
+    int64_t i = 0;
+    while (i < V - 1 && !(x[i] == mx)) i++;
+    return i;
 }
 
 #define SB 8 /* blocks per super-block: the unit of the first cumulative sum */
 
 /* the sum of e over super-block s (blocks s*SB ..), in a fixed order */
-static inline float super_sum(const float *x, int64_t V, int64_t nb, int64_t s, float T, float ymax) {
+static inline float super_sum(const float *x, int64_t V, int64_t nb, int64_t s, float T, float mx) {
     vf acc = {0};
-    for (int64_t b = s * SB; b < nb && b < (s + 1) * SB; b++) acc += exp_block(x, V, b, T, ymax);
+    for (int64_t b = s * SB; b < nb && b < (s + 1) * SB; b++) acc += exp_block(x, V, b, T, mx);
     return hsum(acc);
 }
 
 /* One token from a row of V logits: T <= 0 picks the first largest logit; otherwise token i
- * with probability e_i / S, e_i = exp(x_i / T - max / T), by walking the cumulative sum to
- * u * S (u in [0, 1)): over super-blocks of SB * VW tokens, then blocks of VW, then tokens,
- * each level summed in a fixed order, so the draw depends only on the row, T and u. Tokens
- * with e_i = 0 (-inf logits) are never drawn. */
+ * with probability e_i / S, e_i = exp((x_i - max) / T), by walking the cumulative sum to u * S
+ * (u in [0, 1)): over super-blocks of SB * VW tokens, then blocks of VW, then tokens (sums in
+ * double), each level computed in a fixed order, so the draw depends only on the row, T and
+ * u. Tokens with e_i = 0 (-inf logits) are never drawn. A row with a NaN logit returns the
+ * first NaN (as torch.argmax); a row whose sum is not finite returns the first largest logit. */
 static int64_t sample_row(const float *x, int64_t V, float T, float u) {
     int64_t nb = (V + VW - 1) / VW, ns = (nb + SB - 1) / SB;
     vf m = logit_block(x, V, 0);
+    vi nan = m != m;
     for (int64_t b = 1; b < nb; b++) {
         vf v = logit_block(x, V, b);
         vi gt = v > m;
+        nan |= v != v;
         m = (vf)(((vi)v & gt) | ((vi)m & ~gt));
+    }
+    int any_nan = 0;
+    for (int k = 0; k < VW; k++) any_nan |= nan[k] != 0;
+    if (any_nan) {
+        int64_t i = 0;
+        while (i < V - 1 && x[i] == x[i]) i++;
+        return i;
     }
     float mx = m[0];
     for (int k = 1; k < VW; k++) mx = m[k] > mx ? m[k] : mx;
-    if (!(T > 0.0f) || !(mx > -INFINITY) || mx == INFINITY) { /* greedy (or nothing to sample) */
-        int64_t best = 0;
-        while (best < V - 1 && !(x[best] == mx)) best++;
-        return best;
-    }
-    float ymax = T == 1.0f ? mx : mx / T, S = 0.0f;
-    for (int64_t s = 0; s < ns; s++) S += super_sum(x, V, nb, s, T, ymax);
-    float target = u * S, c = 0.0f;
-    int64_t last = -1;
+    if (!(T > 0.0f) || !(mx > -INFINITY) || mx == INFINITY) return first_equal(x, V, mx); /* greedy */
+    double S = 0.0;
+    for (int64_t s = 0; s < ns; s++) S += super_sum(x, V, nb, s, T, mx);
+    if (!(S > 0.0) || S == INFINITY) return first_equal(x, V, mx);
+    if (!(u >= 0.0f)) u = 0.0f;
+    if (u >= 1.0f) u = 0x1.fffffep-1f; /* the largest float below 1 */
+    double target = (double)u * S, c = 0.0;
     for (int64_t s = 0; s < ns; s++) {
-        float ss = super_sum(x, V, nb, s, T, ymax);
+        float ss = super_sum(x, V, nb, s, T, mx); /* the same value as in S */
         if (!(c + ss > target)) {
             c += ss;
             continue;
         }
-        for (int64_t b = s * SB; b < nb && b < (s + 1) * SB; b++) { /* in this super-block */
-            vf e = exp_block(x, V, b, T, ymax);
+        int64_t last = -1; /* this super-block's last possible token so far */
+        for (int64_t b = s * SB; b < nb && b < (s + 1) * SB; b++) {
+            vf e = exp_block(x, V, b, T, mx);
             float bs = hsum(e);
             if (c + bs > target) {
                 for (int k = 0; k < VW; k++) {
@@ -584,19 +601,19 @@ static int64_t sample_row(const float *x, int64_t V, float T, float u) {
                         if (c > target) return last;
                     }
                 }
-                return last; /* rounding of the in-block sum: its last possible token */
+                return last >= 0 ? last : first_equal(x, V, mx); /* rounding of the in-block sum */
             }
             c += bs;
             for (int k = 0; k < VW; k++) last = e[k] > 0.0f ? b * VW + k : last;
         }
-        return last; /* rounding of the in-super-block sums */
+        return last >= 0 ? last : first_equal(x, V, mx); /* rounding of the in-super-block sums */
     }
-    return last;
+    return first_equal(x, V, mx); /* not reached: the super-block sums add up to S > target */
 }
 
 /* out[m] = a token drawn from row m of logits (M, V) at temperature temps[m] (<= 0: greedy)
- * with uniform number u[m]; rows with a NaN temperature are skipped (out[m] = -1). Rows split
- * across nt threads. */
+ * with uniform number u[m] (clamped to [0, 1)); rows with a NaN temperature are skipped
+ * (out[m] = -1); every other row gets a token in [0, V). Rows split across nt threads. */
 void mor_sample(const float *logits, int64_t M, int64_t V, const float *temps, const float *u, int64_t *out,
                 int nt) {
     PARALLEL(nt) {

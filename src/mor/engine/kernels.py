@@ -261,17 +261,30 @@ def paged_attention(q: torch.Tensor, heads: int, kv_heads: int, k_cache: torch.T
                              hd ** -0.5, out.data_ptr(), _threads())
 
 
+def _library() -> ctypes.CDLL:
+    """The loaded kernels (RuntimeError naming why they are unavailable)."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"CPU kernels unavailable: {unavailable_reason()}")
+    return lib
+
+
 def sample(logits: torch.Tensor, temps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One token per row of ``logits`` (M, V) fp32: the first largest logit where ``temps[m]``
-    is 0, else a draw from ``softmax(logits[m] / temps[m])`` by inverse CDF with the uniform
-    number ``u[m]``; -1 where ``temps[m]`` is NaN (row skipped). temps, u: (M,) fp32. A row's
-    token depends only on that row, its temperature and its ``u``."""
+    is <= 0, else a draw from ``softmax(logits[m] / temps[m])`` by inverse CDF with the uniform
+    number ``u[m]`` (clamped to [0, 1)); -1 where ``temps[m]`` is NaN (row skipped). A row with a
+    NaN logit gets its first NaN (as ``torch.argmax``). temps, u: (M,). A row's token depends
+    only on that row, its temperature and its ``u``."""
+    lib = _library()
+    if logits.dim() != 2 or not logits.is_contiguous() or logits.dtype != torch.float32 or logits.device.type != "cpu":
+        raise ValueError("sample needs contiguous fp32 CPU logits (M, V)")
     M, V = logits.shape
-    if not logits.is_contiguous() or logits.dtype != torch.float32:
-        raise ValueError("sample needs contiguous fp32 logits")
     temps, u = temps.float().contiguous(), u.float().contiguous()
+    if temps.shape != (M,) or u.shape != (M,):
+        raise ValueError(f"temps and u must have shape ({M},), got {tuple(temps.shape)} and {tuple(u.shape)}")
     out = torch.empty(M, dtype=torch.int64)
-    _lib.mor_sample(logits.data_ptr(), M, V, temps.data_ptr(), u.data_ptr(), out.data_ptr(), _threads())
+    if M and V:
+        lib.mor_sample(logits.data_ptr(), M, V, temps.data_ptr(), u.data_ptr(), out.data_ptr(), _threads())
     return out
 
 
@@ -353,19 +366,34 @@ def decode_layers(table: torch.Tensor, dims: LayerDims, x: torch.Tensor, cos: to
     """Consecutive decoder layers (their ``DecodeLayer.row`` entries: ``table`` (layers,
     LAYER_ROW) int64) on x (M, D), one token per row, in one call: -> (M, D). cos/sin (M, hd);
     the first ``n_write`` rows store their K/V, layer l at cache row ``rows[m * rows_stride + l]``
-    (``rows`` contiguous int64); every row attends through ``seg`` (``segment_table``) reading
-    layer ``j0 + l`` of the block tables; ``work`` >= ``dims.work_floats(M)`` floats."""
+    (``rows``: int64 with unit stride along its last dimension, e.g. a column slice of a
+    (rows, layers) table); every row attends through ``seg`` (``segment_table``) reading layer
+    ``j0 + l`` of the block tables; ``work``: 1-D, >= ``dims.work_floats(M)`` floats."""
+    lib = _library()
     M = x.shape[0]
     D, F, H, KV, hd = dims
-    if work.numel() < dims.work_floats(M):
-        raise ValueError(f"work holds {work.numel()} floats, {dims.work_floats(M)} needed")
+    nl = table.shape[0] if table.dim() == 2 else 0
+    if table.dtype != torch.int64 or not table.is_contiguous() or table.dim() != 2 or table.shape[1] != LAYER_ROW \
+            or nl < 1:
+        raise ValueError(f"table must be a contiguous int64 (layers >= 1, {LAYER_ROW}) tensor, "
+                         f"got {table.dtype} {tuple(table.shape)}")
+    if work.dim() != 1 or work.numel() < dims.work_floats(M):
+        raise ValueError(f"work holds {work.numel()} floats, {dims.work_floats(M)} needed (1-D)")
+    if n_write:
+        if rows is None or rows.dtype != torch.int64 or rows.stride(-1) != 1:
+            raise ValueError("rows must be int64 with unit stride along its last dimension")
+        offset = rows.storage_offset() + (n_write - 1) * rows_stride + nl - 1
+        if not 0 < n_write <= M or offset >= rows.untyped_storage().nbytes() // 8:
+            raise ValueError(f"rows do not hold {n_write} rows x {nl} layers at stride {rows_stride}")
     out = torch.empty_like(x)
+    if M == 0:
+        return out
     tmp = work[-M * D:]  # the last M * D floats: the output of every other layer
-    _lib.mor_decode_layers(table.data_ptr(), table.shape[0], x.data_ptr(), out.data_ptr(), tmp.data_ptr(), M,
-                           D, F, H, KV, hd, cos.data_ptr(), sin.data_ptr(), n_write,
-                           rows.data_ptr() if n_write else None, rows_stride, k_cache.data_ptr(),
-                           v_cache.data_ptr(), k_cache.shape[1], seg.data_ptr(), seg.shape[0], j0, work.data_ptr(),
-                           _threads())
+    lib.mor_decode_layers(table.data_ptr(), nl, x.data_ptr(), out.data_ptr(), tmp.data_ptr(), M,
+                          D, F, H, KV, hd, cos.data_ptr(), sin.data_ptr(), n_write,
+                          rows.data_ptr() if n_write else None, rows_stride, k_cache.data_ptr(),
+                          v_cache.data_ptr(), k_cache.shape[1], seg.data_ptr(), seg.shape[0], j0, work.data_ptr(),
+                          _threads())
     return out
 
 

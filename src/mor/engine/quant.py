@@ -12,7 +12,8 @@ caller's model is untouched):
   MLP projections): per-output-channel symmetric scales, ``w ~= scale[o] * q[o, i]`` with
   ``q`` in [-127, 127]; activations, norms, routers, embedding and LM head stay in the
   model's dtype. On CPU the product of fp32 activations runs on the compiled kernels'
-  int8 ``linear`` (``mor.engine.kernels``; any number of rows, prefill included), else as
+  int8 ``linear`` (``mor.engine.kernels``; any number of rows, prefill included) unless the
+  copy was made with ``cpu_kernels=False`` (``Engine(cpu_kernels=False)``), else as
   ``torch._weight_int8pack_mm`` (50x slower here at 512 rows); elsewhere as a dequantised
   matmul.
 
@@ -43,10 +44,13 @@ def matrix_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
 
 
 class Int8Linear(nn.Module):
-    """A bias-free linear layer with int8 weights and one fp32 scale per output channel."""
+    """A bias-free linear layer with int8 weights and one fp32 scale per output channel.
+    ``use_kernels``: on CPU with fp32 activations (and no gradient to track), multiply on the
+    compiled CPU kernels when they are available (else ``torch._weight_int8pack_mm``)."""
 
-    def __init__(self, weight_q: torch.Tensor, scale: torch.Tensor):
+    def __init__(self, weight_q: torch.Tensor, scale: torch.Tensor, use_kernels: bool = True):
         super().__init__()
+        self.use_kernels = use_kernels
         self.in_features, self.out_features = weight_q.shape[1], weight_q.shape[0]
         self.register_buffer("weight_q", weight_q)
         self.register_buffer("scale", scale)
@@ -67,7 +71,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and self.scale.dtype == torch.float32
+        if (self.use_kernels and x.device.type == "cpu" and x.dtype == torch.float32
+                and self.scale.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)
                 and kernels.load() is not None):
             y = kernels.linear(x2.contiguous(), self.weight_q.contiguous(), scale=self.scale.contiguous())
         elif x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -80,8 +85,9 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
 
 
-def low_precision_copy(model: nn.Module, precision: str) -> nn.Module:
-    """A copy of ``model`` with ``precision`` decode weights (module docstring)."""
+def low_precision_copy(model: nn.Module, precision: str, cpu_kernels: bool = True) -> nn.Module:
+    """A copy of ``model`` with ``precision`` decode weights (module docstring).
+    ``cpu_kernels=False``: its int8 layers multiply with PyTorch ops only."""
     if precision not in DECODE_PRECISIONS:
         raise ValueError(f"decode_precision={precision!r} is not valid; choose one of: "
                          f"{', '.join(DECODE_PRECISIONS)} (or None for the model's own weights)")
@@ -97,7 +103,9 @@ def low_precision_copy(model: nn.Module, precision: str) -> nn.Module:
                 lin.weight.copy_(lin.weight.to(torch.bfloat16).to(lin.weight.dtype))
         return m
     for parent, name, child in matrix_linears(m):
-        setattr(parent, name, Int8Linear.from_linear(child))
+        q = Int8Linear.from_linear(child)
+        q.use_kernels = cpu_kernels
+        setattr(parent, name, q)
     return m
 
 

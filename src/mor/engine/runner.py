@@ -192,7 +192,6 @@ class ModelRunner:
                 self._klayers = [kernels.DecodeLayer(layer, cfg, kernel_weights) for layer in self.core.layers]
                 self._kdims = self._klayers[0].dims
                 self._ktables: dict[tuple, torch.Tensor] = {}  # layer run -> its weights table
-                self._router_stacks: dict[int, tuple] = {}  # routers module list -> stacked weights
                 self._lm_head = kernels.weight_copy(model.lm_head.weight, kernel_weights)
                 self._work = torch.empty(0, dtype=torch.float32)
                 self.kernels = kernels
@@ -538,22 +537,17 @@ class ModelRunner:
             out[rows] = self._route(routers[int(r)].net, x.index_select(0, rows)).squeeze(-1).float()
         return out
 
-    def _stacked_routers(self, routers) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """Linear routers' weights (N_r, d) and biases (or None) stacked; None for MLP routers.
-        On the CPU kernels built once (they read the weights as they were at engine build)."""
-        if self.kernels is not None and id(routers) in self._router_stacks:
-            return self._router_stacks[id(routers)]
+    @staticmethod
+    def _stacked_routers(routers) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Linear routers' weights (N_r, d) and biases (or None) stacked (as they are now); None
+        for MLP routers."""
         nets = [r.net for r in routers]
         if not all(isinstance(n, nn.Linear) for n in nets):
-            if self.kernels is not None:
-                self._router_stacks[id(routers)] = None
             return None
         W = torch.cat([n.weight.detach() for n in nets])
         bias = None
         if any(n.bias is not None for n in nets):
             bias = torch.cat([n.bias.detach() if n.bias is not None else torch.zeros_like(n.weight[:, 0]) for n in nets])
-        if self.kernels is not None:
-            self._router_stacks[id(routers)] = (W, bias)
         return W, bias
 
     def _route(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
