@@ -99,9 +99,11 @@ def test_cached_greedy_equals_uncached_forward(case, schedule):
 @pytest.mark.parametrize("ratio", [0.0, 1e9], ids=["split", "merged"])
 def test_attention_split_per_depth_or_merged_agree(ratio, monkeypatch):
     """Tokens at different depths attend to different caches: one attention call per cache
-    group, or one padded call for the whole batch; both equal the uncached forward."""
+    group, or one padded call for the whole batch; both equal the uncached forward. (The
+    PyTorch path's plan: the CPU kernels always read each row's own blocks in one call.)"""
     model = build(tiny("mor", num_recursions=4, num_hidden_layers=10, capacities=[1.0, 0.7, 0.5, 0.3]), seed=2)
-    eng = Engine(model, max_batch=4, block_size=4, attention_merge_ratio=ratio, record_logits=True)
+    eng = Engine(model, max_batch=4, block_size=4, attention_merge_ratio=ratio, record_logits=True,
+                 cpu_kernels=False)
     calls = []
     plan = eng.runner._plan_attention
     monkeypatch.setattr(eng.runner, "_plan_attention", lambda *a: calls.append(len(r := plan(*a))) or r)

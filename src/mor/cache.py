@@ -156,7 +156,10 @@ class KVPool:
         self._free = np.arange(num_blocks - 1, 0, -1, dtype=np.int64)  # a stack; block 0 reserved
         self._nfree = num_blocks - 1
         G = layout.num_groups
-        self.tables = [np.zeros((max_seqs, self.max_blocks, n), dtype=np.int64) for n in layout.layers]
+        # one (groups, seqs, blocks, most layers) array, so that rows of different groups can be
+        # addressed in one NumPy operation; tables[g] is group g's view (its own layer count)
+        self._table = np.zeros((G, max_seqs, self.max_blocks, max(layout.layers, default=1)), dtype=np.int64)
+        self.tables = [self._table[g, :, :, :n] for g, n in enumerate(layout.layers)]
         self.nblocks = np.zeros((G, max_seqs), dtype=np.int64)  # logical blocks owned
         self.lens = np.zeros((G, max_seqs), dtype=np.int64)  # tokens written (read-only outside the pool)
         self.peak_used = 0
@@ -300,6 +303,25 @@ class KVPool:
         if padded:
             rows[idx < 0] = 0
         return rows
+
+    def row_index_groups(self, groups: np.ndarray, seqs: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """``row_index`` for rows of different groups at once: entry ``idx[i]`` (>= 0) of
+        sequence ``seqs[i]`` in group ``groups[i]``, (n, most layers) physical rows (columns
+        past a group's layer count are not meaningful)."""
+        groups, seqs, idx = (np.asarray(a, dtype=np.int64) for a in (groups, seqs, idx))
+        blocks = idx // self.block_size
+        if (blocks >= self.nblocks[groups, seqs]).any() or (idx < 0).any():
+            raise RuntimeError("KV write outside the blocks a sequence owns (ensure() was not called)")
+        return self._table[groups, seqs, blocks] * self.block_size + (idx % self.block_size)[:, None]
+
+    def block_table_groups(self, groups: np.ndarray, seqs: np.ndarray, num_blocks: int) -> np.ndarray:
+        """``block_table`` for rows of different groups at once: (n, num_blocks, most layers)."""
+        return self._table[np.asarray(groups, dtype=np.int64)[:, None], np.asarray(seqs, dtype=np.int64)[:, None],
+                           np.arange(num_blocks)[None, :]]
+
+    def num_tokens_groups(self, groups: np.ndarray, seqs: np.ndarray) -> np.ndarray:
+        """``num_tokens`` for rows of different groups at once."""
+        return self.lens[np.asarray(groups, dtype=np.int64), np.asarray(seqs, dtype=np.int64)]
 
     def block_table(self, group: int, seqs: np.ndarray, num_blocks: int) -> np.ndarray:
         """(len(seqs), num_blocks, layers) physical block ids (0 beyond a sequence's blocks)."""

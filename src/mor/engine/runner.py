@@ -154,6 +154,9 @@ class ModelRunner:
         self.written = np.zeros((self.layout.num_groups, max_seqs), dtype=np.int64)
         self.prefix, self.chunks, self.suffix = cfg.structure()
         self.num_recursions = len(self.chunks)
+        # recursion -> the cache group it writes (-1: none) / reads, as arrays for whole batches
+        self._rec_write = np.array([-1 if g is None else g for g in self.layout.rec_write], dtype=np.int64)
+        self._rec_read = np.array(self.layout.rec_read, dtype=np.int64)
         self.merge_ratio = merge_ratio
         if cfg.architecture == "vanilla":
             self.kind = "vanilla"
@@ -612,26 +615,28 @@ class ModelRunner:
         cos, sin = self._rope(positions[:, None])
         bounds = np.flatnonzero(np.diff(recs)) + 1
         ranges = list(zip([0, *bounds.tolist()], [*bounds.tolist(), n]))  # rows of each recursion
-        # cache plan: writes (rows with a write group come first: r=0 in shared mode)
-        n_write = 0
-        rows_parts, segs = [], []
-        for a, b in ranges:
-            r = int(recs[a])
-            write_group, read_group = self.layout.rec_write[r], self.layout.rec_read[r]
-            sl = slots[a:b]
-            if write_group is not None:
-                cidx = self._cache_index(write_group, sl)
-                rows_parts.append(self.pool.row_index(write_group, sl, cidx))
-                n_write = b
-                qidx = cidx
-            else:
-                qidx = positions[a:b]
-            if segs and self.layout.rec_read[int(recs[segs[-1][0]])] == read_group:
-                segs[-1] = (segs[-1][0], b, np.r_[segs[-1][2], qidx])
-            else:
-                segs.append((a, b, qidx))
-        rows_all = self._long(np.concatenate(rows_parts)) if rows_parts else None
-        segments = self._plan_attention(segs, recs, slots)
+        # cache plan: writes (rows with a write group come first: r=0 in shared mode); each row
+        # writes entry cidx of its write group and attends to its read group up to qidx
+        write_group, read_group = self._rec_write[recs], self._rec_read[recs]
+        n_write = int((write_group >= 0).sum())
+        qidx = positions.copy()
+        rows_all = None
+        if n_write:
+            wg, ws = write_group[:n_write], slots[:n_write]
+            cidx = self.pool.num_tokens_groups(wg, ws) + self.written[wg, ws]
+            rows_all = self._long(self.pool.row_index_groups(wg, ws, cidx)[:, :len(self.chunks[0])])
+            qidx[:n_write] = cidx
+        if self.kernels is not None:  # one segment: each row reads its own group's blocks up to its qidx
+            nb = int(qidx.max()) // self.pool.block_size + 1
+            segments = [self._make_segment(self.pool.block_table_groups(read_group, slots, nb), qidx[:, None], 0, n)]
+        else:
+            segs = []
+            for a, b in ranges:
+                if segs and read_group[segs[-1][0]] == read_group[a]:
+                    segs[-1] = (segs[-1][0], b)
+                else:
+                    segs.append((a, b))
+            segments = self._plan_attention([(a, b, qidx[a:b]) for a, b in segs], recs, slots)
         # the shared block: for each layer position j, the runs of rows that use the same unique
         # layer (one run under Cycle / Middle-Cycle sharing: then the whole block in one call)
         x = x_in[:, None, :]
@@ -666,10 +671,8 @@ class ModelRunner:
             is_last = (self.token_depth.index_select(0, st) == self._long(recs) + 1)[:, None]
             first = self.h_first.index_select(0, st)
         self.h.index_copy_(0, st, combine(cfg, x_in, y, gate, is_last, first))
-        for a, b in ranges:
-            write_group = self.layout.rec_write[int(recs[a])]
-            if write_group is not None:
-                self.written[write_group, slots[a:b]] += 1
+        if n_write:
+            self.written[write_group[:n_write], slots[:n_write]] += 1
 
     @torch.no_grad()
     def finish(self, slots: np.ndarray, positions: np.ndarray) -> torch.Tensor:
