@@ -749,3 +749,24 @@ def test_a_damaged_cached_library_is_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels, "_reason", None)
     assert kernels.load() is not None, kernels.unavailable_reason()
     assert path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["kernels", "torch"])
+def test_engine_sees_in_place_router_updates(on):
+    """The routers' stacked weights are rebuilt when a router parameter changes in place: the
+    same engine then routes like a fresh one (as the decode layers, which read the weights'
+    memory, see in-place updates too)."""
+    model = build(tiny("mor"), seed=1)
+
+    def run(eng):
+        eng.add_request([5], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+        return eng.run_until_done()[0].depths
+
+    eng = Engine(model, max_batch=2, block_size=4, cpu_kernels=on)
+    before = run(eng)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "router" in name:
+                p.mul_(-50.0)
+    after = run(eng)
+    assert after == run(Engine(model, max_batch=2, block_size=4, cpu_kernels=on)) and after != before
