@@ -368,7 +368,7 @@ def test_decode_layers_runs_a_stack_as_its_layers_one_by_one(nl):
     strided (rows, layers) view) reading its own layer ``j0 + l`` of the block tables."""
     cfg = tiny_config("vanilla", num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
     model = build(cfg, seed=5)
-    H, KV, hd, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+    KV, hd, D = cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
     M, n_write, bs, nb, group_layers, j0 = 6, 4, 4, 2, 4, 4 - nl
     g = gen(12)
     num_blocks = M * nb * group_layers
