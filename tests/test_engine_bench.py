@@ -68,3 +68,26 @@ def test_bench_infer_cli_reports_rows_and_json(capsys):
     assert {c["setting"] for c in s["comparisons"]} == {"batch", "max"}
     assert all(c["speedup"] > 0 for c in s["comparisons"])
     assert s["hf"] and s["hf"][0]["hf_tokens_per_s"] > 0 and s["hf"][0]["ratio"] > 0
+
+
+def test_bench_infer_repeats_run_in_rounds_over_every_configuration(capsys, monkeypatch):
+    """``--repeats N``: every configuration once per round, N rounds (a machine whose speed
+    drifts slows all of them alike), the fastest run of each reported."""
+    from mor.bench import infer as infer_mod
+    from mor.cli import main
+
+    calls, real = [], infer_mod.run_engine
+
+    def counting(model, *a, **kw):
+        calls.append((model.config.architecture, kw["batch"]))
+        return real(model, *a, **kw)
+
+    monkeypatch.setattr(infer_mod, "run_engine", counting)
+    rc = main(["bench", "infer", "--preset", "tiny", "--recursions", "2", "--mean-len", "6", "--batch", "3",
+               "--skip-max", "--hf", "none", "--calib-seqs", "2", "--threads", "1", "--repeats", "3"])
+    assert rc == 0
+    assert calls == [("vanilla", 3), ("mor", 3)] * 3
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    m = next(r for r in s["rows"] if r["model"] == "MoR-2")
+    v = next(r for r in s["rows"] if r["kind"] == "vanilla")
+    assert m["speedup"] == pytest.approx(m["tokens_per_s"] / v["tokens_per_s"])
