@@ -6,7 +6,8 @@ contenders interleaved (the machine is shared and its speed drifts). This script
 ``--models`` entry with this checkout's code, and runs the same steady decode on both
 engines in turn, ``--rounds`` times: ``--warmup`` steps, then ``--steps`` timed steps of
 ``--batch`` sequences (the ``mor bench infer --profile`` workload: unprompted, temperature 1;
-MoR expert-choice with calibrated routers). For each engine it reports the best round's
+MoR expert-choice with calibrated routers). For each engine it reports, each the best over
+the rounds,
 
 * tokens per second (wall clock), and
 * host CPU ms per step: the main thread's CPU time outside the compiled CPU kernels' calls

@@ -91,3 +91,28 @@ def test_bench_infer_repeats_run_in_rounds_over_every_configuration(capsys, monk
     m = next(r for r in s["rows"] if r["model"] == "MoR-2")
     v = next(r for r in s["rows"] if r["kind"] == "vanilla")
     assert m["speedup"] == pytest.approx(m["tokens_per_s"] / v["tokens_per_s"])
+
+
+def test_bench_infer_runs_every_checkpoint_even_with_the_same_name(tmp_path, capsys, monkeypatch):
+    """Two MoR checkpoints with the same N_r (both named MoR-2 in the table) are both run and
+    compared; their vanilla partner runs once per round."""
+    from helpers import build
+    from mor.bench import infer as infer_mod
+    from mor.checkpoint import save_checkpoint
+    from mor.cli import main
+
+    kw = dict(vocab_size=97, max_position_embeddings=128)
+    a = build(preset("tiny", "mor", num_recursions=2, router_type="expert", **kw), seed=1)
+    b = build(preset("tiny", "mor", num_recursions=2, router_type="token", **kw), seed=2)
+    v = build(preset("tiny", "vanilla", num_hidden_layers=a.config.num_hidden_layers, **kw), seed=3)
+    for name, m in (("a", a), ("b", b), ("v", v)):
+        save_checkpoint(tmp_path / name, m)
+    calls, real = [], infer_mod.run_engine
+    monkeypatch.setattr(infer_mod, "run_engine", lambda model, *x, **k: calls.append(
+        model.config.router_type if model.config.architecture == "mor" else "vanilla") or real(model, *x, **k))
+    rc = main(["bench", "infer", "--mor-checkpoint", str(tmp_path / "a"), "--mor-checkpoint", str(tmp_path / "b"),
+               "--vanilla-checkpoint", str(tmp_path / "v"), "--mean-len", "6", "--batch", "2", "--skip-max",
+               "--hf", "none", "--threads", "1"])
+    assert rc == 0 and calls == ["vanilla", "expert", "token"]
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["kind"] for r in s["rows"]] == ["vanilla", "mor", "mor"] and len(s["comparisons"]) == 2

@@ -770,3 +770,8 @@ def test_engine_sees_in_place_router_updates(on):
                 p.mul_(-50.0)
     after = run(eng)
     assert after == run(Engine(model, max_batch=2, block_size=4, cpu_kernels=on)) and after != before
+    for name, p in model.named_parameters():  # through .data: no version bump, still seen
+        if "router" in name:
+            p.data.mul_(-0.02)
+    again = run(eng)
+    assert again == run(Engine(model, max_batch=2, block_size=4, cpu_kernels=on)) == before

@@ -129,3 +129,8 @@ def test_profile_engines_interleaves_windows_and_keeps_each_fastest(monkeypatch)
     assert order == ["a", "b"] * 3
     assert a.step_s == pytest.approx(0.5) and b.step_s == pytest.approx(2.0) and a.tokens_per_step == 2
     assert ops_for == ["b"]
+    # "fastest" = most tokens per second: MoR's short steps may be the ones that make few tokens
+    windows = iter([(1.0, 1), (2.0, 6), (1.5, 2)])
+    monkeypatch.setattr(prof_mod, "time_phases", lambda e, s: (lambda w, t: ({"schedule": 0.0}, w, 2, t))(*next(windows)))
+    (c,) = prof_mod.profile_engines(["c"], steps=2, ops=False, repeats=3)
+    assert c.tokens_per_step == 3 and c.step_s == pytest.approx(1.0)

@@ -309,6 +309,8 @@ class KVPool:
         sequence ``seqs[i]`` in group ``groups[i]``, (n, most layers) physical rows (columns
         past a group's layer count are not meaningful)."""
         groups, seqs, idx = (np.asarray(a, dtype=np.int64) for a in (groups, seqs, idx))
+        if groups.size and groups.min() < 0:
+            raise ValueError("row_index_groups: a row without a cache group (group < 0)")
         blocks = idx // self.block_size
         if (blocks >= self.nblocks[groups, seqs]).any() or (idx < 0).any():
             raise RuntimeError("KV write outside the blocks a sequence owns (ensure() was not called)")

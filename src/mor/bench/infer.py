@@ -445,7 +445,7 @@ def benchmark(settings: InferBench) -> dict:
     specs: dict[tuple, dict] = {}  # configuration -> what to run (insertion order = report order)
 
     def plan(entry: Entry, setting: str, batch: int, schedule: str, budget: int | None, partner: str) -> tuple:
-        key = (entry.name, setting, batch, schedule)
+        key = (id(entry), setting, batch, schedule)  # by entry: two checkpoints may share a name
         if key not in specs:
             wl = lengths.get((setting, batch)) or _workload(math.ceil(per_slot * batch), settings.mean_len,
                                                             settings.len_spread, settings.seed)

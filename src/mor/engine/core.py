@@ -135,8 +135,9 @@ class Engine:
     ``schedule``: "depth" (depth-wise batching), "sequence", or "auto" (depth for MoR,
     sequence otherwise). ``tokenizer`` (a ``tokenizers.Tokenizer``) enables text prompts,
     text outputs and stop strings. ``attention_merge_ratio``: tokens at different depths read
-    different caches; they share one attention call when padding to the longest costs less
-    than this factor times separate calls (0: always separate). ``record_logits`` keeps each
+    different caches; on PyTorch ops they share one attention call when padding to the longest
+    costs less than this factor times separate calls (0: always separate); the CPU kernels
+    always make one call, reading only each row's own blocks. ``record_logits`` keeps each
     sampled token's logits in the outputs (tests, analysis). ``decode_precision`` ("bf16",
     "fp16", "int8", "bf16-weights"; default None = the model's own weights, exact): the engine runs a
     low-precision copy of the model (``mor.engine.quant``); the caller's model is untouched.

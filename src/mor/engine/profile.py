@@ -156,8 +156,8 @@ def profile_ops(engine, steps: int) -> tuple[dict[str, float], dict[str, float],
 def profile_engine(engine, steps: int = 16, ops: bool = True, repeats: int = 1) -> StepProfile:
     """Both views over ``steps`` steps each (phases first, then ops), per-step averages.
     The engine should be in steady decode (requests admitted, prompts prefilled). With
-    ``repeats`` > 1 the phases view is the fastest of that many consecutive windows (a busy
-    machine only ever slows a window down)."""
+    ``repeats`` > 1 the phases view is the fastest (most tokens per second) of that many
+    consecutive windows (a busy machine only ever slows a window down)."""
     return profile_engines([engine], steps, ops, repeats)[0]
 
 
@@ -166,14 +166,19 @@ def profile_engines(engines: list, steps: int = 16, ops: bool | list[bool] = Tru
     """``profile_engine`` for several engines side by side: their timed windows interleaved,
     one window of each per round for ``repeats`` rounds, the fastest window of each counting,
     so that a machine whose speed drifts (a shared VM) slows them alike and their ratio holds.
+    "Fastest" is the most tokens per second (MoR's steps do not all make the same number of
+    tokens, so the shortest steps are not the most productive ones).
     ``ops``: whether to take the profiler view, for all engines or per engine."""
     want_ops = list(ops) if isinstance(ops, (list, tuple)) else [ops] * len(engines)
+    def rate(window) -> float:  # tokens per second of a window (0 for an empty one)
+        _, wall, n, tokens = window
+        return tokens / wall if n and wall > 0 else 0.0
+
     best: list[tuple | None] = [None] * len(engines)
     for _ in range(max(1, repeats)):
         for i, engine in enumerate(engines):
             window = time_phases(engine, steps)
-            _, wall, n, _ = window
-            if best[i] is None or (n and (not best[i][2] or wall / n < best[i][1] / best[i][2])):
+            if best[i] is None or rate(window) > rate(best[i]):
                 best[i] = window
     out = []
     for engine, (phases, wall, n, tokens), with_ops in zip(engines, best, want_ops):

@@ -158,7 +158,6 @@ class ModelRunner:
         self._rec_write = np.array([-1 if g is None else g for g in self.layout.rec_write], dtype=np.int64)
         self._rec_read = np.array(self.layout.rec_read, dtype=np.int64)
         self.merge_ratio = merge_ratio
-        self._router_stacks: dict[int, tuple] = {}  # routers module list -> (parameter key, stacked weights)
         if cfg.architecture == "vanilla":
             self.kind = "vanilla"
         elif cfg.architecture == "recursive":
@@ -541,23 +540,17 @@ class ModelRunner:
             out[rows] = self._route(routers[int(r)].net, x.index_select(0, rows)).squeeze(-1).float()
         return out
 
-    def _stacked_routers(self, routers) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """Linear routers' weights (N_r, d) and biases (or None) stacked as they are now; None
-        for MLP routers. Kept between calls while every router parameter is the same tensor at
-        the same version (an in-place update or a replaced parameter makes a new stack)."""
+    @staticmethod
+    def _stacked_routers(routers) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Linear routers' weights (N_r, d) and biases (or None) stacked as they are now (a few
+        microseconds per call; a cached stack would miss ``.data`` updates); None for MLP routers."""
         nets = [r.net for r in routers]
         if not all(isinstance(n, nn.Linear) for n in nets):
             return None
-        params = [p for n in nets for p in (n.weight, n.bias) if p is not None]
-        key = tuple((id(p), p.data_ptr(), p._version) for p in params)
-        hit = self._router_stacks.get(id(routers))
-        if hit is not None and hit[0] == key:
-            return hit[1]
         W = torch.cat([n.weight.detach() for n in nets])
         bias = None
         if any(n.bias is not None for n in nets):
             bias = torch.cat([n.bias.detach() if n.bias is not None else torch.zeros_like(n.weight[:, 0]) for n in nets])
-        self._router_stacks[id(routers)] = (key, (W, bias))
         return W, bias
 
     def _route(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
