@@ -298,7 +298,7 @@ static void attend_one(const float *qv, int64_t g, int64_t KV, int64_t hd, const
 
 /* ------------------------------------------------------------------ profiling counters */
 /* seconds per phase, accumulated while profiling is on (mor_profile): the phases of
- * mor_decode_layer (measured by thread 0 after each barrier, so a phase includes waiting for
+ * each layer of mor_decode_layers (measured by thread 0 after each barrier, so a phase includes waiting for
  * the slowest thread) and mor_linear calls. Names in kernels.py PROFILE_PHASES. */
 #define NPHASE 9
 static double prof_s[NPHASE];
