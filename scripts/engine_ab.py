@@ -42,7 +42,10 @@ KERNEL_CALLS = ("decode_layers", "linear", "linear_silu_mul", "rms_norm", "rope_
 
 def load_revision(rev: str, into: Path):
     """``src/mor`` at git revision ``rev`` as the package ``mor_base`` (its engine module)."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src/mor"], capture_output=True, check=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src/mor"], capture_output=True)
+    if archive.returncode != 0:
+        raise SystemExit(f"engine_ab: --base {rev!r} is not a revision with src/mor in {ROOT}: "
+                         f"{archive.stderr.decode(errors='replace').strip()}")
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
     (into / "src" / "mor").rename(into / "mor_base")
     sys.path.insert(0, str(into))

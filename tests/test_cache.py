@@ -77,23 +77,26 @@ def test_pool_allocates_frees_and_trims():
 
 
 def test_pool_addresses_rows_of_many_groups_at_once_like_one_group_at_a_time():
-    """``row_index_groups`` / ``block_table_groups`` / ``num_tokens_groups`` (one NumPy call for
-    rows of different groups, the engine's shared-block step) equal the per-group calls, and
-    refuse entries beyond the blocks a sequence owns; ``ensure_one_more`` gives room like ``ensure``."""
+    """``row_index`` / ``block_table`` / ``num_tokens`` with one group per row (one NumPy call
+    for rows of different groups, the engine's shared-block step) equal the per-group calls,
+    and refuse entries beyond the blocks a sequence owns or rows without a group;
+    ``ensure_one_more`` gives room like ``ensure``."""
     pool = small_pool()
     pool.ensure(1, np.array([0, 2]), np.array([5, 3]))
     pool.ensure(2, np.array([1]), np.array([2]))
     pool.add_tokens(1, [0, 2], np.array([4, 2]))
     groups, seqs, idx = np.array([1, 2, 1]), np.array([0, 1, 2]), np.array([4, 1, 2])
-    rows = pool.row_index_groups(groups, seqs, idx)
+    rows = pool.row_index(groups, seqs, idx)
     for i in range(3):
         assert rows[i, :2].tolist() == pool.row_index(groups[i], seqs[i:i + 1], idx[i:i + 1])[0].tolist()
-    blocks = pool.block_table_groups(groups, seqs, 2)
+    blocks = pool.block_table(groups, seqs, 2)
     for i in range(3):
         assert blocks[i, :, :2].tolist() == pool.block_table(groups[i], seqs[i:i + 1], 2)[0].tolist()
-    assert pool.num_tokens_groups(groups, seqs).tolist() == [4, 0, 2]
+    assert pool.num_tokens(groups, seqs).tolist() == [4, 0, 2]
     with pytest.raises(RuntimeError, match="ensure"):
-        pool.row_index_groups(np.array([2]), np.array([1]), np.array([4]))  # seq 1 owns one block of group 2
+        pool.row_index(np.array([2]), np.array([1]), np.array([4]))  # seq 1 owns one block of group 2
+    with pytest.raises(ValueError, match="without a cache group"):
+        pool.row_index(np.array([-1]), np.array([1]), np.array([0]))
     before = pool.used_blocks
     pool.ensure_one_more(1, np.array([0, 2]))  # 5th and 3rd entries: room already
     assert pool.used_blocks == before

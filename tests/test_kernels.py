@@ -309,6 +309,25 @@ def test_engine_sampling_on_kernels_follows_the_torch_rule():
 
 
 # ------------------------------------------------------------------ one whole decoder layer
+@torch.no_grad()
+def layer_reference(L, cfg, x, cos, sin, n_write, rows, kc, vc, blocks, j, qidx):
+    """The model's decoder-layer modules on one token per row (x (M, D)), K/V of the first
+    ``n_write`` rows stored at cache ``rows`` of kc / vc (in place), attention through
+    ``paged_reference`` at layer ``j`` of ``blocks`` up to ``qidx``: the layer's output."""
+    at = L.self_attn
+    H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    M = x.shape[0]
+    a = L.input_layernorm(x)
+    q = apply_rope(at.q_proj(a).view(M, H, hd), cos[:, None], sin[:, None]).reshape(M, H * hd)
+    if n_write:
+        k = apply_rope(at.k_proj(a[:n_write]).view(n_write, KV, hd), cos[:n_write, None], sin[:n_write, None])
+        kc.view(-1, KV, hd)[rows] = k
+        vc.view(-1, KV, hd)[rows] = at.v_proj(a[:n_write]).view(n_write, KV, hd)
+    o = paged_reference(q, H, KV, kc, vc, blocks, j, qidx[:, 0])
+    h = x + at.o_proj(o)
+    return h + L.mlp(L.post_attention_layernorm(h))
+
+
 def test_decode_layer_matches_the_model_layer_math():
     """``DecodeLayer`` (one token per row) equals the model's decoder-layer modules: norm,
     q/k/v projections, RoPE, K/V stored at the given cache rows for the first ``n_write`` rows
@@ -318,8 +337,7 @@ def test_decode_layer_matches_the_model_layer_math():
     cfg = tiny_config("mor", num_attention_heads=4, num_key_value_heads=2)
     model = build(cfg, seed=3)
     L = model.model.layers[2]
-    at = L.self_attn
-    H, KV, hd, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+    KV, hd, D = cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
     M, n_write, bs, nb, layers, j = 5, 3, 4, 3, 2, 1
     g = gen(11)
     num_blocks = 2 * M * nb * layers
@@ -339,17 +357,8 @@ def test_decode_layer_matches_the_model_layer_math():
     kc, vc = kc0.clone(), vc0.clone()
     out = layer(x, cos, sin, n_write, rows, kc, vc, table, j, torch.empty(layer.work_floats(M)))
 
-    with torch.no_grad():
-        a = L.input_layernorm(x)
-        q = apply_rope(at.q_proj(a).view(M, H, hd), cos[:, None], sin[:, None]).reshape(M, H * hd)
-        k = apply_rope(at.k_proj(a[:n_write]).view(n_write, KV, hd), cos[:n_write, None], sin[:n_write, None])
-        v = at.v_proj(a[:n_write]).view(n_write, KV, hd)
-        kr, vr = kc0.clone(), vc0.clone()
-        kr.view(-1, KV, hd)[rows] = k
-        vr.view(-1, KV, hd)[rows] = v
-        o = paged_reference(q, H, KV, kr, vr, blocks, j, qidx[:, 0])
-        h = x + at.o_proj(o)
-        ref = h + L.mlp(L.post_attention_layernorm(h))
+    kr, vr = kc0.clone(), vc0.clone()
+    ref = layer_reference(L, cfg, x, cos, sin, n_write, rows, kr, vr, blocks, j, qidx)
     torch.testing.assert_close(kc, kr, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(vc, vr, atol=1e-5, rtol=1e-5)
     changed = (kc != kc0).flatten(2).any(-1)  # only the n_write rows' entries were written
@@ -382,9 +391,15 @@ def test_decode_layers_runs_a_stack_as_its_layers_one_by_one(nl):
     seg = kernels.segment_table([SimpleNamespace(a=0, b=M, blocks=blocks, qidx=qidx)])
     layers = [kernels.DecodeLayer(model.model.layers[u], cfg) for u in range(4 - nl, 4)]
     work = torch.empty(layers[0].work_floats(M))
-    kc, vc, y = kc0.clone(), vc0.clone(), x
+    kr, vr, ref = kc0.clone(), vc0.clone(), x  # the model's layer modules, one after another
+    for i, u in enumerate(range(4 - nl, 4)):
+        ref = layer_reference(model.model.layers[u], cfg, ref, cos, sin, n_write, rows[:, j0 + i], kr, vr, blocks,
+                              j0 + i, qidx)
+    kc, vc, y = kc0.clone(), vc0.clone(), x  # the kernels, one layer per call
     for i, layer in enumerate(layers):
         y = layer(y, cos, sin, n_write, rows[:, j0 + i].contiguous(), kc, vc, seg, j0 + i, work)
+    torch.testing.assert_close(y, ref, atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(kc, kr, atol=1e-5, rtol=1e-5)
     table = torch.tensor([layer.row for layer in layers])
     view = rows[:, j0:]  # (n_write, nl) with row stride group_layers
     for nt in (1, 2):
@@ -392,6 +407,7 @@ def test_decode_layers_runs_a_stack_as_its_layers_one_by_one(nl):
         with threads(nt):
             out = kernels.decode_layers(table, layers[0].dims, x, cos, sin, n_write, view, view.stride(0), kc2, vc2,
                                         seg, j0, torch.empty(layers[0].work_floats(M) + 5))
+        # the stack in one call: bit for bit the layers called one by one
         assert torch.equal(out, y) and torch.equal(kc2, kc) and torch.equal(vc2, vc)
     with pytest.raises(ValueError, match="work holds"):
         kernels.decode_layers(table, layers[0].dims, x, cos, sin, n_write, view, view.stride(0), kc2, vc2, seg, j0,
@@ -410,6 +426,11 @@ def test_decode_layers_runs_a_stack_as_its_layers_one_by_one(nl):
         y = layer(y, cos, sin, 0, None, kc3, vc3, seg, j0 + i, work)
     out = kernels.decode_layers(table, layers[0].dims, x, cos, sin, 0, None, 0, kc3, vc3, seg, j0, work)
     assert torch.equal(out, y) and torch.equal(kc3, kc0) and torch.equal(vc3, vc0)
+    ref = x
+    for i, u in enumerate(range(4 - nl, 4)):
+        ref = layer_reference(model.model.layers[u], cfg, ref, cos, sin, 0, None, kc0.clone(), vc0.clone(), blocks,
+                              j0 + i, qidx)
+    torch.testing.assert_close(out, ref, atol=5e-5, rtol=1e-4)
 
 
 # ------------------------------------------------------------------ the engine on the kernels

@@ -193,8 +193,9 @@ class KVPool:
         """Blocks a sequence of ``tokens`` tokens needs if every token enters every recursion."""
         return self.blocks_for([tokens] * self.layout.num_groups)
 
-    def num_tokens(self, group: int, seqs: np.ndarray) -> np.ndarray:
-        """Tokens written so far in ``group`` by each sequence (the cache index of the next)."""
+    def num_tokens(self, group, seqs: np.ndarray) -> np.ndarray:
+        """Tokens written so far in ``group`` (one group, or one per sequence) by each sequence
+        (the cache index of the next)."""
         return self.lens[group, np.asarray(seqs, dtype=np.int64)]
 
     def restart_peaks(self) -> None:
@@ -284,50 +285,41 @@ class KVPool:
             self.lens[g, seq] = 0
 
     # .................................................................. addressing
-    def row_index(self, group: int, seqs: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    def row_index(self, group, seqs: np.ndarray, idx: np.ndarray) -> np.ndarray:
         """Physical row (block * block_size + offset) of cache entry ``idx`` of each sequence,
-        for every layer of the group: shape idx.shape + (layers,). Negative ``idx`` (padding)
-        maps to row 0 of the reserved block."""
+        for every layer: shape idx.shape + (layers,). ``group``: one group (its layer count), or
+        one group per sequence (an (n,) array: the most layers of any group; columns past a
+        row's own group count are not meaningful). Negative ``idx`` (padding) maps to row 0 of
+        the reserved block."""
+        per_row = np.ndim(group) > 0
+        groups = np.asarray(group, dtype=np.int64)
+        if groups.size and groups.min() < 0:
+            raise ValueError("row_index: a row without a cache group (group < 0)")
         seqs = np.asarray(seqs, dtype=np.int64)
         idx = np.asarray(idx, dtype=np.int64)
-        seq_idx = seqs.reshape(seqs.shape + (1,) * (idx.ndim - seqs.ndim))
+        extra = (1,) * (idx.ndim - seqs.ndim)
+        seq_idx = seqs.reshape(seqs.shape + extra)
+        group_idx = groups.reshape(groups.shape + extra) if per_row else groups
         padded = idx.size and idx.min() < 0
         safe = np.where(idx < 0, 0, idx) if padded else idx
         blocks = safe // self.block_size
-        beyond = blocks >= self.nblocks[group, seq_idx]
+        beyond = blocks >= self.nblocks[group_idx, seq_idx]
         if padded:
             beyond &= idx >= 0
         if beyond.any():
             raise RuntimeError("KV write outside the blocks a sequence owns (ensure() was not called)")
-        rows = self.tables[group][seq_idx, blocks] * self.block_size + (safe % self.block_size)[..., None]
+        rows = self._table[group_idx, seq_idx, blocks] * self.block_size + (safe % self.block_size)[..., None]
         if padded:
             rows[idx < 0] = 0
-        return rows
+        return rows if per_row else rows[..., :self.layout.layers[group]]
 
-    def row_index_groups(self, groups: np.ndarray, seqs: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        """``row_index`` for rows of different groups at once: entry ``idx[i]`` (>= 0) of
-        sequence ``seqs[i]`` in group ``groups[i]``, (n, most layers) physical rows (columns
-        past a group's layer count are not meaningful)."""
-        groups, seqs, idx = (np.asarray(a, dtype=np.int64) for a in (groups, seqs, idx))
-        if groups.size and groups.min() < 0:
-            raise ValueError("row_index_groups: a row without a cache group (group < 0)")
-        blocks = idx // self.block_size
-        if (blocks >= self.nblocks[groups, seqs]).any() or (idx < 0).any():
-            raise RuntimeError("KV write outside the blocks a sequence owns (ensure() was not called)")
-        return self._table[groups, seqs, blocks] * self.block_size + (idx % self.block_size)[:, None]
-
-    def block_table_groups(self, groups: np.ndarray, seqs: np.ndarray, num_blocks: int) -> np.ndarray:
-        """``block_table`` for rows of different groups at once: (n, num_blocks, most layers)."""
-        return self._table[np.asarray(groups, dtype=np.int64)[:, None], np.asarray(seqs, dtype=np.int64)[:, None],
-                           np.arange(num_blocks)[None, :]]
-
-    def num_tokens_groups(self, groups: np.ndarray, seqs: np.ndarray) -> np.ndarray:
-        """``num_tokens`` for rows of different groups at once."""
-        return self.lens[np.asarray(groups, dtype=np.int64), np.asarray(seqs, dtype=np.int64)]
-
-    def block_table(self, group: int, seqs: np.ndarray, num_blocks: int) -> np.ndarray:
-        """(len(seqs), num_blocks, layers) physical block ids (0 beyond a sequence's blocks)."""
-        return self.tables[group][np.asarray(seqs, dtype=np.int64), :num_blocks]
+    def block_table(self, group, seqs: np.ndarray, num_blocks: int) -> np.ndarray:
+        """(len(seqs), num_blocks, layers) physical block ids (0 beyond a sequence's blocks);
+        ``group`` one group or one per sequence (as in ``row_index``)."""
+        seqs = np.asarray(seqs, dtype=np.int64)
+        if np.ndim(group) == 0:
+            return self.tables[group][seqs, :num_blocks]
+        return self._table[np.asarray(group, dtype=np.int64)[:, None], seqs[:, None], np.arange(num_blocks)[None, :]]
 
     def stats(self) -> dict:
         return {

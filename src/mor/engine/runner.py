@@ -254,8 +254,9 @@ class ModelRunner:
         return out
 
     # .................................................................. one layer
-    def _cache_index(self, group: int, slots: np.ndarray) -> np.ndarray:
-        """Index of the next entry of each slot in ``group``: recorded plus written this step."""
+    def _cache_index(self, group, slots: np.ndarray) -> np.ndarray:
+        """Index of the next entry of each slot in ``group`` (one group, or one per slot):
+        recorded plus written this step."""
         return self.pool.num_tokens(group, slots) + self.written[group, slots]
 
     def _attend(self, q: torch.Tensor, seg: AttentionSegment, j: int) -> torch.Tensor:
@@ -624,12 +625,12 @@ class ModelRunner:
         rows_all = None
         if n_write:
             wg, ws = write_group[:n_write], slots[:n_write]
-            cidx = self.pool.num_tokens_groups(wg, ws) + self.written[wg, ws]
-            rows_all = self._long(self.pool.row_index_groups(wg, ws, cidx)[:, :len(self.chunks[0])])
+            cidx = self._cache_index(wg, ws)
+            rows_all = self._long(self.pool.row_index(wg, ws, cidx)[:, :len(self.chunks[0])])
             qidx[:n_write] = cidx
         if self.kernels is not None:  # one segment: each row reads its own group's blocks up to its qidx
             nb = int(qidx.max()) // self.pool.block_size + 1
-            segments = [self._make_segment(self.pool.block_table_groups(read_group, slots, nb), qidx[:, None], 0, n)]
+            segments = [self._make_segment(self.pool.block_table(read_group, slots, nb), qidx[:, None], 0, n)]
         else:
             segs = []
             for a, b in ranges:
