@@ -221,6 +221,39 @@ def test_engine_bf16_on_cuda(arch, kw):
     assert agree >= 0.8
 
 
+GRAPH_CASES = ENGINE_CASES + [("mor", dict(sharing="middle_sequence"))]  # + a block that varies by depth
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("arch,kw", GRAPH_CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(GRAPH_CASES)])
+def test_cuda_graphs_equal_eager_launches(arch, kw):
+    """Decode calls replayed from CUDA graphs give the eager launches' tokens and logits (fp32,
+    TF32 off) for a mixed batch; a second run replays the recorded graphs without new ones."""
+    from mor.engine import Engine
+    cfg = preset("tiny", arch, vocab_size=V, tie_word_embeddings=False, **kw)
+    model = on(build(cfg, seed=2), "cuda", torch.float32)
+    prompts = [ids(1, n, seed=30 + n)[0].tolist() for n in (1, 4, 9, 2, 15, 6, 3)]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    outs = {}
+    for graphs in (False, True):
+        eng = Engine(model, max_batch=5, block_size=4, record_logits=True, cuda_graphs=graphs)
+        assert eng.cuda_graphs == graphs
+        for p in prompts:
+            eng.add_request(p, params)
+        outs[graphs] = eng.run_until_done()
+    for a, b in zip(outs[False], outs[True]):
+        assert a.token_ids == b.token_ids and a.depths == b.depths
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
+    g = eng.runner.graphs
+    captured = g.captured
+    assert captured > 0
+    for p in prompts:
+        eng.add_request(p, params)
+    again = eng.run_until_done()
+    assert [o.token_ids for o in again] == [o.token_ids for o in outs[True]]
+    assert g.captured == captured
+
+
 # ------------------------------------------------------------------ training
 @pytest.mark.parametrize("device", DEVICES)
 def test_train_resume_on_device(device, data_dir, tmp_path):

@@ -33,6 +33,21 @@ def test_full_mode_needs_cuda(tmp_path):
 def test_unknown_option_is_refused(tmp_path):
     res = run_script("--fast", timeout=30)
     assert res.returncode == 2 and "unknown option --fast" in res.stderr
+    res = run_script("--only", "tests,bench_fast", timeout=30)
+    assert res.returncode == 2 and "unknown step bench_fast" in res.stderr and "bench_infer_eager" in res.stderr
+    res = run_script("--budget", "5m", timeout=30)
+    assert res.returncode == 2 and "--budget needs whole seconds" in res.stderr
+
+
+def test_only_runs_the_named_steps_within_the_budget(tmp_path):
+    """--only picks steps; a step that would start with under 20 s of --budget left (here:
+    every step, 30 s minus the 15 s kept for the summary) is skipped."""
+    out = tmp_path / "gpu-check"
+    res = run_script("--smoke", "--only", "bench_infer,fsdp2", "--budget", "30", str(out), timeout=300)
+    summary = json.loads((out / "summary.json").read_text())
+    steps = {s["step"]: s["status"] for s in summary["steps"]}
+    assert list(steps) == ["bench_infer", "prepare", "fsdp2"], res.stdout[-2000:]
+    assert set(steps.values()) == {"skipped"} and not summary["ok"] and res.returncode == 1
 
 
 @pytest.mark.slow
@@ -41,7 +56,8 @@ def test_smoke_mode_runs_every_step(tmp_path):
     res = run_script("--smoke", str(out), timeout=1500)
     summary = json.loads((out / "summary.json").read_text())
     steps = {s["step"]: s for s in summary["steps"]}
-    assert list(steps) == ["tests", "bench_train", "bench_train_compile", "bench_infer", "prepare", "fsdp2"]
+    assert list(steps) == ["tests", "bench_infer", "bench_infer_eager", "bench_train", "prepare", "fsdp2",
+                           "bench_train_compile"]
     bad = {k: (s["status"], s["tail"]) for k, s in steps.items() if s["status"] != "ok"}
     assert not bad and summary["ok"] and res.returncode == 0, (bad, res.stdout[-2000:], res.stderr[-2000:])
     assert "passed" in steps["tests"]["tail"]
@@ -50,6 +66,7 @@ def test_smoke_mode_runs_every_step(tmp_path):
     assert all(m["tok_per_s"] > 0 and m["peak_mem_bytes"] for m in train["models"].values())
     assert steps["bench_train_compile"]["result"]["models"]["vanilla"]["tok_per_s"] > 0
     assert steps["bench_infer"]["result"]["rows"]
+    assert steps["bench_infer_eager"]["result"]["cuda_graphs"] is False
     assert steps["fsdp2"]["result"]["steps"] == 2
     assert (out / "summary.md").read_text().startswith("# gpu_check (smoke): all steps passed")
     assert (out / "logs.tar.gz").stat().st_size > 0

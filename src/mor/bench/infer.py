@@ -99,6 +99,7 @@ class InferBench:
     decode_precision: str | None = None
     profile_steps: int = 16
     cpu_kernels: str = "auto"
+    cuda_graphs: str = "auto"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -152,6 +153,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-kernels", default=d.cpu_kernels, choices=list(KERNEL_CHOICES),
                    help="decode steps on the compiled CPU kernels (mor.engine.kernels): auto (whenever they apply: "
                         "fp32 on CPU with a C compiler), on (required), off (PyTorch ops only)")
+    p.add_argument("--cuda-graphs", default=d.cuda_graphs, choices=list(KERNEL_CHOICES),
+                   help="decode calls replayed from CUDA graphs (mor.engine.graphs): auto (on CUDA), on (required), "
+                        "off (eager launches)")
 
 
 # ---------------------------------------------------------------------- router calibration
@@ -265,14 +269,20 @@ def _sync(dev: torch.device) -> None:
 
 def run_engine(model: MoRForCausalLM, prompts: list[list[int]], lengths: list[int], *, batch: int,
                schedule: str, temperature: float, seed: int, block_size: int,
-               kv_budget_bytes: int | None = None, cpu_kernels: bool | None = None) -> dict:
+               kv_budget_bytes: int | None = None, cpu_kernels: bool | None = None,
+               cuda_graphs: bool | None = None) -> dict:
     """Warm up, then time one engine run of the workload; returns throughput and engine stats."""
     from ..engine import Engine, SamplingParams
 
     max_len = max(len(p) for p in prompts) + max(lengths)
     eng = Engine(model, max_batch=batch, max_model_len=min(max_len, model.config.max_position_embeddings),
                  kv_memory_bytes=kv_budget_bytes, block_size=block_size, schedule=schedule, seed=seed,
-                 cpu_kernels=cpu_kernels)
+                 cpu_kernels=cpu_kernels, cuda_graphs=cuda_graphs)
+    _sync(eng.device)
+    t0 = time.perf_counter()
+    graphs = eng.capture_graphs()  # (excluded: an engine records its graphs once, before serving)
+    _sync(eng.device)
+    capture_s = time.perf_counter() - t0
     for i in range(min(batch, 16)):  # warm-up (excluded)
         eng.add_request(prompts[i % len(prompts)], SamplingParams(max_tokens=8, temperature=temperature,
                                                                   ignore_eos=True))
@@ -295,6 +305,7 @@ def run_engine(model: MoRForCausalLM, prompts: list[list[int]], lengths: list[in
         "exit_fractions": [c / max(1, sum(s.exit_counts)) for c in s.exit_counts], "mean_depth": s.mean_depth,
         "preemptions": s.preemptions, "kv_pool_mb": s.kv["kv_pool_bytes"] / 2**20,
         "kv_peak_mb": s.kv["kv_peak_bytes"] / 2**20, "cpu_kernels": eng.cpu_kernels,
+        "cuda_graphs": eng.cuda_graphs, "graphs_recorded": graphs, "graph_capture_s": capture_s,
     }
     del eng
     gc.collect()
@@ -480,9 +491,14 @@ def benchmark(settings: InferBench) -> dict:
         for key, sp in specs.items():
             res = run_engine(sp["entry"].model, prompts, sp["workload"], batch=sp["batch"], schedule=sp["schedule"],
                              temperature=settings.temperature, seed=settings.seed, block_size=settings.block_size,
-                             kv_budget_bytes=sp["budget"], cpu_kernels=KERNEL_CHOICES[settings.cpu_kernels])
+                             kv_budget_bytes=sp["budget"], cpu_kernels=KERNEL_CHOICES[settings.cpu_kernels],
+                             cuda_graphs=KERNEL_CHOICES[settings.cuda_graphs])
             if key not in best or res["tokens_per_s"] > best[key]["tokens_per_s"]:
                 best[key] = res
+            print(f"  ran {sp['entry'].name} {sp['setting']} batch {sp['batch']} {sp['schedule']}: "
+                  f"{res['tokens_per_s']:.1f} tok/s in {res['wall_s']:.2f} s, {res['steps']} steps"
+                  + (f" ({res['graphs_recorded']} graphs recorded in {res['graph_capture_s']:.1f} s)"
+                     if res["graphs_recorded"] else ""), flush=True)
     rows: list[dict] = []
     row_of: dict[tuple, dict] = {}
     for key, sp in specs.items():
@@ -514,7 +530,8 @@ def benchmark(settings: InferBench) -> dict:
                 for _ in range(max(1, settings.repeats)):  # interleaved, the fastest of each
                     o = run_engine(v.model, prompts[:1], wl, batch=n, schedule="sequence",
                                    temperature=settings.temperature, seed=settings.seed, block_size=settings.block_size,
-                                   cpu_kernels=KERNEL_CHOICES[settings.cpu_kernels])
+                                   cpu_kernels=KERNEL_CHOICES[settings.cpu_kernels],
+                             cuda_graphs=KERNEL_CHOICES[settings.cuda_graphs])
                     h = run_hf(v.reference or v.model, prompts[0], n, settings.mean_len,
                                temperature=settings.temperature, seed=settings.seed)
                     ours = o if ours is None or o["tokens_per_s"] > ours["tokens_per_s"] else ours
@@ -528,6 +545,7 @@ def benchmark(settings: InferBench) -> dict:
         "device": str(dev), "device_name": _device_name(dev), "dtype": str(dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(), "shape": shape, "shape_overrides": over, "kv_mode": settings.kv_mode,
         "repeats": settings.repeats, "cpu_kernels": any(r["cpu_kernels"] for r in rows),
+        "cuda_graphs": any(r["cuda_graphs"] for r in rows),
         "mean_len": settings.mean_len, "len_spread": settings.len_spread, "requests_per_slot": per_slot,
         "prompted": bool(settings.prompts), "temperature": settings.temperature, "vanilla_max_batch": vmax,
         "kv_budget_mb": settings.kv_budget_mb, "rows": rows, "comparisons": [
@@ -555,7 +573,8 @@ def print_report(s: dict[str, Any]) -> None:
     print(f"mor bench infer: {s['shape']} {s['dtype']} on {s['device_name']}; mean length {s['mean_len']} "
           f"(+-{s['len_spread']:.0%}), {'prompted' if s['prompted'] else 'unprompted'}, "
           f"temperature {s['temperature']}, KV {s['kv_mode']}, "
-          f"{'CPU kernels' if s['cpu_kernels'] else 'PyTorch ops'} for decode")
+          f"{'CPU kernels' if s['cpu_kernels'] else 'PyTorch ops'} for decode"
+          f"{', CUDA graphs' if s.get('cuda_graphs') else ''}")
     hdr = (f"{'model':<14}{'setting':<8}{'sched':<9}{'batch':>6}{'tok/s':>10}{'x van':>7}{'paper':>7}"
            f"{'KV peak MB':>11}{'KV pool MB':>11}{'preempt':>8}{'depth':>7}  occupancy by depth")
     print(hdr)

@@ -46,7 +46,9 @@ def _steady_engine(entry: Entry, batch: int, settings: InferBench, prompt: list[
     max_len = min(len(prompt) + length + 1, cfg.max_position_embeddings)
     eng = Engine(entry.model, max_batch=batch, max_model_len=max_len, kv_memory_bytes=budget,
                  block_size=settings.block_size, schedule="depth" if entry.kind == "mor" else "sequence",
-                 seed=settings.seed, cpu_kernels=KERNEL_CHOICES[settings.cpu_kernels])
+                 seed=settings.seed, cpu_kernels=KERNEL_CHOICES[settings.cpu_kernels],
+                 cuda_graphs=KERNEL_CHOICES[settings.cuda_graphs])
+    eng.capture_graphs()
     for _ in range(batch):
         eng.add_request(prompt, SamplingParams(max_tokens=length, temperature=settings.temperature, ignore_eos=True))
     for _ in range(warm):

@@ -145,14 +145,16 @@ class Engine:
     (``mor.engine.kernels``: weights streamed on all threads, attention reading the paged cache
     in place); None (default) = whenever they apply (fp32 on CPU, a C compiler present),
     True = required (ValueError naming why not), False = PyTorch ops only. ``self.cpu_kernels``
-    says which runs."""
+    says which runs. ``cuda_graphs``: decode calls replayed from CUDA graphs recorded once
+    per batch / context bucket (``mor.engine.graphs``); None (default) = on CUDA, False = eager
+    launches (prefill is always eager)."""
 
     def __init__(self, model: MoRForCausalLM, tokenizer: Any = None, *, max_batch: int = 32,
                  max_model_len: int | None = None, kv_memory_bytes: int | None = None,
                  num_blocks: int | None = None, block_size: int = 16, schedule: str = "auto",
                  seed: int | None = None, eos_token_id: int | None = None, record_logits: bool = False,
                  attention_merge_ratio: float = 1.5, decode_precision: str | None = None,
-                 cpu_kernels: bool | None = None):
+                 cpu_kernels: bool | None = None, cuda_graphs: bool | None = None):
         cfg = model.config
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r}; choose one of: {', '.join(SCHEDULES)}")
@@ -181,7 +183,7 @@ class Engine:
         self.runner = ModelRunner(model, self.pool, max_batch, merge_ratio=attention_merge_ratio,
                                   generator=self.generator, cpu_kernels=cpu_kernels,
                                   kernel_weights=torch.bfloat16 if getattr(model, "decode_precision", None) == "bf16-weights"
-                                  else torch.float32)
+                                  else torch.float32, cuda_graphs=cuda_graphs)
         if eos_token_id is None:
             found = find_eos(tokenizer) if tokenizer is not None else None
             eos_token_id = found[0] if found else 0
@@ -195,6 +197,21 @@ class Engine:
     def cpu_kernels(self) -> bool:
         """Whether decode steps run on the compiled CPU kernels (``runner.kernel_obstacle``: why not)."""
         return self.runner.kernels is not None
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether decode calls replay CUDA graphs."""
+        return self.runner.graphs is not None and self.runner.graphs.capture
+
+    def capture_graphs(self) -> int:
+        """Record now every CUDA graph a decode step of this engine can replay (each batch and
+        context bucket up to ``max_batch`` / ``max_model_len``), so that none is recorded
+        while serving; returns how many were new (0 without CUDA graphs)."""
+        g = self.runner.graphs
+        if g is None or not g.capture:
+            return 0
+        with torch.no_grad():
+            return g.record_all(max_len=self.max_model_len)
 
     # .................................................................. requests
     def encode(self, prompt: str | list[int]) -> tuple[list[int], str | None]:

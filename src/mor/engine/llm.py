@@ -76,14 +76,16 @@ class LLM:
     ``kv_memory_gb`` KV pool size (default: the worst case for max_batch full-length
     sequences, capped at 1 GB on CPU and 8 GB on CUDA), ``block_size``, ``schedule``
     ("auto" | "depth" | "sequence"), ``seed`` for requests without their own seed,
-    ``cpu_kernels`` (None: the compiled CPU decode kernels whenever they apply) and
-    ``decode_precision`` (opt-in low-precision decode), as for ``Engine``."""
+    ``cpu_kernels`` (None: the compiled CPU decode kernels whenever they apply),
+    ``cuda_graphs`` (None: decode from CUDA graphs on CUDA) and ``decode_precision`` (opt-in
+    low-precision decode), as for ``Engine``."""
 
     def __init__(self, model: str | os.PathLike | MoRForCausalLM, tokenizer: Any = None, *,
                  device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
                  max_batch: int = 32, max_model_len: int | None = None, kv_memory_gb: float | None = None,
                  block_size: int = 16, schedule: str = "auto", seed: int | None = None,
-                 cpu_kernels: bool | None = None, decode_precision: str | None = None):
+                 cpu_kernels: bool | None = None, decode_precision: str | None = None,
+                 cuda_graphs: bool | None = None):
         try:
             device = None if device is None else resolve_device(device)
             dtype = None if dtype is None or dtype == "auto" else resolve_dtype(dtype)
@@ -107,7 +109,7 @@ class LLM:
         self.tokenizer = tokenizer
         self._engine_kwargs = dict(max_batch=max_batch, max_model_len=max_model_len, block_size=block_size,
                                    schedule=schedule, seed=seed, cpu_kernels=cpu_kernels,
-                                   decode_precision=decode_precision,
+                                   cuda_graphs=cuda_graphs, decode_precision=decode_precision,
                                    kv_memory_bytes=None if kv_memory_gb is None else int(kv_memory_gb * 2**30))
         self._engine: Engine | None = None
 

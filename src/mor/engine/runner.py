@@ -56,6 +56,7 @@ from ..cache import KVCache, KVPool
 from ..model import MoRForCausalLM, apply_rope, gather_tokens, rope_cos_sin, scatter_tokens
 from ..routing import combine, continues, gate_scores, pack_mask, token_choice
 from . import kernels
+from .graphs import DecodeGraphs
 from .quant import Int8Linear
 from .request import Request
 from .sampling import sample
@@ -142,7 +143,7 @@ class ModelRunner:
 
     def __init__(self, model: MoRForCausalLM, pool: KVPool, max_seqs: int, merge_ratio: float = 1.5,
                  generator: torch.Generator | None = None, cpu_kernels: bool | None = None,
-                 kernel_weights: torch.dtype = torch.float32):
+                 kernel_weights: torch.dtype = torch.float32, cuda_graphs: bool | None = None):
         self.model = model
         self.config = cfg = model.config
         self.core = model.model
@@ -152,6 +153,7 @@ class ModelRunner:
         p = model.model.embed_tokens.weight
         self.device, self.dtype = p.device, p.dtype
         self.cache = KVCache(pool, self.device)
+        self.max_seqs = max_seqs
         self.written = np.zeros((self.layout.num_groups, max_seqs), dtype=np.int64)
         self.prefix, self.chunks, self.suffix = cfg.structure()
         self.num_recursions = len(self.chunks)
@@ -170,11 +172,12 @@ class ModelRunner:
                                 self.dtype)
         self._cos, self._sin = cos[0, 0], sin[0, 0]  # (max_len + 1, head_dim)
         d = cfg.hidden_size
-        self.h = torch.zeros(max_seqs, d, dtype=self.dtype, device=self.device)  # in-flight residual stream
+        # per slot (plus one scratch row, slot max_seqs, for the padding rows of fixed-shape calls)
+        self.h = torch.zeros(max_seqs + 1, d, dtype=self.dtype, device=self.device)  # in-flight residual stream
         if self.kind == "token":  # per slot: the first recursion's input, the gate and the depth
-            self.h_first = torch.zeros(max_seqs, d, dtype=self.dtype, device=self.device)
-            self.token_gate = torch.zeros(max_seqs, 1, dtype=self.dtype, device=self.device)
-            self.token_depth = torch.zeros(max_seqs, dtype=torch.long, device=self.device)
+            self.h_first = torch.zeros(max_seqs + 1, d, dtype=self.dtype, device=self.device)
+            self.token_gate = torch.zeros(max_seqs + 1, 1, dtype=self.dtype, device=self.device)
+            self.token_depth = torch.zeros(max_seqs + 1, dtype=torch.long, device=self.device)
             self.token_depth_host = np.zeros(max_seqs, dtype=np.int64)
 
         # capacities as the model's threshold forward sees them (the final ones: the training-time
@@ -203,6 +206,12 @@ class ModelRunner:
                 self.kernel_obstacle = why = str(e)
         if cpu_kernels and why:
             raise ValueError(f"cpu_kernels=True, but the CPU kernels cannot run this engine: {why}")
+        # decode calls replayed from CUDA graphs (mor.engine.graphs): None = on CUDA, True = required
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        if cuda_graphs:
+            self.graphs = DecodeGraphs(self, capture=True)
 
     def _tick(self, phase: str) -> None:
         """Charge the time since the last tick to ``phase`` (when timing; syncs CUDA first)."""
@@ -492,6 +501,8 @@ class ModelRunner:
         slot's in-flight hidden state. Token-choice: the router fixes the token's depth."""
         slots = np.asarray(slots, dtype=np.int64)
         positions = np.asarray(positions, dtype=np.int64)
+        if self.graphs is not None:
+            return self.graphs.enter(slots, np.asarray(tokens, dtype=np.int64), positions)
         x = self.core.embed_tokens(self._long(tokens))[:, None, :]
         x = self._full_layers(self.prefix, 0, x, slots, positions[:, None])
         if self.layout.full is not None:
@@ -529,18 +540,26 @@ class ModelRunner:
     def _router_logits(self, routers, x: torch.Tensor, recs: np.ndarray) -> torch.Tensor:
         """``routers[recs[i]](x[i])`` (fp32) for every row. Linear routers run as one matmul
         over their stacked weights; MLP routers run once per recursion present."""
+        if self._stacked_routers(routers) is not None:
+            return self._router_logits_at(routers, x, self._long(recs))
+        out = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
+        for r in np.unique(recs):
+            rows = self._long(np.nonzero(recs == r)[0])
+            out[rows] = self._route(routers[int(r)].net, x.index_select(0, rows)).squeeze(-1).float()
+        return out
+
+    def _router_logits_at(self, routers, x: torch.Tensor, recs: torch.Tensor) -> torch.Tensor:
+        """``_router_logits`` with the recursions as a device tensor and no host work (fixed-shape
+        calls): linear routers as one stacked matmul, MLP routers each on every row."""
         stacked = self._stacked_routers(routers)
         if stacked is not None:
             W, bias = stacked
             out = functional.linear(x, W) if self.kernels is None else self.kernels.linear(x.contiguous(), W)
             if bias is not None:
                 out = out + bias
-            return out.gather(1, self._long(recs)[:, None]).squeeze(1).float()
-        out = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
-        for r in np.unique(recs):
-            rows = self._long(np.nonzero(recs == r)[0])
-            out[rows] = self._route(routers[int(r)].net, x.index_select(0, rows)).squeeze(-1).float()
-        return out
+        else:
+            out = torch.cat([router.net(x) for router in routers], dim=1)
+        return out.gather(1, recs[:, None]).squeeze(1).float()
 
     @staticmethod
     def _stacked_routers(routers) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -611,6 +630,8 @@ class ModelRunner:
         slots = np.asarray(slots, dtype=np.int64)
         recs = np.asarray(recs, dtype=np.int64)
         positions = np.asarray(positions, dtype=np.int64)
+        if self.graphs is not None and self.graphs.static_block:
+            return self.graphs.recurse(slots, recs, positions)
         n = len(slots)
         st = self._long(slots)
         x_in = self.h.index_select(0, st)
@@ -681,6 +702,8 @@ class ModelRunner:
         """Suffix layers, final norm and LM head for tokens leaving the recursions: (n, V) fp32."""
         slots = np.asarray(slots, dtype=np.int64)
         positions = np.asarray(positions, dtype=np.int64)
+        if self.graphs is not None:
+            return self.graphs.finish(slots, positions)
         x = self.h.index_select(0, self._long(slots))[:, None, :]
         x = self._full_layers(self.suffix, self.layout.num_prefix, x, slots, positions[:, None])
         if self.kernels is not None:

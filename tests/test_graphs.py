@@ -1,0 +1,139 @@
+"""Fixed-shape decode calls (``mor.engine.graphs``): the padded formulation that CUDA graphs
+record, run eagerly here, against the uncached forward; the bucketing; padding rows that
+leave no trace. The CUDA capture itself is checked in tests/test_devices.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mor.engine import Engine, SamplingParams
+from mor.engine.graphs import DecodeGraphs, bucket, buckets
+
+from helpers import build
+from test_engine import CASES, _id, prompts, reference_greedy, tiny
+
+
+def static_engine(model, **kw) -> Engine:
+    """An engine whose decode calls run the fixed-shape functions eagerly (PyTorch ops)."""
+    eng = Engine(model, cpu_kernels=False, cuda_graphs=False, **kw)
+    eng.runner.graphs = DecodeGraphs(eng.runner, capture=False)
+    return eng
+
+
+def test_buckets():
+    assert buckets(1) == [1]
+    assert buckets(5) == [1, 2, 4, 5]
+    assert buckets(8) == [1, 2, 4, 8]
+    assert buckets(30) == [1, 2, 4, 8, 16, 24, 30]
+    assert buckets(300) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 300]
+    for n in range(32, 1000):  # from 32 rows up, padding stays under a quarter
+        assert bucket(n, buckets(1000)) < 1.25 * n
+    assert [bucket(n, buckets(30)) for n in (1, 3, 8, 9, 25, 30)] == [1, 4, 8, 16, 30, 30]
+    with pytest.raises(ValueError, match="exceed"):
+        bucket(31, buckets(30))
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("schedule", ["depth", "sequence"])
+def test_fixed_shape_decode_equals_uncached_forward(case, schedule):
+    arch, kw, kv = case
+    model = build(tiny(arch, kv_mode=kv, **kw))
+    eng = static_engine(model, max_batch=5, schedule=schedule, record_logits=True, block_size=4)
+    ps = prompts((1, 6, 13), seed=3)
+    params = SamplingParams(max_tokens=9, temperature=0, ignore_eos=True)
+    for p in ps:
+        eng.add_request(p, params)
+    outs = eng.run_until_done()
+    for p, o in zip(ps, outs):
+        toks, logits, depths = reference_greedy(model, p, 9)
+        assert o.token_ids == toks
+        assert o.depths == depths
+        torch.testing.assert_close(o.logits, logits, atol=2e-5, rtol=1e-4)
+    g = eng.runner.graphs
+    assert g.static_block == (kw.get("sharing") != "middle_sequence" and arch != "vanilla")
+    assert {k[0] for k in g._calls} >= {"enter", "finish"}
+    assert all(k[1] in g.batch_sizes and k[2] in g.block_counts for k in g._calls)
+    assert eng.stats.kv["kv_used_bytes"] == 0
+
+
+def test_padding_rows_leave_no_trace():
+    """Padding rows touch only the scratch slot (zero after every call) and cache row 0 of the
+    reserved block; sequences' results do not depend on how many rows were padding."""
+    model = build(tiny("mor", router_type="token"), seed=1)
+    eng = static_engine(model, max_batch=7, block_size=4, record_logits=True)  # buckets 1, 2, 4, 7
+    ps = prompts((2, 5, 3), seed=4)
+    for p in ps:
+        eng.add_request(p, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    k0 = eng.runner.cache.k[0].clone()
+    outs = eng.run_until_done()
+    r = eng.runner
+    assert r.h[r.max_seqs].abs().max() == 0 and r.h_first[r.max_seqs].abs().max() == 0
+    assert torch.equal(eng.runner.cache.k[0, 1:], k0[1:])  # only row 0 of block 0 takes padding writes
+    assert any(k[1] > 3 for k in r.graphs._calls), "some call should have been padded"
+    for p, o in zip(ps, outs):
+        toks, logits, _ = reference_greedy(model, p, 6)
+        assert o.token_ids == toks
+        torch.testing.assert_close(o.logits, logits, atol=2e-5, rtol=1e-4)
+
+
+def test_record_all_covers_every_shape_a_step_can_take():
+    """``record_all`` makes every (phase, rows, blocks) call in advance; a run afterwards adds none."""
+    model = build(tiny("mor"), seed=1)
+    eng = static_engine(model, max_batch=6, block_size=4, max_model_len=40)  # rows 1,2,4,6; blocks 1,2,4,8,10
+    g = eng.runner.graphs
+    assert g.record_all(max_len=40) == 3 * 4 * 5
+    assert g.record_all(max_len=40) == 0
+    vanilla = static_engine(build(tiny("vanilla")), max_batch=6, block_size=4, max_model_len=40)
+    assert vanilla.runner.graphs.record_all() == 4 * 5 + 4  # enter: all layers; finish: norm + head only
+    for p in prompts((3, 9, 1, 5), seed=2):
+        eng.add_request(p, SamplingParams(max_tokens=25, temperature=0, ignore_eos=True))
+    eng.run_until_done()
+    assert len(g._calls) == 60
+
+
+def test_capture_needs_cuda():
+    eng = Engine(build(tiny("mor")), max_batch=2, cuda_graphs=False)
+    assert not eng.cuda_graphs and eng.runner.graphs is None
+    with pytest.raises(ValueError, match="CUDA"):
+        DecodeGraphs(eng.runner, capture=True)
+    with pytest.raises(ValueError, match="CUDA"):
+        Engine(build(tiny("mor")), max_batch=2, cuda_graphs=True)
+
+
+class _NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on the ops a CUDA graph cannot record: reading a value back to the host
+    (``.item()``, ``.tolist()``, Python control flow on a tensor) or an output whose shape
+    depends on the data (``nonzero``, boolean masking, ``unique``)."""
+
+    BANNED = {"_local_scalar_dense", "nonzero", "masked_select", "unique_dim", "_unique2", "unique_consecutive"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.BANNED:
+            raise AssertionError(f"{name} inside a fixed-shape decode call")
+        if name in ("index", "index_put", "index_put_") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or [])):
+            raise AssertionError(f"boolean-mask {name} inside a fixed-shape decode call")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch,kw", [("vanilla", {}), ("mor", {}), ("mor", dict(kv_mode="shared", use_aux_router=True)),
+                                     ("mor", dict(router_type="token")), ("mor", dict(router_arch="mlp")),
+                                     ("recursive", {})])
+def test_fixed_shape_calls_never_read_back_to_the_host(arch, kw):
+    """What CUDA graphs record must not sync with the host: every phase function runs here
+    under a dispatch mode that fails on value read-backs and data-dependent shapes."""
+    model = build(tiny(arch, **kw), seed=1)
+    eng = static_engine(model, max_batch=4, block_size=4)
+    for p in prompts((3, 7), seed=5):
+        eng.add_request(p, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    eng.step()  # prefill and a first decode step: real cache contents
+    g = eng.runner.graphs
+    with torch.no_grad():
+        for phase, (fn, layers) in g.phases().items():
+            call = g._call(phase, fn, 4, 2, layers)
+            with _NoHostSync():
+                fn(call.ints, call.blocks)
+    assert set(g.phases()) == ({"enter", "finish"} if arch == "vanilla" else {"enter", "recurse", "finish"})
