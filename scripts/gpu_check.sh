@@ -172,7 +172,7 @@ wanted bench_infer && step bench_infer "$LIMIT_INFER" "$PY" -m mor bench infer "
 wanted bench_infer_eager && step bench_infer_eager "$LIMIT_INFER_EAGER" "$PY" -m mor bench infer "${INFER[@]}" \
     --recursions "${RECURSIONS_EAGER[@]}" --skip-max --hf none --cuda-graphs off
 wanted bench_infer_profile && step bench_infer_profile "$LIMIT_INFER" "$PY" -m mor bench infer "${INFER[@]}" \
-    --recursions "${RECURSIONS[@]}" --hf none --profile
+    --recursions "${RECURSIONS_EAGER[-1]}" --skip-max --hf none --profile
 
 # 3. training throughput, eager then compiled (compile for the two headline models only)
 wanted bench_train && step bench_train "$LIMIT_TRAIN" "$PY" -m mor bench train "${TRAIN_SHAPE[@]}" "${TRAIN_STEPS[@]}" \
