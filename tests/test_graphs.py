@@ -4,7 +4,6 @@ leave no trace. The CUDA capture itself is checked in tests/test_devices.py."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -137,3 +136,19 @@ def test_fixed_shape_calls_never_read_back_to_the_host(arch, kw):
             with _NoHostSync():
                 fn(call.ints, call.blocks)
     assert set(g.phases()) == ({"enter", "finish"} if arch == "vanilla" else {"enter", "recurse", "finish"})
+
+
+def test_dropping_the_engine_frees_its_cache_without_the_garbage_collector():
+    """The fixed-shape calls hold their runner weakly: no reference cycle keeps the KV cache
+    (and on CUDA the graphs' memory) alive after the engine is dropped."""
+    import gc
+    import weakref
+
+    eng = static_engine(build(tiny("mor")), max_batch=2, block_size=4)
+    cache = weakref.ref(eng.runner.cache.k)
+    gc.disable()
+    try:
+        del eng
+        assert cache() is None
+    finally:
+        gc.enable()

@@ -531,7 +531,7 @@ def benchmark(settings: InferBench) -> dict:
                     o = run_engine(v.model, prompts[:1], wl, batch=n, schedule="sequence",
                                    temperature=settings.temperature, seed=settings.seed, block_size=settings.block_size,
                                    cpu_kernels=KERNEL_CHOICES[settings.cpu_kernels],
-                             cuda_graphs=KERNEL_CHOICES[settings.cuda_graphs])
+                                   cuda_graphs=KERNEL_CHOICES[settings.cuda_graphs])
                     h = run_hf(v.reference or v.model, prompts[0], n, settings.mean_len,
                                temperature=settings.temperature, seed=settings.seed)
                     ours = o if ours is None or o["tokens_per_s"] > ours["tokens_per_s"] else ours

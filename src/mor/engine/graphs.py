@@ -27,6 +27,7 @@ it to check the padded formulation on the CPU against the eager runner.
 
 from __future__ import annotations
 
+import weakref
 from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Callable
@@ -80,7 +81,10 @@ class DecodeGraphs:
     from CUDA graphs (``capture=True``, CUDA only) or run eagerly on padded inputs."""
 
     def __init__(self, runner, capture: bool = True):
-        r = self.r = runner
+        # a weak reference: the runner owns this object, and a cycle would keep the KV cache and
+        # the graphs' memory alive after the engine is dropped, until the garbage collector runs
+        self._runner = weakref.ref(runner)
+        r = runner
         if capture and r.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device (the model is on {r.device})")
         self.capture = capture
@@ -93,6 +97,11 @@ class DecodeGraphs:
         self._calls: dict[tuple, _Call] = {}
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
         self.captured = 0  # graphs recorded so far
+
+    @property
+    def r(self):
+        """The runner these calls belong to."""
+        return self._runner()
 
     # .................................................................. shapes and replay
     def phases(self) -> dict[str, tuple[Callable, int]]:
@@ -157,6 +166,8 @@ class DecodeGraphs:
         if call.graph is None:
             return fn(call.ints, call.blocks)
         call.graph.replay()
+        # the outputs live in the pool all graphs share: the caller copies what it needs before
+        # the next replay (enter: the depths to the host; finish: a clone of the logits)
         return call.out
 
     def _record(self, call: _Call, fn: Callable) -> None:

@@ -195,8 +195,9 @@ def generate_text(model: MoRForCausalLM, tokenizer: Any, prompts: list[str], par
     need = max(len(i) + sp.max_tokens for i, sp in zip(ids, plist))
     was_training = model.training
     try:
+        # a one-off engine: recording CUDA graphs for its shapes would cost more than it saves
         eng = Engine(model, tokenizer, max_batch=min(max_batch, len(prompts)), max_model_len=min(ctx, need),
-                     eos_token_id=eos)
+                     eos_token_id=eos, cuda_graphs=False)
         for i, sp in zip(ids, plist):
             eng.add_request(i, sp)
         return [o.text for o in eng.run_until_done()]

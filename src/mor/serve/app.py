@@ -67,6 +67,7 @@ class ServerState:
                        max_model_len=cfg.max_model_len, kv_memory_gb=cfg.kv_memory_gb, block_size=cfg.block_size,
                        schedule=cfg.schedule, seed=cfg.seed)
         self.engine = self.llm.engine
+        self.engine.capture_graphs()  # on CUDA: record every decode graph now, not while serving
         self.tokenizer = self.llm.tokenizer
         self.model_config = self.llm.model.config
         self.name = cfg.served_model_name or str(cfg.checkpoint).rstrip("/").split("/")[-1]
