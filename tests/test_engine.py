@@ -78,20 +78,25 @@ def _id(case):
 def test_cached_greedy_equals_uncached_forward(case, schedule):
     arch, kw, kv = case
     model = build(tiny(arch, kv_mode=kv, **kw))
-    eng = Engine(model, max_batch=4, schedule=schedule, record_logits=True, block_size=4)
+    check_greedy_against_uncached(model, Engine(model, max_batch=4, schedule=schedule, record_logits=True,
+                                                block_size=4))
+
+
+def check_greedy_against_uncached(model, eng: Engine, n: int = 9) -> None:
+    """Greedy decoding of three prompts on ``eng`` (record_logits=True) gives the uncached
+    forward's tokens, logits and depths, and returns every KV block."""
     ps = prompts()
-    params = SamplingParams(max_tokens=9, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
     for p in ps:
         eng.add_request(p, params)
-    outs = eng.run_until_done()
     all_depths = []
-    for p, o in zip(ps, outs):
-        toks, logits, depths = reference_greedy(model, p, 9)
+    for p, o in zip(ps, eng.run_until_done()):
+        toks, logits, depths = reference_greedy(model, p, n)
         assert o.token_ids == toks
         torch.testing.assert_close(o.logits, logits, atol=2e-5, rtol=1e-4)
         assert o.depths == depths
         all_depths += o.depths
-    if arch == "mor":
+    if model.config.architecture == "mor":
         assert len(set(all_depths)) > 1, "routing should vary across tokens for this test to mean something"
     assert eng.stats.kv["kv_used_bytes"] == 0  # every block returned
 

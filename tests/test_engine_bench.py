@@ -68,6 +68,16 @@ def test_bench_infer_cli_reports_rows_and_json(capsys):
     assert {c["setting"] for c in s["comparisons"]} == {"batch", "max"}
     assert all(c["speedup"] > 0 for c in s["comparisons"])
     assert s["hf"] and s["hf"][0]["hf_tokens_per_s"] > 0 and s["hf"][0]["ratio"] > 0
+    assert s["cuda_graphs"] is False and all(r["graphs_recorded"] == 0 for r in s["rows"])  # CPU: eager
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_bench_infer_refuses_cuda_graphs_without_cuda(capsys):
+    from mor.cli import main
+
+    rc = main(["bench", "infer", "--preset", "tiny", "--device", "cpu", "--cuda-graphs", "on", "--hf", "none"])
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc != 0 and s["status"] == "error" and "--cuda-graphs on needs a CUDA device" in s["error"]
 
 
 def test_bench_infer_repeats_run_in_rounds_over_every_configuration(capsys, monkeypatch):

@@ -11,7 +11,7 @@ from mor.engine import Engine, SamplingParams
 from mor.engine.graphs import DecodeGraphs, bucket, buckets
 
 from helpers import build
-from test_engine import CASES, _id, prompts, reference_greedy, tiny
+from test_engine import CASES, _id, check_greedy_against_uncached, prompts, reference_greedy, tiny
 
 
 def static_engine(model, **kw) -> Engine:
@@ -40,21 +40,11 @@ def test_fixed_shape_decode_equals_uncached_forward(case, schedule):
     arch, kw, kv = case
     model = build(tiny(arch, kv_mode=kv, **kw))
     eng = static_engine(model, max_batch=5, schedule=schedule, record_logits=True, block_size=4)
-    ps = prompts((1, 6, 13), seed=3)
-    params = SamplingParams(max_tokens=9, temperature=0, ignore_eos=True)
-    for p in ps:
-        eng.add_request(p, params)
-    outs = eng.run_until_done()
-    for p, o in zip(ps, outs):
-        toks, logits, depths = reference_greedy(model, p, 9)
-        assert o.token_ids == toks
-        assert o.depths == depths
-        torch.testing.assert_close(o.logits, logits, atol=2e-5, rtol=1e-4)
+    check_greedy_against_uncached(model, eng)
     g = eng.runner.graphs
     assert g.static_block == (kw.get("sharing") != "middle_sequence" and arch != "vanilla")
     assert {k[0] for k in g._calls} >= {"enter", "finish"}
     assert all(k[1] in g.batch_sizes and k[2] in g.block_counts for k in g._calls)
-    assert eng.stats.kv["kv_used_bytes"] == 0
 
 
 def test_padding_rows_leave_no_trace():

@@ -380,6 +380,9 @@ def benchmark(settings: InferBench) -> dict:
                            f"--len-spread={settings.len_spread} in [0, 1)")
     if any(nr < 2 for nr in settings.recursions):
         raise RequestError(f"--recursions {settings.recursions}: MoR needs N_r >= 2")
+    if settings.cuda_graphs == "on" and dev.type != "cuda":
+        raise RequestError(f"--cuda-graphs on needs a CUDA device (--device {settings.device} is {dev.type}); "
+                           f"use auto or off")
     per_slot = settings.requests_per_slot or (2.0 if dev.type == "cuda" else 1.5)
     shape, over, base_layers = _shape(settings, dev)
     t_start = time.perf_counter()
@@ -574,7 +577,7 @@ def print_report(s: dict[str, Any]) -> None:
           f"(+-{s['len_spread']:.0%}), {'prompted' if s['prompted'] else 'unprompted'}, "
           f"temperature {s['temperature']}, KV {s['kv_mode']}, "
           f"{'CPU kernels' if s['cpu_kernels'] else 'PyTorch ops'} for decode"
-          f"{', CUDA graphs' if s.get('cuda_graphs') else ''}")
+          f"{', CUDA graphs' if s['cuda_graphs'] else ''}")
     hdr = (f"{'model':<14}{'setting':<8}{'sched':<9}{'batch':>6}{'tok/s':>10}{'x van':>7}{'paper':>7}"
            f"{'KV peak MB':>11}{'KV pool MB':>11}{'preempt':>8}{'depth':>7}  occupancy by depth")
     print(hdr)

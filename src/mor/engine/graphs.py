@@ -13,8 +13,8 @@ integer tensors of a fixed shape, which a CUDA graph records once per shape and 
 
 B is the number of rows rounded up to a bucket (1, 2, 4, 8, 16, ..., 64, 80, ..., 128, 160,
 ... up to the engine's max_batch: from 32 rows up, padding under a quarter) and nb the
-blocks read rounded up likewise, so a few hundred graphs at most cover every step. The padding rows are harmless by construction: they read and write the
-scratch slot (row ``max_seqs`` of the runner's per-slot state, set back to zero at the end
+blocks read rounded up likewise, so a few hundred graphs at most cover every step. The
+padding rows are harmless by construction: they read and write the scratch slot (row ``max_seqs`` of the runner's per-slot state, set back to zero at the end
 of every call), write their K/V to row 0 of the reserved block 0, and attend only to it.
 Rows that store no K/V (recursive KV sharing) write there too, so every row runs the same
 ops. The model's arithmetic is the runner's own (``ModelRunner._layer``, the routers,
@@ -143,17 +143,18 @@ class DecodeGraphs:
                 self._record(call, fn)
         return call
 
-    def _run(self, phase: str, fn: Callable, host_ints: np.ndarray, host_blocks: np.ndarray, pad: np.ndarray) -> dict:
-        """Run ``fn`` for n rows padded to a bucket: ``pad`` is the ints row of a padding row."""
+    def _run(self, phase: str, fn: Callable, host_ints: np.ndarray, host_blocks: np.ndarray) -> dict:
+        """Run ``fn`` on n rows (``host_ints`` (n, HEAD + layers), ``host_blocks`` (n, nb,
+        layers)) padded to a bucket with padding rows (``_pad``)."""
         r = self.r
-        n, nb = host_ints.shape[0], host_blocks.shape[1]
+        n, nb, layers = host_blocks.shape
         B, NB = bucket(n, self.batch_sizes), bucket(max(nb, 1), self.block_counts)
-        call = self._call(phase, fn, B, NB, host_blocks.shape[2])
+        call = self._call(phase, fn, B, NB, layers)
         if call.copied is not None:
             call.copied.synchronize()  # the previous copy out of the staging has finished
         full, table = call.host_ints.numpy(), call.host_blocks.numpy()
         full[:n] = host_ints
-        full[n:] = pad
+        full[n:] = self._pad(layers)
         table[:n, :nb] = host_blocks
         table[:n, nb:] = 0
         table[n:] = 0
@@ -196,10 +197,9 @@ class DecodeGraphs:
         B = pos.shape[0]
         return (r._cos.index_select(0, pos).view(B, 1, 1, r.hd), r._sin.index_select(0, pos).view(B, 1, 1, r.hd))
 
-    def _stack(self, us: list[int], j0: int, x: torch.Tensor, cos, sin, ints: torch.Tensor,
-               blocks: torch.Tensor) -> torch.Tensor:
-        """Layers ``us`` (cache-group layer index j0 + i) on x (B, 1, d): every row writes its
-        K/V at ``ints[:, HEAD + i]`` and attends to its blocks up to ``ints[:, QIDX]``."""
+    def _stack(self, us: list[int], x: torch.Tensor, cos, sin, ints: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """Layers ``us`` in turn on x (B, 1, d): in layer i every row writes its K/V at
+        ``ints[:, HEAD + i]`` and attends to its blocks ``blocks[..., i]`` up to ``ints[:, QIDX]``."""
         from .runner import AttentionSegment
         r = self.r
         B, nb = blocks.shape[0], blocks.shape[1]
@@ -207,7 +207,7 @@ class DecodeGraphs:
         keys = torch.arange(nb * r.pool.block_size, device=x.device)
         seg = AttentionSegment(0, B, blocks, keys[None, None, None, :] <= qidx[:, None, :, None], qidx)
         for i, u in enumerate(us):
-            x = r._layer(u, x, cos, sin, B, ints[:, HEAD + i], [seg], j0 + i)
+            x = r._layer(u, x, cos, sin, B, ints[:, HEAD + i], [seg], i)
         return x
 
     def _clear_scratch(self) -> None:
@@ -216,26 +216,26 @@ class DecodeGraphs:
         if r.kind == "token":
             r.h_first[self.scratch].zero_()
 
-    def _host_plan(self, slots: np.ndarray, positions: np.ndarray, lo: int, hi: int):
-        """Write rows (n, hi - lo) and block table (n, nb, hi - lo) of layers lo..hi-1 of the
-        ``full`` cache group (prefix / suffix layers), where a token's cache index is its position."""
+    def _full_group_call(self, phase: str, fn: Callable, slots: np.ndarray, tokens: np.ndarray | int,
+                         positions: np.ndarray, lo: int, hi: int) -> dict:
+        """``fn`` on layers lo..hi-1 of the ``full`` cache group (the prefix or suffix layers),
+        where a token's cache index is its position."""
         r = self.r
-        g = r.layout.full
-        rows = r.pool.row_index(g, slots, positions)[:, lo:hi]
-        nb = int(positions.max()) // r.pool.block_size + 1
-        return rows, r.pool.block_table(g, slots, nb)[:, :, lo:hi]
+        host = np.empty((len(slots), HEAD + hi - lo), dtype=np.int64)
+        host[:, SLOT], host[:, TOKEN], host[:, POS], host[:, QIDX] = slots, tokens, positions, positions
+        blocks = np.zeros((len(slots), 1, 0), dtype=np.int64)
+        if hi > lo:
+            g = r.layout.full
+            host[:, HEAD:] = r.pool.row_index(g, slots, positions)[:, lo:hi]
+            nb = int(positions.max()) // r.pool.block_size + 1
+            blocks = r.pool.block_table(g, slots, nb)[:, :, lo:hi]
+        return self._run(phase, fn, host, blocks)
 
     # .................................................................. enter
     def enter(self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray) -> None:
         """``ModelRunner.enter`` as a fixed-shape call."""
         r = self.r
-        L = len(r.prefix)
-        host = np.empty((len(slots), HEAD + L), dtype=np.int64)
-        host[:, SLOT], host[:, TOKEN], host[:, POS], host[:, QIDX] = slots, tokens, positions, positions
-        blocks = np.zeros((len(slots), 1, 0), dtype=np.int64)
-        if L:
-            host[:, HEAD:], blocks = self._host_plan(slots, positions, 0, L)
-        out = self._run("enter", self._enter_fn, host, blocks, self._pad(L))
+        out = self._full_group_call("enter", self._enter_fn, slots, tokens, positions, 0, len(r.prefix))
         if r.layout.full is not None:
             r.written[r.layout.full, slots] += 1
         if r.kind == "token":
@@ -247,7 +247,7 @@ class DecodeGraphs:
         x = r.core.embed_tokens(ints[:, TOKEN])[:, None, :]
         if r.prefix:
             cos, sin = self._rope(ints[:, POS])
-            x = self._stack(r.prefix, 0, x, cos, sin, ints, blocks)
+            x = self._stack(r.prefix, x, cos, sin, ints, blocks)
         r.h.index_copy_(0, slot, x[:, 0])
         out = {}
         if r.kind == "token":
@@ -280,7 +280,7 @@ class DecodeGraphs:
         nb = int(qidx.max()) // r.pool.block_size + 1
         host[:, HEAD:] = rows
         blocks = r.pool.block_table(read_group, slots, nb)[:, :, :L]
-        self._run("recurse", self._recurse_fn, host, blocks, self._pad(L))
+        self._run("recurse", self._recurse_fn, host, blocks)
         if writes.any():
             r.written[write_group[writes], slots[writes]] += 1
 
@@ -290,7 +290,7 @@ class DecodeGraphs:
         slot, rec = ints[:, SLOT], ints[:, REC]
         x_in = r.h.index_select(0, slot)
         cos, sin = self._rope(ints[:, POS])
-        y = self._stack(r.chunks[0], 0, x_in[:, None, :], cos, sin, ints, blocks)[:, 0]
+        y = self._stack(r.chunks[0], x_in[:, None, :], cos, sin, ints, blocks)[:, 0]
         gate = is_last = first = None
         if r.kind == "expert" and cfg.gate_combine != "pass_through":
             gate = gate_scores(r._router_logits_at(r.core.routers, x_in, rec), cfg.router_func,
@@ -307,14 +307,8 @@ class DecodeGraphs:
     def finish(self, slots: np.ndarray, positions: np.ndarray) -> torch.Tensor:
         """``ModelRunner.finish`` as a fixed-shape call: (n, V) fp32 logits (a copy)."""
         r = self.r
-        L = len(r.suffix)
-        host = np.empty((len(slots), HEAD + L), dtype=np.int64)
-        host[:, SLOT], host[:, TOKEN], host[:, POS], host[:, QIDX] = slots, 0, positions, positions
-        blocks = np.zeros((len(slots), 1, 0), dtype=np.int64)
-        if L:
-            lo = r.layout.num_prefix
-            host[:, HEAD:], blocks = self._host_plan(slots, positions, lo, lo + L)
-        out = self._run("finish", self._finish_fn, host, blocks, self._pad(L))
+        lo = r.layout.num_prefix
+        out = self._full_group_call("finish", self._finish_fn, slots, 0, positions, lo, lo + len(r.suffix))
         return out["logits"][:len(slots)].clone()
 
     def _finish_fn(self, ints: torch.Tensor, blocks: torch.Tensor) -> dict:
@@ -322,5 +316,5 @@ class DecodeGraphs:
         x = r.h.index_select(0, ints[:, SLOT])[:, None, :]
         if r.suffix:
             cos, sin = self._rope(ints[:, POS])
-            x = self._stack(r.suffix, 0, x, cos, sin, ints, blocks)
+            x = self._stack(r.suffix, x, cos, sin, ints, blocks)
         return {"logits": r.model.lm_head(r.core.norm(x[:, 0])).float()}

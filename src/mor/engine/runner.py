@@ -540,7 +540,7 @@ class ModelRunner:
     def _router_logits(self, routers, x: torch.Tensor, recs: np.ndarray) -> torch.Tensor:
         """``routers[recs[i]](x[i])`` (fp32) for every row. Linear routers run as one matmul
         over their stacked weights; MLP routers run once per recursion present."""
-        if self._stacked_routers(routers) is not None:
+        if all(isinstance(r.net, nn.Linear) for r in routers):
             return self._router_logits_at(routers, x, self._long(recs))
         out = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
         for r in np.unique(recs):
