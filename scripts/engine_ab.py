@@ -36,7 +36,7 @@ from mor.bench.infer import _build, calibrate_expert_routers, mor_config
 from mor.config import preset
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL_CALLS = ("decode_layers", "linear", "linear_silu_mul", "rms_norm", "rope_", "kv_write", "paged_attention",
+KERNEL_CALLS = ("decode_rows", "route_rows", "decode_layers", "linear", "linear_silu_mul", "rms_norm", "rope_", "kv_write", "paged_attention",
                 "sample")
 
 

@@ -447,8 +447,8 @@ def prompts(lengths, seed=3):
 
 def count_kernel_layers(eng, monkeypatch):
     """A list that grows by one per decoder layer run on the kernels."""
-    calls, fn = [], eng.runner._layers_kernels
-    monkeypatch.setattr(eng.runner, "_layers_kernels", lambda us, *a: calls.extend([1] * len(us)) or fn(us, *a))
+    calls, fn = [], eng.runner._decode_rows
+    monkeypatch.setattr(eng.runner, "_decode_rows", lambda us, *a, **kw: calls.extend([1] * len(us)) or fn(us, *a, **kw))
     return calls
 
 

@@ -167,6 +167,12 @@ class KVPool:
 
     # .................................................................. accounting
     @property
+    def table_array(self) -> np.ndarray:
+        """Every group's block tables in one (groups, seqs, blocks per seq, most layers) int64
+        array (``tables[g]`` are views of it; it lives as long as the pool): read-only outside."""
+        return self._table
+
+    @property
     def free_blocks(self) -> int:
         return self._nfree
 
@@ -237,10 +243,22 @@ class KVPool:
     def ensure_one_more(self, group: int, seqs: np.ndarray) -> None:
         """Room for one more token in ``group`` for each sequence (see ``ensure``)."""
         seqs = np.asarray(seqs, dtype=np.int64)
-        new_lens = self.lens[group, seqs] + 1
-        if seqs.size and new_lens.max() <= self.max_len and (new_lens <= self.nblocks[group, seqs] * self.block_size).all():
-            return  # every sequence has room already (most decode steps)
-        self.ensure(group, seqs, new_lens)
+        self.ensure_one_more_each(np.full(seqs.shape, group, dtype=np.int64), seqs)
+
+    def ensure_one_more_each(self, groups: np.ndarray, seqs: np.ndarray) -> None:
+        """Room for one more token in group ``groups[i]`` for sequence ``seqs[i]`` (distinct
+        pairs): one array check when every pair has room (most decode steps), else
+        ``ensure`` group by group in increasing order."""
+        groups = np.asarray(groups, dtype=np.int64)
+        seqs = np.asarray(seqs, dtype=np.int64)
+        if not groups.size:
+            return
+        new_lens = self.lens[groups, seqs] + 1
+        if new_lens.max() <= self.max_len and (new_lens <= self.nblocks[groups, seqs] * self.block_size).all():
+            return
+        for g in np.unique(groups).tolist():
+            mine = groups == g
+            self.ensure(g, seqs[mine], new_lens[mine])
 
     def add_tokens(self, group: int, seqs: np.ndarray, count: np.ndarray | int = 1) -> None:
         """Record that each sequence wrote ``count`` more tokens into ``group`` (within the

@@ -35,7 +35,7 @@ from ..cache import make_pool
 from ..model import MoRForCausalLM
 from ..runtime import find_eos
 from .quant import low_precision_copy
-from .request import Request, RequestError, RequestOutput, SamplingParams, Stage
+from .request import Request, RequestError, RequestOutput, SamplingParams
 from .runner import ModelRunner, StepOutput
 from .scheduler import SCHEDULES as SCHEDULE_KINDS
 from .scheduler import Scheduler, StepPlan
@@ -314,26 +314,26 @@ class Engine:
 
     def _postprocess(self, plan: StepPlan, out: StepOutput) -> list[StepEvent]:
         """Record what the step wrote and produced: KV counts, request states, stats, events."""
-        st, pool = self.stats, self.pool
+        st, pool, nr = self.stats, self.pool, self.runner.num_recursions
         pool.add_written(out.written)
         for req in plan.admitted:
             pool.trim(req.slot)  # give back the worst-case reservation the sequence did not use
         for depths in out.prefill_depths:
             st.prompt_tokens += len(depths)
-            for k in range(self.runner.num_recursions):
+            for k in range(nr):
                 st.prefill_recursion_tokens[k] += int((depths > k).sum())
         for recs in out.block_recs:
             st.block_calls += 1
             st.block_tokens += len(recs)
-            for r in recs.tolist():
-                st.recursion_tokens[r] += 1
-        for req in plan.enter + plan.run:
-            if req.slot in out.recs:
-                req.stage, req.rec = Stage.RUN, out.recs[req.slot]
+            for r, count in enumerate(np.bincount(recs, minlength=nr).tolist()):
+                st.recursion_tokens[r] += count
+        depths = out.exit_depths.tolist()
+        for d, count in enumerate(np.bincount(out.exit_depths, minlength=nr + 1).tolist()):
+            st.exit_counts[d] += count
+        st.generated_tokens += len(depths)
         events: list[StepEvent] = []
-        for i, (req, tok, depth) in enumerate(zip(out.exits, out.tokens, out.exit_depths)):
-            st.exit_counts[depth] += 1
-            st.generated_tokens += 1
+        next_slots, next_tokens = [], []
+        for i, (req, tok, depth) in enumerate(zip(out.exits, out.tokens, depths)):
             if self.record_logits:
                 req.logits.append(out.logits[i].detach().cpu())
             reason, delta = req.append_token(tok, depth, self.eos_token_id, self.tokenizer)
@@ -343,8 +343,11 @@ class Engine:
                 st.requests_finished += 1
                 output = req.to_output()
             else:
-                req.stage, req.rec = Stage.ENTER, 0
+                next_slots.append(req.slot)
+                next_tokens.append(tok)
             events.append(StepEvent(req.request_id, tok, delta, reason is not None, output, depth))
+        self.scheduler.advance(out.run_slots, out.run_recs, np.array(next_slots, dtype=np.int64),
+                               np.array(next_tokens, dtype=np.int64))
         st.preemptions = self.scheduler.preemptions - self._preemptions_at_reset
         return events
 

@@ -443,8 +443,9 @@ static void layer_phases(const float *x, float *out, int64_t M, int64_t D, const
 #pragma omp barrier
     TICK(2)
     share(M * H, 1, t, T, &lo, &hi);
+    int64_t s = 0; /* rows only grow along p: the segment cursor only moves forward */
     for (int64_t p = lo; p < hi; p++) {
-        int64_t m = p / H, hh = p % H, s = 0;
+        int64_t m = p / H, hh = p % H;
         while (s + 1 < nseg && m >= seg[s * 6 + 1]) s++;
         const int64_t *sg = seg + s * 6;
         const int64_t *blocks = (const int64_t *)(intptr_t)sg[2] + (m - sg[0]) * sg[3] + j;
@@ -494,6 +495,93 @@ void mor_decode_layers(const int64_t *table, int64_t nl, const float *x, float *
                          n_write ? rows + l : 0, rstride, kc, vc, bs, seg, nseg, j0 + l, work, t, T, &mark);
             in = dst;
         }
+    }
+}
+
+/* The engine's decode calls (enter / recurse / finish): nl decoder layers (mor_decode_layers)
+ * on one token per row, with the gathers, the cache addressing and the residual update done
+ * here instead of by the caller. Row m:
+ *   input   x[m] if x, else embed[tokens[m]] if embed, else state[slots[m]] (state (S + 1, D));
+ *   RoPE    rows pos[m] of the tables cos_tab / sin_tab (positions, hd);
+ *   writes  (m < n_write) its K/V for layer l at entry widx[m] of cache group wgroup[m] of
+ *           sequence slots[m]: physical row ptab[((wgroup[m] S + slots[m]) MB + widx[m] / bs) ML
+ *           + j0 + l] bs + widx[m] % bs, ptab being the pool's block tables (groups, S, MB, ML);
+ *   reads   entries 0..qidx[m] of group rgroup[m] of its sequence (layer j0 + l);
+ *   result  mode 0: out[m] = y; 1: state[slots[m]] = y; 2: state[slots[m]] = in[m] + gate[m] y
+ *           (gate per slot: gate[slots[m]]; the expert-choice update h + g * block(h)).
+ * Scratch: work, mor_decode_layers' scratch plus 3 M D + 2 M hd floats and M (nl + 6) int64. */
+void mor_decode_rows(const int64_t *table, int64_t nl, const float *x, const float *embed, const int64_t *tokens,
+                     float *state, const int64_t *slots, int64_t M, int64_t D, int64_t F, int64_t H, int64_t KV,
+                     int64_t hd, const float *cos_tab, const float *sin_tab, const int64_t *pos,
+                     const int64_t *ptab, int64_t S, int64_t MB, int64_t ML, const int64_t *wgroup,
+                     const int64_t *widx, int64_t n_write, const int64_t *rgroup, const int64_t *qidx, int64_t j0,
+                     float *kc, float *vc, int64_t bs, int mode, const float *gate, float *out, float *work, int nt) {
+    int64_t layer_floats = M * (2 * D + (H + 2 * KV) * hd + H * hd + F);
+    float *in = work + layer_floats, *tmp = in + M * D, *y = tmp + M * D, *cs = y + M * D, *sn = cs + M * hd;
+    int64_t *rows = (int64_t *)(sn + M * hd), *seg = rows + M * (nl > 0 ? nl : 1);
+    for (int64_t m = 0; m < M; m++) {
+        const float *src = x ? x + m * D : embed ? embed + tokens[m] * D : state + slots[m] * D;
+        memcpy(in + m * D, src, D * sizeof(float));
+        memcpy(cs + m * hd, cos_tab + pos[m] * hd, hd * sizeof(float));
+        memcpy(sn + m * hd, sin_tab + pos[m] * hd, hd * sizeof(float));
+        if (m < n_write) {
+            const int64_t *bt = ptab + ((wgroup[m] * S + slots[m]) * MB + widx[m] / bs) * ML + j0;
+            for (int64_t l = 0; l < nl; l++) rows[m * nl + l] = bt[l] * bs + widx[m] % bs;
+        }
+        int64_t *sg = seg + m * 6; /* one attention segment per row: its own block table */
+        sg[0] = m;
+        sg[1] = m + 1;
+        sg[2] = (int64_t)(intptr_t)(ptab + (rgroup[m] * S + slots[m]) * MB * ML);
+        sg[3] = 0;
+        sg[4] = ML;
+        sg[5] = (int64_t)(intptr_t)(qidx + m);
+    }
+    float *res = mode == 0 ? out : y;
+    if (nl > 0)
+        mor_decode_layers(table, nl, in, res, tmp, M, D, F, H, KV, hd, cs, sn, n_write, rows, nl, kc, vc, bs, seg, M,
+                          j0, work, nt);
+    else
+        memcpy(res, in, M * D * sizeof(float));
+    if (mode == 0) return;
+    for (int64_t m = 0; m < M; m++) {
+        float *dst = state + slots[m] * D;
+        const float *ym = y + m * D, *hm = in + m * D;
+        if (mode == 1) {
+            memcpy(dst, ym, D * sizeof(float));
+        } else {
+            float g = gate[slots[m]];
+            for (int64_t i = 0; i < D; i++) dst[i] = hm[i] + g * ym[i];
+        }
+    }
+}
+
+/* Expert-choice routing for one token per row (linear routers, one output each): with h =
+ * state[slots[m]] and router i's logit <h, W_i> + b_i (routers: int64 rows [address of W_i, (D,)
+ * fp32; address of b_i, one fp32, or 0 for no bias]),
+ *   decision[m] = logit of router dec_idx[m]   (the token continues iff > 0)
+ *   gate[slots[m]] = alpha act(logit of router gate_idx[m])   (the main router's weight g; act:
+ *                    func 1 sigmoid, 2 tanh, 3 softmax over one logit = 1; func 0: no gate)
+ * Every row is summed in the same order whatever the batch (batch-independent). */
+static inline float router_logit(const float *h, const int64_t *router, int64_t D) {
+    const float *w = (const float *)(intptr_t)router[0], *b = (const float *)(intptr_t)router[1];
+    vf acc = {0};
+    int64_t i = 0;
+    for (; i + VW <= D; i += VW) acc += vload(h + i) * vload(w + i);
+    float sum = hsum(acc);
+    for (; i < D; i++) sum += h[i] * w[i];
+    return b ? sum + *b : sum;
+}
+
+void mor_route_rows(const float *state, const int64_t *slots, int64_t M, int64_t D, const int64_t *routers,
+                    const int64_t *dec_idx, const int64_t *gate_idx, int func, float alpha, float *decision,
+                    float *gate) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *h = state + slots[m] * D;
+        float main = router_logit(h, routers + 2 * gate_idx[m], D);
+        decision[m] = dec_idx[m] == gate_idx[m] ? main : router_logit(h, routers + 2 * dec_idx[m], D);
+        if (func == 1) gate[slots[m]] = alpha / (1.0f + expf(-main));
+        else if (func == 2) gate[slots[m]] = alpha * tanhf(main);
+        else if (func == 3) gate[slots[m]] = alpha;
     }
 }
 

@@ -40,6 +40,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -63,6 +64,9 @@ SIGNATURES = {
     "mor_profile_take": ([_p], None),
     "mor_decode_layers": ([_p, _i64, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _i64, _p, _p,
                            _i64, _p, _i64, _i64, _p, _int], None),
+    "mor_decode_rows": ([_p, _i64, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _i64, _i64,
+                         _i64, _p, _p, _i64, _p, _p, _i64, _p, _p, _i64, _int, _p, _p, _p, _int], None),
+    "mor_route_rows": ([_p, _p, _i64, _i64, _p, _p, _p, _int, _f32, _p, _p], None),
 }
 MAX_BLOCK_SIZE, MAX_HEAD_DIM = 256, 512  # the attention kernel's stack buffers
 
@@ -359,6 +363,11 @@ class LayerDims(tuple):
         D, F, H, KV, hd = self
         return M * (3 * D + (H + 2 * KV) * hd + H * hd + F)
 
+    def rows_work_floats(self, M: int, layers: int) -> int:
+        """Scratch floats ``decode_rows`` needs for M rows and a run of ``layers`` layers."""
+        D, F, H, KV, hd = self
+        return M * (2 * D + (H + 2 * KV) * hd + H * hd + F) + M * (3 * D + 2 * hd) + 2 * M * (max(layers, 1) + 6)
+
 
 def decode_layers(table: torch.Tensor, dims: LayerDims, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   n_write: int, rows: torch.Tensor | None, rows_stride: int, k_cache: torch.Tensor,
@@ -395,6 +404,86 @@ def decode_layers(table: torch.Tensor, dims: LayerDims, x: torch.Tensor, cos: to
                           v_cache.data_ptr(), k_cache.shape[1], seg.data_ptr(), seg.shape[0], j0, work.data_ptr(),
                           _threads())
     return out
+
+
+# the rows of the per-token integer table ``decode_rows`` reads (one column per token)
+ROW_FIELDS = ("slot", "position", "write_group", "write_index", "read_group", "query_index", "token")
+MODES = {"out": 0, "store": 1, "gated": 2}
+
+
+def decode_rows(table: torch.Tensor, dims: LayerDims, ints, a: int, b: int, n_write: int, state: torch.Tensor,
+                cos_tab: torch.Tensor, sin_tab: torch.Tensor, blocks, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                j0: int, work: torch.Tensor, mode: str, x: torch.Tensor | None = None,
+                embed: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The engine's decode calls in one call each: the layers of ``table`` (as in
+    ``decode_layers``; none: the input passes through) on tokens a..b-1, one per row, with the
+    gathers, the paged-cache addressing and the residual update done in C.
+
+    ``ints``: a C-contiguous int64 NumPy array (len(ROW_FIELDS), N), one column per token.
+    Token m's input is ``x[m - a]`` (x given), else ``embed[token]``, else ``state[slot]``
+    (``state`` (slots + 1, D) fp32, the engine's in-flight hidden states); its RoPE is row
+    ``position`` of ``cos_tab`` / ``sin_tab`` (positions, hd). The first ``n_write`` tokens store
+    layer l's K/V at entry ``write_index`` of cache group ``write_group`` of their slot; every
+    token attends to entries 0..``query_index`` of group ``read_group``, reading layer j0 + l of
+    ``blocks``, the pool's (groups, slots, blocks per slot, layers) int64 block tables.
+    ``mode``: "out" returns y (b - a, D); "store" writes y to ``state[slot]``; "gated" writes
+    ``input + gate[slot] * y`` there (``gate`` (slots + 1,) fp32; the expert-choice update)
+    and returns None. ``work``: 1-D, >= ``dims.rows_work_floats(b - a, layers)`` floats."""
+    lib = _library()
+    M, nl = b - a, table.shape[0]
+    if not (ints.dtype == np.int64 and ints.flags.c_contiguous and ints.ndim == 2
+            and ints.shape[0] == len(ROW_FIELDS) and 0 <= a <= b <= ints.shape[1]):
+        raise ValueError(f"ints must be a C-contiguous int64 ({len(ROW_FIELDS)}, N) array and 0 <= a <= b <= N")
+    if not 0 <= n_write <= M or mode not in MODES or (mode == "gated") != (gate is not None):
+        raise ValueError(f"decode_rows: n_write={n_write} for {M} rows, mode={mode!r} (one of {', '.join(MODES)}; "
+                         f"a gate exactly for 'gated')")
+    if work.numel() < dims.rows_work_floats(M, nl):
+        raise ValueError(f"work holds {work.numel()} floats, {dims.rows_work_floats(M, nl)} needed")
+    D, F, H, KV, hd = dims
+    out = torch.empty(M, D, dtype=torch.float32) if mode == "out" else None
+    if M == 0:
+        return out
+    N, base = ints.shape[1], ints.ctypes.data + 8 * a
+    col = [base + 8 * N * k for k in range(len(ROW_FIELDS))]
+    G, S, MB, ML = blocks.shape
+    lib.mor_decode_rows(table.data_ptr(), nl, _ptr(x), _ptr(embed), col[6], state.data_ptr(), col[0], M, D, F, H, KV,
+                        hd, cos_tab.data_ptr(), sin_tab.data_ptr(), col[1], blocks.ctypes.data, S, MB, ML, col[2],
+                        col[3], n_write, col[4], col[5], j0, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1],
+                        MODES[mode], _ptr(gate), _ptr(out), work.data_ptr(), _threads())
+    return out
+
+
+ROUTER_FUNCS = {"sigmoid": 1, "tanh": 2, "softmax": 3}
+
+
+def router_table(linears) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``route_rows``' table of one-output linear routers: int64 rows [weight address, bias
+    address or 0], and the tensors it points to (keep them alive while the table is used). The
+    addresses are those of the parameters now (in-place updates are seen, replaced ones not)."""
+    held, rows = [], []
+    for lin in linears:
+        w = lin.weight.detach()
+        b = None if lin.bias is None else lin.bias.detach()
+        held += [w] if b is None else [w, b]
+        rows.append([w.data_ptr(), 0 if b is None else b.data_ptr()])
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 2), held
+
+
+def route_rows(state: torch.Tensor, slots, routers: torch.Tensor, dec_idx, gate_idx, func: str | None, alpha: float,
+               gate: torch.Tensor | None):
+    """Expert-choice routing of the tokens in ``state[slots]`` (``mor_route_rows``): returns the
+    decision logits (router ``dec_idx[m]``'s; fp32 NumPy) and, with ``func`` (the router
+    function), writes ``gate[slot] = alpha * func(logit of router gate_idx[m])``. ``routers``:
+    a ``router_table``; slots / dec_idx / gate_idx: int64 NumPy arrays."""
+    lib = _library()
+    M, D = len(slots), state.shape[1]
+    decision = np.empty(M, dtype=np.float32)
+    if M:
+        slots, dec_idx, gate_idx = (np.ascontiguousarray(v, dtype=np.int64) for v in (slots, dec_idx, gate_idx))
+        lib.mor_route_rows(state.data_ptr(), slots.ctypes.data, M, D, routers.data_ptr(), dec_idx.ctypes.data,
+                           gate_idx.ctypes.data, ROUTER_FUNCS[func] if func else 0, alpha, decision.ctypes.data,
+                           _ptr(gate))
+    return decision
 
 
 def segment_table(segments) -> torch.Tensor:

@@ -103,13 +103,6 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-class Stage(enum.Enum):
-    """What a running request's in-flight token (its newest token) runs next step."""
-
-    ENTER = "enter"  # embedding + prefix layers, then (usually) recursion 1
-    RUN = "run"  # recursion ``Request.rec`` (it ran ``rec`` recursions and continues)
-
-
 @dataclass
 class Request:
     """A request inside the engine (host-side state only)."""
@@ -128,9 +121,6 @@ class Request:
     text_emitted: int = 0  # characters of ``text`` already streamed
     finish_reason: str | None = None
     preemptions: int = 0
-    # the in-flight token (valid while RUNNING)
-    stage: Stage = Stage.ENTER
-    rec: int = 0  # recursions it ran
 
     @property
     def all_ids(self) -> list[int]:

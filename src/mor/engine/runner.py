@@ -67,18 +67,20 @@ from .scheduler import StepPlan
 class StepOutput:
     """What ``ModelRunner.execute`` did.
 
-    ``exits``: requests whose token left the recursions, in sampling order, with the sampled
-    ``tokens``, the depth of the producing position ``exit_depths`` and the ``logits`` (N, V).
-    ``recs``: slot -> recursions run by the in-flight token of a request that continues.
-    ``prefill_depths``: per prefilled request, the depth of each prompt token.
-    ``block_recs``: for each shared-block call, the recursion index of each row.
-    ``written``: (groups, slots) cache entries written."""
+    ``exits``: requests whose token left the recursions, in sampling order (their slots
+    ``exit_slots``), with the sampled ``tokens``, the depth of the producing position
+    ``exit_depths`` and the ``logits`` (N, V). ``run_slots`` / ``run_recs``: in-flight tokens
+    that continue, and the recursion each runs next. ``prefill_depths``: per prefilled
+    request, the depth of each prompt token. ``block_recs``: for each shared-block call, the
+    recursion index of each row. ``written``: (groups, slots) cache entries written."""
 
     exits: list[Request] = field(default_factory=list)
+    exit_slots: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     tokens: list[int] = field(default_factory=list)
-    exit_depths: list[int] = field(default_factory=list)
+    exit_depths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     logits: torch.Tensor | None = None
-    recs: dict[int, int] = field(default_factory=dict)
+    run_slots: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    run_recs: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     prefill_depths: list[np.ndarray] = field(default_factory=list)
     block_recs: list[np.ndarray] = field(default_factory=list)
     written: np.ndarray | None = None
@@ -111,6 +113,8 @@ def kernel_obstacle(model: MoRForCausalLM, pool: KVPool) -> str | None:
         return (type(m) is nn.Linear and m.bias is None and m.weight.dtype == torch.float32
                 and m.weight.is_contiguous())
 
+    if not p.is_contiguous():
+        return "the embedding weight must be contiguous"
     if not plain(model.lm_head):
         return f"the LM head must be a bias-free fp32 nn.Linear (here {type(model.lm_head).__name__})"
     core = model.model
@@ -170,10 +174,13 @@ class ModelRunner:
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         cos, sin = rope_cos_sin(torch.arange(pool.max_len + 1, device=self.device), self.hd, cfg.rope_theta,
                                 self.dtype)
-        self._cos, self._sin = cos[0, 0], sin[0, 0]  # (max_len + 1, head_dim)
+        self._cos, self._sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()  # (max_len + 1, head_dim)
         d = cfg.hidden_size
         # per slot (plus one scratch row, slot max_seqs, for the padding rows of fixed-shape calls)
         self.h = torch.zeros(max_seqs + 1, d, dtype=self.dtype, device=self.device)  # in-flight residual stream
+        # expert-choice: the main router's weight g of each slot's next recursion (set by ``decide``)
+        self.gate = torch.zeros(max_seqs + 1, dtype=torch.float32, device=self.device)
+        self._static_block = all(c == self.chunks[0] for c in self.chunks)  # every recursion: the same layers
         if self.kind == "token":  # per slot: the first recursion's input, the gate and the depth
             self.h_first = torch.zeros(max_seqs + 1, d, dtype=self.dtype, device=self.device)
             self.token_gate = torch.zeros(max_seqs + 1, 1, dtype=self.dtype, device=self.device)
@@ -193,6 +200,7 @@ class ModelRunner:
         # The kernels read the weights as they are now (a snapshot of the parameter tensors:
         # in-place updates are seen, replaced parameters are not; build a new engine then).
         self.kernels = None
+        self._kroute: torch.Tensor | None = None  # router weights for kernels.route_rows (expert-choice)
         self.kernel_obstacle = why = kernel_obstacle(model, pool) if cpu_kernels is not False else "off"
         if why is None:
             try:  # matrix weights as the kernels read them (bf16 copies for decode_precision="bf16-weights")
@@ -200,7 +208,9 @@ class ModelRunner:
                 self._kdims = self._klayers[0].dims
                 self._ktables: dict[tuple, torch.Tensor] = {}  # layer run -> its weights table
                 self._lm_head = kernels.weight_copy(model.lm_head.weight, kernel_weights)
+                self._embed = model.model.embed_tokens.weight.detach()
                 self._work = torch.empty(0, dtype=torch.float32)
+                self._kroute = self._router_table()
                 self.kernels = kernels
             except ValueError as e:
                 self.kernel_obstacle = why = str(e)
@@ -212,6 +222,21 @@ class ModelRunner:
             cuda_graphs = self.device.type == "cuda"
         if cuda_graphs:
             self.graphs = DecodeGraphs(self, capture=True)
+
+    def _router_table(self) -> torch.Tensor | None:
+        """The expert-choice routers as ``kernels.route_rows`` reads them (the main routers, then
+        the auxiliary ones), or None when they are not all one-output linear routers with
+        contiguous fp32 parameters (then they run as PyTorch modules)."""
+        if self.kind != "expert":
+            return None
+        nets = [r.net for r in self.core.routers]
+        if self.config.use_aux_router:
+            nets += [r.net for r in self.core.aux_routers]
+        if not all(type(n) is nn.Linear and n.weight.shape == (1, self.config.hidden_size)
+                   and all(p.dtype == torch.float32 and p.is_contiguous() for p in n.parameters()) for n in nets):
+            return None
+        table, self._router_params = kernels.router_table(nets)  # held: the table holds their addresses
+        return table
 
     def _tick(self, phase: str) -> None:
         """Charge the time since the last tick to ``phase`` (when timing; syncs CUDA first)."""
@@ -245,10 +270,8 @@ class ModelRunner:
     def _make_segment(self, blocks: np.ndarray, qidx: np.ndarray, a: int, b: int) -> AttentionSegment:
         nb = blocks.shape[1]
         q = self._long(qidx)
-        mask = None
-        if not self._kernel_path(q.shape[1]):  # the kernels read qidx, not a mask
-            keys = torch.arange(nb * self.pool.block_size, device=self.device)
-            mask = keys[None, None, None, :] <= q[:, None, :, None]
+        keys = torch.arange(nb * self.pool.block_size, device=self.device)
+        mask = keys[None, None, None, :] <= q[:, None, :, None]
         return AttentionSegment(a, b, self._long(blocks), mask, q)
 
     @staticmethod
@@ -293,39 +316,39 @@ class ModelRunner:
         hh = x + at.o_proj(o.transpose(1, 2).reshape(n, Q, self.n_heads * self.hd))
         return hh + L.mlp(L.post_attention_layernorm(hh))
 
-    def _kernel_path(self, Q: int) -> bool:
-        """Whether calls with Q tokens per row run on the CPU kernels (one token per row: decode)."""
-        return self.kernels is not None and Q == 1
-
     def _layers(self, us: list[int], j0: int, x: torch.Tensor, cos, sin, n_write: int, rows: torch.Tensor | None,
                 segs: list[AttentionSegment]) -> torch.Tensor:
         """Decoder layers ``us`` in turn on x (n, Q, d), at positions j0, j0 + 1, ... of their
         cache group; ``rows`` (n_write * Q, len(us)): the physical cache row of each new K/V for
-        each layer (or None). On the CPU kernels: all of them in one call."""
-        if self._kernel_path(x.shape[1]):
-            return self._layers_kernels(us, j0, x, cos, sin, n_write, rows, segs)
+        each layer (or None). PyTorch ops (the CPU kernels' decode calls: ``_decode_rows``)."""
         for i, u in enumerate(us):
             x = self._layer(u, x, cos, sin, n_write, None if rows is None else rows[:, i], segs, j0 + i)
         return x
 
-    def _layers_kernels(self, us: list[int], j0: int, x: torch.Tensor, cos, sin, n_write: int,
-                        rows: torch.Tensor | None, segs: list[AttentionSegment]) -> torch.Tensor:
-        """``_layers`` for one token per row on the CPU kernels (``mor.engine.kernels.decode_layers``):
-        the same math in one call, attention reading the paged cache in place."""
-        n = x.shape[0]
+    def _decode_rows(self, us: list[int], j0: int, ints: np.ndarray, a: int, b: int, n_write: int, mode: str,
+                     **kw) -> torch.Tensor | None:
+        """Decoder layers ``us`` (layer j0 + i of their cache group) on tokens a..b-1 of ``ints``
+        (``kernels.ROW_FIELDS`` x tokens) in one call of the CPU kernels (``kernels.decode_rows``:
+        gathers, cache addressing and the residual update in C, attention reading the paged
+        cache in place)."""
         table = self._ktables.get(tuple(us))
         if table is None:
-            table = self._ktables[tuple(us)] = torch.tensor([self._klayers[u].row for u in us], dtype=torch.int64)
-        need = self._kdims.work_floats(n)
+            table = self._ktables[tuple(us)] = torch.tensor([self._klayers[u].row for u in us],
+                                                            dtype=torch.int64).reshape(len(us), kernels.LAYER_ROW)
+        need = self._kdims.rows_work_floats(b - a, len(us))
         if self._work.numel() < need:
             self._work = torch.empty(need, dtype=torch.float32)
-        if n_write and rows.stride(1) != 1:
-            rows = rows.contiguous()
-        out = kernels.decode_layers(table, self._kdims, x.reshape(n, -1).contiguous(), cos.reshape(n, -1).contiguous(),
-                                    sin.reshape(n, -1).contiguous(), n_write, rows if n_write else None,
-                                    rows.stride(0) if n_write else 0, self.cache.k, self.cache.v,
-                                    kernels.segment_table(segs), j0, self._work)
-        return out.view(n, 1, -1)
+        return kernels.decode_rows(table, self._kdims, ints, a, b, n_write, self.h, self._cos, self._sin,
+                                   self.pool.table_array, self.cache.k, self.cache.v, j0, self._work, mode, **kw)
+
+    def _token_ints(self, slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """``kernels.ROW_FIELDS`` x tokens for calls of the unique layers (cache group ``full``,
+        entry = position); the token row is left for the caller."""
+        ints = np.empty((len(kernels.ROW_FIELDS), len(slots)), dtype=np.int64)
+        ints[0], ints[1] = slots, positions
+        ints[2] = ints[4] = self.layout.full if self.layout.full is not None else 0
+        ints[3] = ints[5] = positions
+        return ints
 
     def _full_layers(self, layers: list[int], j0: int, x: torch.Tensor, slots: np.ndarray,
                      positions: np.ndarray, valid: np.ndarray | None = None) -> torch.Tensor:
@@ -353,47 +376,47 @@ class ModelRunner:
             depths = self.prefill([r.slot for r in plan.prefill], [r.all_ids[:-1] for r in plan.prefill])
             out.prefill_depths = [depths[i, :len(r.all_ids) - 1] for i, r in enumerate(plan.prefill)]
             self._tick("prefill")
-        recs = {r.slot: r.rec for r in plan.run}
-        position = {r.slot: r.position for r in plan.enter + plan.run}
-        leaving: list[int] = []
-        running = [r.slot for r in plan.run]
-        if plan.enter:
-            slots = [r.slot for r in plan.enter]
-            self.enter(np.array(slots), np.array([r.last_id for r in plan.enter]),
-                       np.array([position[s] for s in slots]))
-            recs.update((s, 0) for s in slots)
-            if self.num_recursions:
-                go = self.decide(np.array(slots), np.zeros(len(slots), dtype=np.int64)).tolist()
-                running += [s for s, g in zip(slots, go) if g]
-                leaving += [s for s, g in zip(slots, go) if not g]
-            else:
-                leaving += slots
+        positions = plan.positions
+        slots, recs = plan.run, plan.run_recs  # the shared block's rows, sorted by (recursion, slot)
+        leaving, leaving_recs = [], []
+        if plan.enter.size:
+            enter = plan.enter
+            self.enter(enter, plan.tokens[enter], positions[enter])
+            go = self.decide(enter, np.zeros(len(enter), dtype=np.int64)) if self.num_recursions else \
+                np.zeros(len(enter), dtype=bool)
+            leaving.append(enter[~go])
+            leaving_recs.append(np.zeros(len(leaving[-1]), dtype=np.int64))
+            if go.any():  # they join the block at recursion 0, ahead of the rows that ran more
+                slots = np.concatenate([enter[go], slots])
+                recs = np.concatenate([np.zeros(int(go.sum()), dtype=np.int64), recs])
+                if plan.run.size:
+                    order = np.lexsort((slots, recs))
+                    slots, recs = slots[order], recs[order]
             self._tick("enter")
-        while running:  # one shared-block call per pass
-            running.sort(key=lambda s: (recs[s], s))
-            slots = np.array(running)
-            done = np.array([recs[s] for s in running])
-            self.recurse(slots, done, np.array([position[s] for s in running]))
-            out.block_recs.append(done)
-            for s in running:
-                recs[s] += 1
-            go = self.decide(slots, done + 1)
-            leaving += slots[~go].tolist()
-            running = slots[go].tolist()
+        while slots.size:  # one shared-block call per pass
+            self.recurse(slots, recs, positions[slots])
+            out.block_recs.append(recs)
+            recs = recs + 1
+            go = self.decide(slots, recs)
+            leaving.append(slots[~go])
+            leaving_recs.append(recs[~go])
+            slots, recs = slots[go], recs[go]
             self._tick("block")
             if plan.schedule == "depth":
                 break
+        out.run_slots, out.run_recs = slots, recs
         if leaving:
-            leaving.sort(key=lambda s: (recs[s], s))
-            by_slot = {r.slot: r for r in plan.enter + plan.run}
-            out.exits = [by_slot[s] for s in leaving]
-            out.exit_depths = [recs.pop(s) for s in leaving]
-            out.logits = self.finish(np.array(leaving), np.array([position[s] for s in leaving]))
-            self._tick("finish")
-            out.tokens = sample(out.logits, [r.params for r in out.exits], [r.generator for r in out.exits],
-                                self.generator, self.kernels).tolist()
-            self._tick("sample")
-        out.recs = recs
+            ls, lr = np.concatenate(leaving), np.concatenate(leaving_recs)
+            if ls.size:
+                order = np.lexsort((ls, lr))
+                ls, lr = ls[order], lr[order]
+                out.exits = [plan.requests[s] for s in ls.tolist()]
+                out.exit_slots, out.exit_depths = ls, lr
+                out.logits = self.finish(ls, positions[ls])
+                self._tick("finish")
+                out.tokens = sample(out.logits, [r.params for r in out.exits], [r.generator for r in out.exits],
+                                    self.generator, self.kernels).tolist()
+                self._tick("sample")
         out.written = self.take_written()
         return out
 
@@ -503,18 +526,26 @@ class ModelRunner:
         positions = np.asarray(positions, dtype=np.int64)
         if self.graphs is not None:
             return self.graphs.enter(slots, np.asarray(tokens, dtype=np.int64), positions)
-        x = self.core.embed_tokens(self._long(tokens))[:, None, :]
-        x = self._full_layers(self.prefix, 0, x, slots, positions[:, None])
-        if self.layout.full is not None:
-            self.written[self.layout.full, slots] += 1
-        st = self._long(slots)
-        self.h.index_copy_(0, st, x[:, 0])
+        full = self.layout.full
+        if self.kernels is not None:
+            ints = self._token_ints(slots, positions)
+            ints[6] = tokens
+            self._decode_rows(self.prefix, 0, ints, 0, len(slots), len(slots) if full is not None else 0, "store",
+                              embed=self._embed)
+        else:
+            x = self.core.embed_tokens(self._long(tokens))[:, None, :]
+            x = self._full_layers(self.prefix, 0, x, slots, positions[:, None])
+            self.h.index_copy_(0, self._long(slots), x[:, 0])
+        if full is not None:
+            self.written[full, slots] += 1
         if self.kind == "token":
             cfg = self.config
+            st = self._long(slots)
+            x0 = self.h.index_select(0, st)
             _, choice, gate = self._rowwise(lambda t: token_choice(t, cfg.router_func, cfg.router_alpha,
                                                                    self.core.balance_bias),
-                                            self._route(self.core.router.net, x[:, 0]).float())
-            self.h_first.index_copy_(0, st, x[:, 0])
+                                            self._route(self.core.router.net, x0).float())
+            self.h_first.index_copy_(0, st, x0)
             self.token_gate.index_copy_(0, st, gate.to(self.dtype))
             self.token_depth.index_copy_(0, st, choice + 1)
             self.token_depth_host[slots] = (choice + 1).cpu().numpy()
@@ -522,20 +553,43 @@ class ModelRunner:
     @torch.no_grad()
     def decide(self, slots: np.ndarray, recs: np.ndarray) -> np.ndarray:
         """Whether each in-flight token (having run ``recs`` recursions) runs one more.
-        ``slots`` sorted by ``recs``. One host sync at most (expert-choice with c_r < 1)."""
+        ``slots`` sorted by ``recs``. Expert-choice: the routers run on every token that may
+        continue, and the main router's weight g of that recursion is kept per slot for
+        ``recurse`` (``self.gate``: a token's next ``recurse`` follows the ``decide`` that let it
+        continue, on the same hidden state). One host sync at most."""
         slots = np.asarray(slots, dtype=np.int64)
         recs = np.asarray(recs, dtype=np.int64)
         go = recs < self.num_recursions
         if self.kind == "token":
             go &= recs < self.token_depth_host[slots]
         elif self.kind == "expert":
-            rows = np.nonzero(go & self.needs_decision[recs])[0]
+            rows = np.flatnonzero(go)
             if rows.size:
-                routers = self.core.aux_routers if self.config.use_aux_router else self.core.routers
-                x = self.h.index_select(0, self._long(slots[rows]))
-                logits = self._router_logits(routers, x, recs[rows])
-                go[rows] = continues(logits, 0.0).cpu().numpy()
+                s, r = slots[rows], recs[rows]
+                decision = self._route_expert(s, r)
+                need = self.needs_decision[r]
+                go[rows[need]] = decision[need] > 0
         return go
+
+    def _route_expert(self, slots: np.ndarray, recs: np.ndarray) -> np.ndarray:
+        """Expert-choice routers of recursion ``recs[i]`` on ``h[slots[i]]``: returns the decision
+        logits (the auxiliary router's with ``use_aux_router``; fp32 NumPy) and stores the gate
+        g = alpha * act(main logit) in ``self.gate[slot]`` (unless ``gate_combine`` passes
+        through). Bias-free linear routers run on the CPU kernels (``kernels.route_rows``)."""
+        cfg = self.config
+        gated = cfg.gate_combine != "pass_through"
+        nr = self.num_recursions
+        if self._kroute is not None:
+            return kernels.route_rows(self.h, slots, self._kroute, recs + nr if cfg.use_aux_router else recs, recs,
+                                      cfg.router_func if gated else None, cfg.router_alpha, self.gate)
+        st = self._long(slots)
+        x = self.h.index_select(0, st)
+        main = self._router_logits(self.core.routers, x, recs)
+        decision = self._router_logits(self.core.aux_routers, x, recs) if cfg.use_aux_router else main
+        if gated:
+            gate = self._rowwise(lambda t: gate_scores(t, cfg.router_func, cfg.router_alpha), main)
+            self.gate.index_copy_(0, st, gate.to(self.gate.dtype))
+        return decision.cpu().numpy()
 
     def _router_logits(self, routers, x: torch.Tensor, recs: np.ndarray) -> torch.Tensor:
         """``routers[recs[i]](x[i])`` (fp32) for every row. Linear routers run as one matmul
@@ -626,12 +680,13 @@ class ModelRunner:
     def recurse(self, slots: np.ndarray, recs: np.ndarray, positions: np.ndarray) -> None:
         """One recursion (index ``recs[i]``) for each slot's in-flight token. ``slots`` must be
         sorted by ``recs``; the caller reserved room for one entry in each written group."""
-        cfg = self.config
         slots = np.asarray(slots, dtype=np.int64)
         recs = np.asarray(recs, dtype=np.int64)
         positions = np.asarray(positions, dtype=np.int64)
         if self.graphs is not None and self.graphs.static_block:
             return self.graphs.recurse(slots, recs, positions)
+        if self.kernels is not None:
+            return self._recurse_kernels(slots, recs, positions)
         n = len(slots)
         st = self._long(slots)
         x_in = self.h.index_select(0, st)
@@ -649,17 +704,13 @@ class ModelRunner:
             cidx = self._cache_index(wg, ws)
             rows_all = self._long(self.pool.row_index(wg, ws, cidx)[:, :len(self.chunks[0])])
             qidx[:n_write] = cidx
-        if self.kernels is not None:  # one segment: each row reads its own group's blocks up to its qidx
-            nb = int(qidx.max()) // self.pool.block_size + 1
-            segments = [self._make_segment(self.pool.block_table(read_group, slots, nb), qidx[:, None], 0, n)]
-        else:
-            segs = []
-            for a, b in ranges:
-                if segs and read_group[segs[-1][0]] == read_group[a]:
-                    segs[-1] = (segs[-1][0], b)
-                else:
-                    segs.append((a, b))
-            segments = self._plan_attention([(a, b, qidx[a:b]) for a, b in segs], recs, slots)
+        segs = []
+        for a, b in ranges:
+            if segs and read_group[segs[-1][0]] == read_group[a]:
+                segs[-1] = (segs[-1][0], b)
+            else:
+                segs.append((a, b))
+        segments = self._plan_attention([(a, b, qidx[a:b]) for a, b in segs], recs, slots)
         # the shared block: for each layer position j, the runs of rows that use the same unique
         # layer (one run under Cycle / Middle-Cycle sharing: then the whole block in one call)
         x = x_in[:, None, :]
@@ -683,19 +734,64 @@ class ModelRunner:
                     parts.append(self._layers([u], j, x[a:b], cos[a:b], sin[a:b], nw,
                                               rows_all[a:a + nw, j:j + 1] if nw else None, self._clip(segments, a, b)))
                 x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        y = x[:, 0]
+        self._combine(st, recs, x_in, x[:, 0])
+        if n_write:
+            self.written[write_group[:n_write], slots[:n_write]] += 1
+
+    def _combine(self, st: torch.Tensor, recs: np.ndarray, x_in: torch.Tensor, y: torch.Tensor) -> None:
+        """The slots' new hidden states after a recursion: ``routing.combine`` of the input
+        x_in, the block's output y and the token's gate (and, token-choice, H^1 and whether the
+        recursion was its last)."""
+        cfg = self.config
         gate = is_last = first = None
         if self.kind == "expert" and cfg.gate_combine != "pass_through":
-            logits = self._router_logits(self.core.routers, x_in, recs)
-            gate = self._rowwise(lambda t: gate_scores(t, cfg.router_func, cfg.router_alpha), logits)
-            gate = gate[:, None].to(y.dtype)
+            gate = self.gate.index_select(0, st)[:, None].to(y.dtype)
         elif self.kind == "token":
             gate = self.token_gate.index_select(0, st)
             is_last = (self.token_depth.index_select(0, st) == self._long(recs) + 1)[:, None]
             first = self.h_first.index_select(0, st)
         self.h.index_copy_(0, st, combine(cfg, x_in, y, gate, is_last, first))
-        if n_write:
-            self.written[write_group[:n_write], slots[:n_write]] += 1
+
+    def _recurse_kernels(self, slots: np.ndarray, recs: np.ndarray, positions: np.ndarray) -> None:
+        """``recurse`` on the CPU kernels: the shared block in one ``_decode_rows`` call that also
+        applies the expert-choice update (h + g * block(h)) or stores the block's output; per
+        layer and run of rows when recursions use different layers (Sequence sharing)."""
+        cfg = self.config
+        n = len(slots)
+        write_group = self._rec_write[recs]
+        n_write = int((write_group >= 0).sum())
+        ints = np.empty((len(kernels.ROW_FIELDS), n), dtype=np.int64)
+        ints[0], ints[1], ints[4], ints[5] = slots, positions, self._rec_read[recs], positions
+        if n_write:  # rows with a write group come first; a writer attends up to its new entry
+            wg, ws = write_group[:n_write], slots[:n_write]
+            ints[2, :n_write] = wg
+            ints[3, :n_write] = ints[5, :n_write] = self._cache_index(wg, ws)
+            self.written[wg, ws] += 1
+        expert = self.kind == "expert" and cfg.gate_combine != "pass_through"
+        if self._static_block:
+            if expert:
+                return self._decode_rows(self.chunks[0], 0, ints, 0, n, n_write, "gated", gate=self.gate)
+            if self.kind != "token":  # recursive, or the gate passes through: the block's output
+                return self._decode_rows(self.chunks[0], 0, ints, 0, n, n_write, "store")
+            y = self._decode_rows(self.chunks[0], 0, ints, 0, n, n_write, "out")
+        else:  # layer by layer, each run of rows that use the same unique layer in one call
+            bounds = np.flatnonzero(np.diff(recs)) + 1
+            ranges = list(zip([0, *bounds.tolist()], [*bounds.tolist(), n]))
+            y = None
+            for j in range(len(self.chunks[0])):
+                runs: list[list[int]] = []
+                for a, b in ranges:
+                    u = self.chunks[int(recs[a])][j]
+                    if runs and runs[-1][2] == u:
+                        runs[-1][1] = b
+                    else:
+                        runs.append([a, b, u])
+                parts = [self._decode_rows([u], j, ints, a, b, max(0, min(b, n_write) - a), "out",
+                                           x=None if y is None else y[a:b].contiguous())
+                         for a, b, u in runs]
+                y = parts[0] if len(parts) == 1 else torch.cat(parts)
+        st = self._long(slots)
+        self._combine(st, recs, self.h.index_select(0, st), y)
 
     @torch.no_grad()
     def finish(self, slots: np.ndarray, positions: np.ndarray) -> torch.Tensor:
@@ -704,10 +800,12 @@ class ModelRunner:
         positions = np.asarray(positions, dtype=np.int64)
         if self.graphs is not None:
             return self.graphs.finish(slots, positions)
+        if self.kernels is not None:
+            n = len(slots)
+            y = self._decode_rows(self.suffix, self.layout.num_prefix, self._token_ints(slots, positions), 0, n,
+                                  n if self.layout.full is not None else 0, "out")
+            norm = self.core.norm
+            return self.kernels.linear(self.kernels.rms_norm(y, norm.weight, norm.eps), self._lm_head)
         x = self.h.index_select(0, self._long(slots))[:, None, :]
         x = self._full_layers(self.suffix, self.layout.num_prefix, x, slots, positions[:, None])
-        if self.kernels is not None:
-            norm = self.core.norm
-            return self.kernels.linear(self.kernels.rms_norm(x[:, 0].contiguous(), norm.weight, norm.eps),
-                                       self._lm_head)
         return self.model.lm_head(self.core.norm(x[:, 0])).float()

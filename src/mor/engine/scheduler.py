@@ -2,9 +2,11 @@
 
 It owns the request queue, the sequence slots and the requests' KV block reservations
 (through the pool's methods); it touches no tensors. Each running request has exactly one
-*in-flight token* (the newest token of its sequence) whose :class:`Stage` says what it
-runs next: ``ENTER`` (embedding + prefix layers, then usually recursion 1) or ``RUN``
-(recursion ``rec``). :meth:`Scheduler.schedule` returns a :class:`StepPlan`:
+*in-flight token* (the newest token of its sequence). What that token runs next is kept per
+slot in NumPy arrays, so that a step is planned and advanced with a few array operations
+whatever the batch: ``stage[slot]`` is ``ENTER`` (embedding + prefix layers, then usually
+recursion 1) or ``RUN`` (recursion ``rec[slot]``), with the token's id and position in
+``token`` / ``position``. :meth:`Scheduler.schedule` returns a :class:`StepPlan`:
 
 1. waiting requests are admitted first-come first-served into free slots while the pool
    keeps room for each prompt's worst case (every token in every recursion) plus one block
@@ -15,6 +17,10 @@ runs next: ``ENTER`` (embedding + prefix layers, then usually recursion 1) or ``
    request is preempted: its cache is dropped and it goes back to the head of the queue,
    to be recomputed from its prompt and the tokens it already produced (which gives the
    same continuation).
+
+After the step the engine reports what happened (:meth:`Scheduler.advance`): tokens that
+continue run their next recursion, and each sampled token becomes its sequence's new
+in-flight token.
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..cache import KVPool, PoolExhausted
-from .request import Request, Stage, Status
+from .request import Request, Status
 
 SCHEDULES = ("depth", "sequence")
+FREE, ENTER, RUN = 0, 1, 2  # a slot's stage: no request / its in-flight token enters / runs recursion rec
 
 
 @dataclass
@@ -36,16 +43,21 @@ class StepPlan:
 
     ``admitted``: requests admitted this step (their worst case is reserved until the step
     ends). ``prefill``: those with a prompt (all but its last token) to run first.
-    ``enter``: requests whose in-flight token enters (sorted by slot). ``run``: requests
-    whose in-flight token runs recursion ``rec`` (sorted by recursion, then slot).
-    ``schedule``: "depth" (each token runs at most one recursion; the shared block runs
-    once on tokens at mixed depths) or "sequence" (tokens run until they leave)."""
+    ``enter``: slots whose in-flight token enters (sorted). ``run`` / ``run_recs``: slots whose
+    in-flight token runs recursion ``run_recs[i]`` (sorted by recursion, then slot).
+    ``requests``, ``tokens``, ``positions``: per slot, the request, its in-flight token and that
+    token's position. ``schedule``: "depth" (each token runs at most one recursion; the shared
+    block runs once on tokens at mixed depths) or "sequence" (tokens run until they leave)."""
 
     schedule: str
     admitted: list[Request] = field(default_factory=list)
     prefill: list[Request] = field(default_factory=list)
-    enter: list[Request] = field(default_factory=list)
-    run: list[Request] = field(default_factory=list)
+    enter: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    run: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    run_recs: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    requests: list[Request | None] = field(default_factory=list)
+    tokens: np.ndarray | None = None
+    positions: np.ndarray | None = None
 
 
 class Scheduler:
@@ -57,15 +69,32 @@ class Scheduler:
         self.max_batch = max_batch
         self.pool = pool
         self.schedule_kind = schedule
-        self.num_recursions = len(pool.layout.rec_write)
+        self.num_recursions = nr = len(pool.layout.rec_write)
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
         self.requests: dict[int, Request] = {}  # request_id -> unfinished request
+        # per slot: the request, and its in-flight token's stage, recursions run, id and position
+        self.slot_requests: list[Request | None] = [None] * max_batch
+        self.stage = np.full(max_batch, FREE, dtype=np.int8)
+        self.rec = np.zeros(max_batch, dtype=np.int64)
+        self.token = np.zeros(max_batch, dtype=np.int64)
+        self.position = np.zeros(max_batch, dtype=np.int64)
         self._free_slots = list(range(max_batch - 1, -1, -1))
         self._admit_counter = 0
         self._admit_order: dict[int, int] = {}  # request_id -> admission counter
         self.preemptions = 0
-        self._groups_cache: dict[tuple[Stage, int], tuple[int, ...]] = {}
+        # the cache groups an in-flight token may write this step: row r < nr for a token that
+        # runs recursion r, row nr for an entering one (-1 pads)
+        lay, sequence = pool.layout, schedule == "sequence"
+        rows = []
+        for r in range(nr + 1):
+            entering = r == nr
+            first = [lay.full] if entering and lay.full is not None else []
+            recs = (range(0 if entering else r, nr) if sequence
+                    else range(min(1, nr)) if entering else [r])
+            rows.append(first + [lay.rec_write[k] for k in recs if lay.rec_write[k] is not None])
+        width = max(1, max(len(g) for g in rows))
+        self._writes = np.array([g + [-1] * (width - len(g)) for g in rows], dtype=np.int64)
 
     # .................................................................. queue
     def add(self, req: Request) -> None:
@@ -81,6 +110,8 @@ class Scheduler:
         """Give back a running request's slot and KV blocks."""
         slot = req.slot
         del self.running[slot]
+        self.slot_requests[slot] = None
+        self.stage[slot] = FREE
         self._admit_order.pop(req.request_id, None)
         self._free_slots.append(slot)
         self.pool.free_seq(slot)
@@ -108,13 +139,15 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         """Admit, reserve KV room for every write of the step (preempting if needed), plan."""
         admitted = self._admit()
-        plan = StepPlan(self.schedule_kind, admitted=admitted, prefill=[r for r in admitted if len(r.all_ids) > 1])
+        plan = StepPlan(self.schedule_kind, admitted=admitted, prefill=[r for r in admitted if len(r.all_ids) > 1],
+                        requests=self.slot_requests, tokens=self.token, positions=self.position)
         while True:
-            plan.enter = sorted((r for r in self.running.values() if r.stage is Stage.ENTER), key=lambda r: r.slot)
-            plan.run = sorted((r for r in self.running.values() if r.stage is Stage.RUN),
-                              key=lambda r: (r.rec, r.slot))
+            plan.enter = np.flatnonzero(self.stage == ENTER)
+            run = np.flatnonzero(self.stage == RUN)
+            order = np.argsort(self.rec[run], kind="stable")  # by recursion, then slot
+            plan.run, plan.run_recs = run[order], self.rec[run[order]]
             try:
-                self._reserve(plan.enter + plan.run)
+                self._reserve(plan.enter, plan.run, plan.run_recs)
                 return plan
             except PoolExhausted:
                 victim = self._victim()
@@ -123,6 +156,18 @@ class Scheduler:
                 self._preempt(victim)
                 plan.admitted = [r for r in plan.admitted if r is not victim]
                 plan.prefill = [r for r in plan.prefill if r is not victim]
+
+    def advance(self, run_slots: np.ndarray, run_recs: np.ndarray, enter_slots: np.ndarray,
+                enter_tokens: np.ndarray) -> None:
+        """Record a step's result: the tokens of ``run_slots`` continue and run recursion
+        ``run_recs`` next; each of ``enter_slots`` has a new in-flight token ``enter_tokens``
+        (the one just sampled) that enters next step."""
+        self.stage[run_slots] = RUN
+        self.rec[run_slots] = run_recs
+        self.stage[enter_slots] = ENTER
+        self.rec[enter_slots] = 0
+        self.token[enter_slots] = enter_tokens
+        self.position[enter_slots] += 1
 
     def _admit(self) -> list[Request]:
         """Move waiting requests (in order) into free slots while the pool keeps room for
@@ -138,40 +183,26 @@ class Scheduler:
                 break
             budget -= worst
             self.waiting.popleft()
-            req.slot = self._free_slots.pop()
+            req.slot = slot = self._free_slots.pop()
             req.status = Status.RUNNING
-            req.stage, req.rec = Stage.ENTER, 0
-            self.running[req.slot] = req
+            self.running[slot] = self.slot_requests[slot] = req
+            self.stage[slot], self.rec[slot] = ENTER, 0
+            self.token[slot], self.position[slot] = req.last_id, req.position
             self._admit_counter += 1
             self._admit_order[req.request_id] = self._admit_counter
             for g in range(pool.layout.num_groups):  # every token, the entering one too, in every group
-                pool.ensure(g, [req.slot], [len(req.all_ids)])
+                pool.ensure(g, [slot], [len(req.all_ids)])
             admitted.append(req)
         return admitted
 
-    def _groups_written(self, req: Request) -> tuple[int, ...]:
-        """Cache groups the in-flight token of ``req`` may write into this step."""
-        key = (req.stage, req.rec)
-        groups = self._groups_cache.get(key)
-        if groups is None:
-            lay, nr = self.pool.layout, self.num_recursions
-            sequence = self.schedule_kind == "sequence"
-            if req.stage is Stage.ENTER:
-                first = [lay.full] if lay.full is not None else []
-                recs = range(nr) if sequence else range(min(1, nr))
-            else:
-                first, recs = [], (range(req.rec, nr) if sequence else [req.rec])
-            groups = self._groups_cache[key] = tuple(first + [lay.rec_write[r] for r in recs
-                                                             if lay.rec_write[r] is not None])
-        return groups
-
-    def _reserve(self, reqs: list[Request]) -> None:
-        by_group: dict[int, list[int]] = {}
-        for req in reqs:
-            for g in self._groups_written(req):
-                by_group.setdefault(g, []).append(req.slot)
-        for g, slots in sorted(by_group.items()):
-            self.pool.ensure_one_more(g, np.array(slots, dtype=np.int64))
+    def _reserve(self, enter: np.ndarray, run: np.ndarray, run_recs: np.ndarray) -> None:
+        """Room for one more cache entry in every group each in-flight token may write."""
+        slots = np.concatenate([enter, run])
+        keys = np.concatenate([np.full(len(enter), self.num_recursions, dtype=np.int64), run_recs])
+        groups = self._writes[keys]  # (tokens, most groups per token), -1 pads
+        seqs = np.broadcast_to(slots[:, None], groups.shape)
+        keep = groups >= 0
+        self.pool.ensure_one_more_each(groups[keep], seqs[keep])
 
     def _victim(self) -> Request | None:
         """The request to preempt: the most recently admitted one (None if fewer than two run)."""
