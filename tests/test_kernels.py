@@ -433,6 +433,136 @@ def test_decode_layers_runs_a_stack_as_its_layers_one_by_one(nl):
     torch.testing.assert_close(out, ref, atol=5e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("nl", [0, 1, 3])
+def test_decode_rows_gathers_addresses_and_updates_like_the_layers(nl):
+    """``decode_rows`` (the engine's decode calls): each token's input gathered from the state
+    rows of its slot, from the embedding of its token, or given; RoPE looked up by position; its
+    K/V stored at its own group's entry and its attention reading its own group's blocks (groups
+    differ per row) - equal to the model's layer modules on the gathered inputs; "store" and
+    "gated" write the slot's state (h + g[slot] * y) and touch no other row; a subset of the
+    tokens gives bit-identical rows (batch independence)."""
+    import numpy as np
+
+    cfg = tiny_config("vanilla", num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+    model = build(cfg, seed=7)
+    KV, hd, D = cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+    G, S, MB, ML, bs, j0 = 2, 6, 3, 4, 4, 4 - max(nl, 1)
+    g = gen(21)
+    num_blocks = 1 + G * S * MB * ML
+    table = (1 + torch.randperm(num_blocks - 1, generator=g)).view(G, S, MB, ML).numpy().copy()
+    kc0, vc0 = torch.randn(num_blocks, bs, KV, hd, generator=g), torch.randn(num_blocks, bs, KV, hd, generator=g)
+    state0 = torch.randn(S + 1, D, generator=g)
+    embed = torch.randn(V, D, generator=g)
+    cos_tab, sin_tab = (t.reshape(-1, hd).contiguous() for t in rope_cos_sin(torch.arange(MB * bs), hd, cfg.rope_theta,
+                                                                               torch.float32))
+    M, n_write = 5, 3
+    slots = np.array([4, 0, 5, 2, 1])
+    ints = np.zeros((len(kernels.ROW_FIELDS), M), dtype=np.int64)
+    ints[0] = slots
+    ints[1] = [9, 3, 11, 6, 0]  # positions
+    ints[2, :n_write] = [1, 0, 1]  # write groups
+    ints[3, :n_write] = [7, 2, 10]  # write entries
+    ints[4] = [1, 0, 1, 0, 1]  # read groups
+    ints[5] = [7, 2, 10, 5, 4]  # query indices (a writer reads up to its new entry)
+    ints[6] = [3, 17, 8, 1, 30]  # tokens
+    layers = [kernels.DecodeLayer(model.model.layers[u], cfg) for u in range(j0, j0 + nl)]
+    ltable = torch.tensor([layer.row for layer in layers], dtype=torch.int64).reshape(nl, kernels.LAYER_ROW)
+    dims = kernels.DecodeLayer(model.model.layers[0], cfg).dims
+    work = torch.empty(dims.rows_work_floats(M, nl))
+    gate = torch.rand(S + 1, generator=g)
+
+    def reference(x):
+        kr, vr = kc0.clone(), vc0.clone()
+        pos = torch.as_tensor(ints[1])
+        cos, sin = cos_tab[pos], sin_tab[pos]
+        blocks = torch.as_tensor(table[ints[4], slots])  # (M, MB, ML): each row's own group
+        qidx = torch.as_tensor(ints[5])[:, None]
+        for i, u in enumerate(range(j0, j0 + nl)):
+            w = table[ints[2, :n_write], slots[:n_write], ints[3, :n_write] // bs, j0 + i]
+            rows = torch.as_tensor(w * bs + ints[3, :n_write] % bs)
+            x = layer_reference(model.model.layers[u], cfg, x, cos, sin, n_write, rows, kr, vr, blocks, j0 + i, qidx)
+        return x, kr, vr
+
+    def run(mode, a=0, b=M, **kw):
+        kc, vc, state = kc0.clone(), vc0.clone(), state0.clone()
+        out = kernels.decode_rows(ltable, dims, ints, a, b, max(0, min(b, n_write) - a), state, cos_tab, sin_tab,
+                                  table, kc, vc, j0, work, mode, **kw)
+        return out, state, kc, vc
+
+    x_state = state0[torch.as_tensor(slots)]
+    ref, kr, vr = reference(x_state)
+    out, state, kc, vc = run("out")
+    torch.testing.assert_close(out, ref, atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(kc, kr, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vc, vr, atol=1e-5, rtol=1e-5)
+    assert torch.equal(state, state0)  # "out" leaves the states alone
+    assert torch.equal(kc, kc0) == (nl == 0 or n_write == 0)
+    # inputs from the embedding, or given
+    ref_e, _, _ = reference(embed[torch.as_tensor(ints[6])])
+    torch.testing.assert_close(run("out", embed=embed)[0], ref_e, atol=5e-5, rtol=1e-4)
+    given = torch.randn(M, D, generator=g)
+    torch.testing.assert_close(run("out", x=given)[0], reference(given)[0], atol=5e-5, rtol=1e-4)
+    # the slot's state: stored, or updated with the slot's gate; other rows untouched
+    untouched = [s for s in range(S + 1) if s not in slots.tolist()]
+    _, stored, _, _ = run("store")
+    assert torch.equal(stored[torch.as_tensor(slots)], out) and torch.equal(stored[untouched], state0[untouched])
+    _, gated, _, _ = run("gated", gate=gate)
+    g_rows = gate[torch.as_tensor(slots)][:, None]
+    torch.testing.assert_close(gated[torch.as_tensor(slots)], x_state + g_rows * out, atol=1e-6, rtol=1e-6)
+    assert torch.equal(gated[untouched], state0[untouched])
+    # a subset of the tokens: bit for bit the same rows (and any thread count)
+    for nt in (1, 2):
+        with threads(nt):
+            part = run("out", 1, 4)[0]
+        assert torch.equal(part, out[1:4])
+    with pytest.raises(ValueError, match="mode"):
+        run("gated")
+    with pytest.raises(ValueError, match="work holds"):
+        kernels.decode_rows(ltable, dims, ints, 0, M, n_write, state0.clone(), cos_tab, sin_tab, table, kc0.clone(),
+                            vc0.clone(), j0, torch.empty(10), "out")
+    with pytest.raises(ValueError, match="C-contiguous int64"):
+        kernels.decode_rows(ltable, dims, ints[:, ::2], 0, 2, 0, state0.clone(), cos_tab, sin_tab, table,
+                            kc0.clone(), vc0.clone(), j0, work, "out")
+
+
+@pytest.mark.parametrize("func", ["sigmoid", "tanh", "softmax"])
+def test_route_rows_equals_the_routers_and_gate(func):
+    """``route_rows``: the decision logit of router ``dec_idx[m]`` and the gate
+    alpha * act(logit of router ``gate_idx[m]``) written at the row's slot, for linear routers
+    with and without a bias, equal to the routers' modules and ``routing.gate_scores``; a
+    token's values do not depend on the other rows."""
+    import numpy as np
+
+    from mor.routing import Router, gate_scores
+
+    D, S, alpha = 40, 7, 0.5
+    torch.manual_seed(0)
+    routers = [Router(D, 1) for _ in range(4)]
+    for i, r in enumerate(routers):
+        if i % 2:
+            r.net = torch.nn.Linear(D, 1, bias=True)
+    table, held = kernels.router_table([r.net for r in routers])
+    state = torch.randn(S + 1, D, generator=gen(3))
+    slots = np.array([6, 1, 3, 0, 2])
+    gate_idx, dec_idx = np.array([0, 1, 2, 3, 1]), np.array([2, 3, 2, 1, 0])
+    gate = torch.zeros(S + 1)
+    decision = kernels.route_rows(state, slots, table, dec_idx, gate_idx, func, alpha, gate)
+    with torch.no_grad():
+        logits = torch.cat([r(state) for r in routers], dim=1)  # (S + 1, routers)
+    st = torch.as_tensor(slots)
+    torch.testing.assert_close(torch.as_tensor(decision), logits[st, torch.as_tensor(dec_idx)], atol=1e-5, rtol=1e-5)
+    want = gate_scores(logits[st, torch.as_tensor(gate_idx)][:, None], func, alpha)[:, 0]
+    torch.testing.assert_close(gate[st], want, atol=1e-6, rtol=1e-5)
+    assert int((gate != 0).sum()) == len(slots)  # only the rows' slots
+    alone = torch.zeros(S + 1)
+    one = kernels.route_rows(state, slots[2:3], table, dec_idx[2:3], gate_idx[2:3], func, alpha, alone)
+    assert one[0] == decision[2] and alone[slots[2]] == gate[slots[2]]
+    no_gate = torch.zeros(S + 1)
+    kernels.route_rows(state, slots, table, dec_idx, gate_idx, None, alpha, no_gate)
+    assert not no_gate.any()
+    del held
+
+
 # ------------------------------------------------------------------ the engine on the kernels
 def tiny(arch="mor", **kw):
     """Untied embeddings: random models do not just repeat their input."""

@@ -247,15 +247,17 @@ class KVPool:
 
     def ensure_one_more_each(self, groups: np.ndarray, seqs: np.ndarray) -> None:
         """Room for one more token in group ``groups[i]`` for sequence ``seqs[i]`` (distinct
-        pairs): one array check when every pair has room (most decode steps), else
-        ``ensure`` group by group in increasing order."""
+        pairs): one array check, then ``ensure`` group by group in increasing order for the
+        pairs that need a new block (none in most decode steps)."""
         groups = np.asarray(groups, dtype=np.int64)
         seqs = np.asarray(seqs, dtype=np.int64)
         if not groups.size:
             return
         new_lens = self.lens[groups, seqs] + 1
-        if new_lens.max() <= self.max_len and (new_lens <= self.nblocks[groups, seqs] * self.block_size).all():
+        short = (new_lens > self.nblocks[groups, seqs] * self.block_size) | (new_lens > self.max_len)
+        if not short.any():
             return
+        groups, seqs, new_lens = groups[short], seqs[short], new_lens[short]  # only these need a block
         for g in np.unique(groups).tolist():
             mine = groups == g
             self.ensure(g, seqs[mine], new_lens[mine])

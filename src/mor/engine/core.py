@@ -68,7 +68,12 @@ class EngineStats:
     exit_counts: list[int] = field(default_factory=list)
     running_sum: int = 0  # sum over steps of running requests (mean concurrency)
     step_time_s: float = 0.0
-    kv: dict[str, Any] = field(default_factory=dict)
+    kv_source: Any = field(default=None, repr=False)  # () -> the KV pool's statistics (KVPool.stats)
+
+    @property
+    def kv(self) -> dict[str, Any]:
+        """The KV pool's sizes and use now (bytes; the peak since ``reset_stats``)."""
+        return self.kv_source() if self.kv_source is not None else {}
 
     @property
     def occupancy(self) -> list[float]:
@@ -309,7 +314,6 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.stats.step_time_s += time.perf_counter() - t0
-        self._update_kv_stats()
         return events
 
     def _postprocess(self, plan: StepPlan, out: StepOutput) -> list[StepEvent]:
@@ -351,18 +355,14 @@ class Engine:
         st.preemptions = self.scheduler.preemptions - self._preemptions_at_reset
         return events
 
-    def _update_kv_stats(self) -> None:
-        self.stats.kv = self.pool.stats()
-
     def reset_stats(self) -> None:
         """Start counting afresh (e.g. after a warm-up run); the KV peak restarts from now."""
         nr = self.runner.num_recursions
         self.stats = EngineStats(max_batch=self.scheduler.max_batch, num_recursions=nr, schedule=self.schedule,
                                  recursion_tokens=[0] * nr, prefill_recursion_tokens=[0] * nr,
-                                 exit_counts=[0] * (nr + 1))
+                                 exit_counts=[0] * (nr + 1), kv_source=self.pool.stats)
         self._preemptions_at_reset = self.scheduler.preemptions
         self.pool.restart_peaks()
-        self._update_kv_stats()
 
     # .................................................................. convenience
     def run_until_done(self, on_event=None) -> list[RequestOutput]:

@@ -30,10 +30,11 @@ from these calls, each on a batch of sequence slots:
 * ``finish``   - suffix layers, final norm and LM head for tokens that leave the recursions.
 
 Calls with one token per row (the whole decode step) run on the compiled CPU kernels when
-they apply (``mor.engine.kernels``; ``cpu_kernels``): ``_layers_kernels`` runs a run of
-layers (``_layers``) in one call, and the routers, the LM head and sampling run there too, so
-that a token's result does not depend on its batch. Multi-token prefill and every other
-device run PyTorch ops.
+they apply (``mor.engine.kernels``; ``cpu_kernels``): ``_decode_rows`` runs a call's layers
+with its gathers, cache addressing and state update in one C call, ``decide`` routes there
+(``kernels.route_rows``), and the LM head and sampling run there too, so that a token's
+result does not depend on its batch. Multi-token prefill and every other device run PyTorch
+ops.
 
 Attention always reads the cache: K/V of the new tokens are written first, then each
 query attends to the cache entries of its group with index <= its own (``qidx``), which

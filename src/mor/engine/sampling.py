@@ -34,9 +34,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     with the same uniform numbers, summed in a different order, so a draw can differ from the
     PyTorch one where ``u`` falls within rounding of a boundary between two tokens."""
     logits = logits.float()
-    rows = [i for i, p in enumerate(params) if not p.greedy]
     if kernels is not None and logits.device.type == "cpu":
-        return _sample_kernels(kernels, logits.contiguous(), params, rows, generators, default_generator)
+        return _sample_kernels(kernels, logits.contiguous(), params, generators, default_generator)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
     out = logits.argmax(dim=-1)
     if not rows:
         return out
@@ -73,13 +73,15 @@ def _uniforms(rows: list[int], generators: list[torch.Generator | None],
     return u
 
 
-def _sample_kernels(kernels, logits: torch.Tensor, params: list[SamplingParams], rows: list[int],
+def _sample_kernels(kernels, logits: torch.Tensor, params: list[SamplingParams],
                     generators: list[torch.Generator | None],
                     default_generator: torch.Generator | None) -> torch.Tensor:
     """``sample`` on the CPU kernels (``kernels.sample``): temperature rows and greedy rows in
     one call; rows with top-k / top-p are filtered with ``filter_logits`` and drawn in a second."""
     n = logits.size(0)
-    temps = torch.tensor([float(p.temperature) for p in params], dtype=torch.float32)  # greedy: 0
+    temp_list = [float(p.temperature) for p in params]  # greedy: 0
+    rows = [i for i, t in enumerate(temp_list) if t != 0]
+    temps = torch.tensor(temp_list, dtype=torch.float32)
     if len(rows) == n:
         u = _uniforms(rows, generators, default_generator, "cpu")
     else:

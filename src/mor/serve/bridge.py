@@ -160,7 +160,7 @@ class EngineThread:
                     events = eng.step()
                     self._dispatch(events, out)
                 running = sum(1 for s in self._streams.values() if s.num_tokens > 0)
-                self.metrics.observe_engine(eng.stats, self._kv(), running, len(self._streams) - running)
+                self.metrics.observe_engine(eng.stats, eng.stats.kv, running, len(self._streams) - running)
                 self._post(out)
         except Exception as e:  # an engine bug: fail every request, keep the server answering
             log.exception("engine thread failed")
@@ -179,12 +179,6 @@ class EngineThread:
                     return
                 if cmd == "add":
                     self._post([(s, dead)])
-
-    def _kv(self) -> dict:
-        """The KV pool's usage now: ``stats.kv`` is refreshed by ``step()``, so after an abort
-        with no step to follow it would still count the cancelled request's blocks."""
-        pool = getattr(self.engine, "pool", None)
-        return pool.stats() if pool is not None and hasattr(pool, "stats") else self.engine.stats.kv
 
     def _commands(self, block: bool, out: list) -> bool:
         """Apply queued commands; False when told to stop."""
