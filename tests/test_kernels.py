@@ -6,7 +6,6 @@ engine on PyTorch ops, the fallback when they are unavailable, and the build cac
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -328,111 +327,6 @@ def layer_reference(L, cfg, x, cos, sin, n_write, rows, kc, vc, blocks, j, qidx)
     return h + L.mlp(L.post_attention_layernorm(h))
 
 
-def test_decode_layer_matches_the_model_layer_math():
-    """``DecodeLayer`` (one token per row) equals the model's decoder-layer modules: norm,
-    q/k/v projections, RoPE, K/V stored at the given cache rows for the first ``n_write`` rows
-    only, attention through two segments with their own block tables at layer ``j``, o_proj +
-    residual, MLP + residual."""
-    torch.manual_seed(0)
-    cfg = tiny_config("mor", num_attention_heads=4, num_key_value_heads=2)
-    model = build(cfg, seed=3)
-    L = model.model.layers[2]
-    KV, hd, D = cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-    M, n_write, bs, nb, layers, j = 5, 3, 4, 3, 2, 1
-    g = gen(11)
-    num_blocks = 2 * M * nb * layers
-    kc0 = torch.randn(num_blocks, bs, KV, hd, generator=g)
-    vc0 = torch.randn(num_blocks, bs, KV, hd, generator=g)
-    blocks = torch.randperm(num_blocks, generator=g)[:M * nb * layers].view(M, nb, layers).contiguous()
-    qidx = torch.tensor([[9], [0], [5], [11], [2]], dtype=torch.int64)  # writers: their new key's index
-    rows = torch.stack([blocks[m, int(qidx[m]) // bs, j] * bs + int(qidx[m]) % bs for m in range(n_write)])
-    positions = torch.tensor([9, 0, 5, 30, 2])
-    cos, sin = rope_cos_sin(positions, hd, cfg.rope_theta, torch.float32)
-    cos, sin = cos.reshape(M, hd).contiguous(), sin.reshape(M, hd).contiguous()
-    x = torch.randn(M, D, generator=g)
-    segs = [SimpleNamespace(a=0, b=3, blocks=blocks[:3].contiguous(), qidx=qidx[:3].contiguous()),
-            SimpleNamespace(a=3, b=5, blocks=blocks[3:].contiguous(), qidx=qidx[3:].contiguous())]
-    table = kernels.segment_table(segs)
-    layer = kernels.DecodeLayer(L, cfg)
-    kc, vc = kc0.clone(), vc0.clone()
-    out = layer(x, cos, sin, n_write, rows, kc, vc, table, j, torch.empty(layer.work_floats(M)))
-
-    kr, vr = kc0.clone(), vc0.clone()
-    ref = layer_reference(L, cfg, x, cos, sin, n_write, rows, kr, vr, blocks, j, qidx)
-    torch.testing.assert_close(kc, kr, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(vc, vr, atol=1e-5, rtol=1e-5)
-    changed = (kc != kc0).flatten(2).any(-1)  # only the n_write rows' entries were written
-    assert changed.sum() == n_write and all(bool(changed.view(-1)[r]) for r in rows)
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
-    with threads(2):
-        out2 = layer(x, cos, sin, n_write, rows, kc0.clone(), vc0.clone(), table, j,
-                     torch.empty(layer.work_floats(M)))
-    assert torch.equal(out2, out)
-
-
-@pytest.mark.parametrize("nl", [2, 3])
-def test_decode_layers_runs_a_stack_as_its_layers_one_by_one(nl):
-    """``decode_layers`` on nl layers in one call equals calling each layer alone on the previous
-    one's output, bit for bit: outputs, and the K/V each layer stored at its own cache rows (a
-    strided (rows, layers) view) reading its own layer ``j0 + l`` of the block tables."""
-    cfg = tiny_config("vanilla", num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
-    model = build(cfg, seed=5)
-    KV, hd, D = cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-    M, n_write, bs, nb, group_layers, j0 = 6, 4, 4, 2, 4, 4 - nl
-    g = gen(12)
-    num_blocks = M * nb * group_layers
-    kc0, vc0 = torch.randn(num_blocks, bs, KV, hd, generator=g), torch.randn(num_blocks, bs, KV, hd, generator=g)
-    blocks = torch.randperm(num_blocks, generator=g).view(M, nb, group_layers).contiguous()
-    qidx = torch.tensor([[5], [0], [7], [2], [6], [1]], dtype=torch.int64)
-    rows = torch.stack([blocks[m, int(qidx[m]) // bs, :] * bs + int(qidx[m]) % bs for m in range(n_write)])
-    cos, sin = rope_cos_sin(qidx[:, 0], hd, cfg.rope_theta, torch.float32)
-    cos, sin = cos.reshape(M, hd).contiguous(), sin.reshape(M, hd).contiguous()
-    x = torch.randn(M, D, generator=g)
-    seg = kernels.segment_table([SimpleNamespace(a=0, b=M, blocks=blocks, qidx=qidx)])
-    layers = [kernels.DecodeLayer(model.model.layers[u], cfg) for u in range(4 - nl, 4)]
-    work = torch.empty(layers[0].work_floats(M))
-    kr, vr, ref = kc0.clone(), vc0.clone(), x  # the model's layer modules, one after another
-    for i, u in enumerate(range(4 - nl, 4)):
-        ref = layer_reference(model.model.layers[u], cfg, ref, cos, sin, n_write, rows[:, j0 + i], kr, vr, blocks,
-                              j0 + i, qidx)
-    kc, vc, y = kc0.clone(), vc0.clone(), x  # the kernels, one layer per call
-    for i, layer in enumerate(layers):
-        y = layer(y, cos, sin, n_write, rows[:, j0 + i].contiguous(), kc, vc, seg, j0 + i, work)
-    torch.testing.assert_close(y, ref, atol=5e-5, rtol=1e-4)
-    torch.testing.assert_close(kc, kr, atol=1e-5, rtol=1e-5)
-    table = torch.tensor([layer.row for layer in layers])
-    view = rows[:, j0:]  # (n_write, nl) with row stride group_layers
-    for nt in (1, 2):
-        kc2, vc2 = kc0.clone(), vc0.clone()
-        with threads(nt):
-            out = kernels.decode_layers(table, layers[0].dims, x, cos, sin, n_write, view, view.stride(0), kc2, vc2,
-                                        seg, j0, torch.empty(layers[0].work_floats(M) + 5))
-        # the stack in one call: bit for bit the layers called one by one
-        assert torch.equal(out, y) and torch.equal(kc2, kc) and torch.equal(vc2, vc)
-    with pytest.raises(ValueError, match="work holds"):
-        kernels.decode_layers(table, layers[0].dims, x, cos, sin, n_write, view, view.stride(0), kc2, vc2, seg, j0,
-                              torch.empty(10))
-    work = torch.empty(layers[0].work_floats(M))
-    with pytest.raises(ValueError, match="table"):
-        kernels.decode_layers(table[:, :5].contiguous(), layers[0].dims, x, cos, sin, 0, None, 0, kc2, vc2, seg, j0, work)
-    with pytest.raises(ValueError, match="unit stride"):
-        kernels.decode_layers(table, layers[0].dims, x, cos, sin, n_write, rows.t(), 1, kc2, vc2, seg, j0, work)
-    with pytest.raises(ValueError, match="rows do not hold"):  # the last rows x layers fall past the tensor
-        kernels.decode_layers(table, layers[0].dims, x, cos, sin, n_write, rows[:, -1:], rows.stride(0), kc2, vc2,
-                              seg, j0, work)
-    # no K/V writes (a recursion reading another's cache): the stack still equals its layers in turn
-    kc3, vc3, y = kc0.clone(), vc0.clone(), x
-    for i, layer in enumerate(layers):
-        y = layer(y, cos, sin, 0, None, kc3, vc3, seg, j0 + i, work)
-    out = kernels.decode_layers(table, layers[0].dims, x, cos, sin, 0, None, 0, kc3, vc3, seg, j0, work)
-    assert torch.equal(out, y) and torch.equal(kc3, kc0) and torch.equal(vc3, vc0)
-    ref = x
-    for i, u in enumerate(range(4 - nl, 4)):
-        ref = layer_reference(model.model.layers[u], cfg, ref, cos, sin, 0, None, kc0.clone(), vc0.clone(), blocks,
-                              j0 + i, qidx)
-    torch.testing.assert_close(out, ref, atol=5e-5, rtol=1e-4)
-
-
 @pytest.mark.parametrize("nl", [0, 1, 3])
 def test_decode_rows_gathers_addresses_and_updates_like_the_layers(nl):
     """``decode_rows`` (the engine's decode calls): each token's input gathered from the state
@@ -515,8 +409,43 @@ def test_decode_rows_gathers_addresses_and_updates_like_the_layers(nl):
         with threads(nt):
             part = run("out", 1, 4)[0]
         assert torch.equal(part, out[1:4])
+    # the stack in one call: bit for bit its layers called one by one (outputs and K/V)
+    if nl > 1:
+        kc1, vc1, y = kc0.clone(), vc0.clone(), None
+        for i, layer in enumerate(layers):
+            one = torch.tensor([layer.row], dtype=torch.int64)
+            y = kernels.decode_rows(one, dims, ints, 0, M, n_write, state0.clone(), cos_tab, sin_tab, table, kc1, vc1,
+                                    j0 + i, work, "out", x=y)
+        assert torch.equal(y, out) and torch.equal(kc1, kc) and torch.equal(vc1, vc)
+    # no K/V writes (a recursion reading another's cache)
+    kc2, vc2 = kc0.clone(), vc0.clone()
+    out0 = kernels.decode_rows(ltable, dims, ints, 0, M, 0, state0.clone(), cos_tab, sin_tab, table, kc2, vc2, j0,
+                               work, "out")
+    assert torch.equal(kc2, kc0) and torch.equal(vc2, vc0)
+    if nl == 0:
+        assert torch.equal(out0, x_state)
     with pytest.raises(ValueError, match="mode"):
         run("gated")
+    # every index is checked before anything is written
+    for row, value, error, match in [(0, S, ValueError, "slot"), (1, MB * bs, ValueError, "position"),
+                                     (6, V, ValueError, "token"), (2, G, ValueError, "write group"),
+                                     (3, MB * bs, ValueError, "write group or entry"),
+                                     (4, -1, ValueError, "read group"), (5, MB * bs, ValueError, "query index")]:
+        if nl == 0 and row in (2, 3, 4, 5):
+            continue
+        bad = ints.copy()
+        bad[row, 0] = value
+        kc, vc, state = kc0.clone(), vc0.clone(), state0.clone()
+        with pytest.raises(error, match=match):
+            kernels.decode_rows(ltable, dims, bad, 0, M, n_write, state, cos_tab, sin_tab, table, kc, vc, j0, work,
+                                "store", embed=embed if row == 6 else None)
+        assert torch.equal(kc, kc0) and torch.equal(state, state0)
+    if nl:
+        unowned = table.copy()
+        unowned[ints[2, 1], slots[1], ints[3, 1] // bs, j0] = 0  # the block row 1 writes into is not the sequence's
+        with pytest.raises(RuntimeError, match="blocks a sequence owns"):
+            kernels.decode_rows(ltable, dims, ints, 0, M, n_write, state0.clone(), cos_tab, sin_tab, unowned, kc0.clone(),
+                                vc0.clone(), j0, work, "out")
     with pytest.raises(ValueError, match="work holds"):
         kernels.decode_rows(ltable, dims, ints, 0, M, n_write, state0.clone(), cos_tab, sin_tab, table, kc0.clone(),
                             vc0.clone(), j0, torch.empty(10), "out")
@@ -904,9 +833,9 @@ def test_a_damaged_cached_library_is_rebuilt(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("on", [True, False], ids=["kernels", "torch"])
 def test_engine_sees_in_place_router_updates(on):
-    """The routers' stacked weights are rebuilt when a router parameter changes in place: the
-    same engine then routes like a fresh one (as the decode layers, which read the weights'
-    memory, see in-place updates too)."""
+    """In-place updates of the router parameters are seen: the same engine then routes like a
+    fresh one (the kernels' routing reads the parameters' memory, as the decode layers do; the
+    PyTorch path stacks the routers' weights at every call)."""
     model = build(tiny("mor"), seed=1)
 
     def run(eng):

@@ -72,7 +72,9 @@ class EngineStats:
 
     @property
     def kv(self) -> dict[str, Any]:
-        """The KV pool's sizes and use now (bytes; the peak since ``reset_stats``)."""
+        """The KV pool's sizes and use at the time of reading (bytes; the peak since
+        ``reset_stats``): after an abort, without the step that would follow, and after a run
+        (then nothing is in use) too."""
         return self.kv_source() if self.kv_source is not None else {}
 
     @property

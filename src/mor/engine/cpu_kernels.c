@@ -502,36 +502,57 @@ void mor_decode_layers(const int64_t *table, int64_t nl, const float *x, float *
  * on one token per row, with the gathers, the cache addressing and the residual update done
  * here instead of by the caller. Row m:
  *   input   x[m] if x, else embed[tokens[m]] if embed, else state[slots[m]] (state (S + 1, D));
- *   RoPE    rows pos[m] of the tables cos_tab / sin_tab (positions, hd);
+ *   RoPE    rows pos[m] of the tables cos_tab / sin_tab (npos, hd);
  *   writes  (m < n_write) its K/V for layer l at entry widx[m] of cache group wgroup[m] of
  *           sequence slots[m]: physical row ptab[((wgroup[m] S + slots[m]) MB + widx[m] / bs) ML
- *           + j0 + l] bs + widx[m] % bs, ptab being the pool's block tables (groups, S, MB, ML);
+ *           + j0 + l] bs + widx[m] % bs, ptab being the pool's block tables (G, S, MB, ML);
  *   reads   entries 0..qidx[m] of group rgroup[m] of its sequence (layer j0 + l);
- *   result  mode 0: out[m] = y; 1: state[slots[m]] = y; 2: state[slots[m]] = in[m] + gate[m] y
- *           (gate per slot: gate[slots[m]]; the expert-choice update h + g * block(h)).
- * Scratch: work, mor_decode_layers' scratch plus 3 M D + 2 M hd floats and M (nl + 6) int64. */
-void mor_decode_rows(const int64_t *table, int64_t nl, const float *x, const float *embed, const int64_t *tokens,
-                     float *state, const int64_t *slots, int64_t M, int64_t D, int64_t F, int64_t H, int64_t KV,
-                     int64_t hd, const float *cos_tab, const float *sin_tab, const int64_t *pos,
-                     const int64_t *ptab, int64_t S, int64_t MB, int64_t ML, const int64_t *wgroup,
-                     const int64_t *widx, int64_t n_write, const int64_t *rgroup, const int64_t *qidx, int64_t j0,
-                     float *kc, float *vc, int64_t bs, int mode, const float *gate, float *out, float *work, int nt) {
-    int64_t layer_floats = M * (2 * D + (H + 2 * KV) * hd + H * hd + F);
-    float *in = work + layer_floats, *tmp = in + M * D, *y = tmp + M * D, *cs = y + M * D, *sn = cs + M * hd;
-    int64_t *rows = (int64_t *)(sn + M * hd), *seg = rows + M * (nl > 0 ? nl : 1);
+ *   result  mode 0: out[m] = y; 1: state[slots[m]] = y; 2: state[slots[m]] = in[m] + gate[slots[m]] y
+ *           (the expert-choice update h + g * block(h), g per slot).
+ * Every index is checked before anything is read or written; returns 0, or the first failed
+ * check: 1 slot, 2 position, 3 token, 4 write group / entry, 5 write into a block the sequence
+ * does not own (a zero table entry: block 0 is reserved), 6 read group / query index.
+ * Scratch: work, decode_rows_floats(M, nl) floats (below; the int64 part 8-byte aligned). */
+static int64_t decode_rows_float_part(int64_t M, int64_t D, int64_t F, int64_t H, int64_t KV, int64_t hd) {
+    int64_t n = M * (2 * D + (H + 2 * KV) * hd + H * hd + F) + M * (3 * D + 2 * hd);
+    return n + (n & 1); /* even: the int64 part that follows stays 8-byte aligned */
+}
+
+int mor_decode_rows(const int64_t *table, int64_t nl, const float *x, const float *embed, const int64_t *tokens,
+                    int64_t V, float *state, const int64_t *slots, int64_t M, int64_t D, int64_t F, int64_t H,
+                    int64_t KV, int64_t hd, const float *cos_tab, const float *sin_tab, int64_t npos,
+                    const int64_t *pos, const int64_t *ptab, int64_t G, int64_t S, int64_t MB, int64_t ML,
+                    const int64_t *wgroup, const int64_t *widx, int64_t n_write, const int64_t *rgroup,
+                    const int64_t *qidx, int64_t j0, float *kc, float *vc, int64_t bs, int mode, const float *gate,
+                    float *out, float *work, int nt) {
+    for (int64_t m = 0; m < M; m++) {
+        if (slots[m] < 0 || slots[m] >= S) return 1;
+        if (pos[m] < 0 || pos[m] >= npos) return 2;
+        if (!x && embed && (tokens[m] < 0 || tokens[m] >= V)) return 3;
+        if (nl > 0 && m < n_write) {
+            if (wgroup[m] < 0 || wgroup[m] >= G || widx[m] < 0 || widx[m] >= MB * bs) return 4;
+            const int64_t *bt = ptab + ((wgroup[m] * S + slots[m]) * MB + widx[m] / bs) * ML + j0;
+            for (int64_t l = 0; l < nl; l++)
+                if (bt[l] == 0) return 5;
+        }
+        if (nl > 0 && (rgroup[m] < 0 || rgroup[m] >= G || qidx[m] < 0 || qidx[m] >= MB * bs)) return 6;
+    }
+    float *in = work + M * (2 * D + (H + 2 * KV) * hd + H * hd + F), *tmp = in + M * D, *y = tmp + M * D,
+          *cs = y + M * D, *sn = cs + M * hd;
+    int64_t *rows = (int64_t *)(work + decode_rows_float_part(M, D, F, H, KV, hd)), *seg = rows + M * (nl > 0 ? nl : 1);
     for (int64_t m = 0; m < M; m++) {
         const float *src = x ? x + m * D : embed ? embed + tokens[m] * D : state + slots[m] * D;
         memcpy(in + m * D, src, D * sizeof(float));
         memcpy(cs + m * hd, cos_tab + pos[m] * hd, hd * sizeof(float));
         memcpy(sn + m * hd, sin_tab + pos[m] * hd, hd * sizeof(float));
-        if (m < n_write) {
+        if (nl > 0 && m < n_write) {
             const int64_t *bt = ptab + ((wgroup[m] * S + slots[m]) * MB + widx[m] / bs) * ML + j0;
             for (int64_t l = 0; l < nl; l++) rows[m * nl + l] = bt[l] * bs + widx[m] % bs;
         }
         int64_t *sg = seg + m * 6; /* one attention segment per row: its own block table */
         sg[0] = m;
         sg[1] = m + 1;
-        sg[2] = (int64_t)(intptr_t)(ptab + (rgroup[m] * S + slots[m]) * MB * ML);
+        sg[2] = nl > 0 ? (int64_t)(intptr_t)(ptab + (rgroup[m] * S + slots[m]) * MB * ML) : 0;
         sg[3] = 0;
         sg[4] = ML;
         sg[5] = (int64_t)(intptr_t)(qidx + m);
@@ -542,7 +563,7 @@ void mor_decode_rows(const int64_t *table, int64_t nl, const float *x, const flo
                           j0, work, nt);
     else
         memcpy(res, in, M * D * sizeof(float));
-    if (mode == 0) return;
+    if (mode == 0) return 0;
     for (int64_t m = 0; m < M; m++) {
         float *dst = state + slots[m] * D;
         const float *ym = y + m * D, *hm = in + m * D;
@@ -553,6 +574,7 @@ void mor_decode_rows(const int64_t *table, int64_t nl, const float *x, const flo
             for (int64_t i = 0; i < D; i++) dst[i] = hm[i] + g * ym[i];
         }
     }
+    return 0;
 }
 
 /* Expert-choice routing for one token per row (linear routers, one output each): with h =

@@ -7,9 +7,11 @@ memory bandwidth and does not use a second thread, and a decoder layer written i
 costs ~250 small ops (each a few microseconds) plus a copy of every cache block it reads.
 ``cpu_kernels.c`` runs one decoder layer's decode-step arithmetic in one call
 (``mor_decode_layers``: a run of decoder layers in one call, each layer's weights held by
-:class:`DecodeLayer`; :func:`decode_layers`); ``linear``, ``linear_silu_mul``,
+:class:`DecodeLayer`), called by the engine's decode calls with their host work
+(:func:`decode_rows`: gathers, paged-cache addressing, the state update; and
+:func:`route_rows`: expert-choice routing and the gate); ``linear``, ``linear_silu_mul``,
 ``rms_norm``, ``rope_``, ``kv_write`` and ``paged_attention`` expose its parts (the LM head
-and routers use ``linear``; the tests check each part against PyTorch). Weights in fp32,
+uses ``linear``; the tests check each part against PyTorch). Weights in fp32,
 bf16 or int8 (with per-row scales). Every output element is computed by the same operations
 whatever the batch, its tile and the thread count, so a token's result does not depend on
 the batch it shares (bit-exact), and differs from PyTorch's only by fp32 rounding order.
@@ -62,10 +64,8 @@ SIGNATURES = {
     "mor_sample": ([_p, _i64, _i64, _p, _p, _p, _int], None),
     "mor_profile": ([_int], None),
     "mor_profile_take": ([_p], None),
-    "mor_decode_layers": ([_p, _i64, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _i64, _p, _p,
-                           _i64, _p, _i64, _i64, _p, _int], None),
-    "mor_decode_rows": ([_p, _i64, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _i64, _i64,
-                         _i64, _p, _p, _i64, _p, _p, _i64, _p, _p, _i64, _int, _p, _p, _p, _int], None),
+    "mor_decode_rows": ([_p, _i64, _p, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p,
+                         _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _p, _p, _i64, _int, _p, _p, _p, _int], _int),
     "mor_route_rows": ([_p, _p, _i64, _i64, _p, _p, _p, _int, _f32, _p, _p], None),
 }
 MAX_BLOCK_SIZE, MAX_HEAD_DIM = 256, 512  # the attention kernel's stack buffers
@@ -338,16 +338,6 @@ class DecodeLayer:
         self.dims = LayerDims(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
                               cfg.num_key_value_heads, cfg.head_dim)
 
-    def work_floats(self, M: int) -> int:
-        return self.dims.work_floats(M)
-
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_write: int, rows: torch.Tensor | None,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor, seg: torch.Tensor, j: int,
-                 work: torch.Tensor) -> torch.Tensor:
-        """This layer alone (``decode_layers``); ``rows`` (n_write,) cache rows of the new K/V."""
-        table = torch.tensor([self.row], dtype=torch.int64)
-        return decode_layers(table, self.dims, x, cos, sin, n_write, rows, 1, k_cache, v_cache, seg, j, work)
-
 
 LAYER_ROW = 12  # int64 entries per layer in a weights table (cpu_kernels.c)
 
@@ -358,52 +348,12 @@ class LayerDims(tuple):
     def __new__(cls, D: int, F: int, H: int, KV: int, hd: int):
         return super().__new__(cls, (D, F, H, KV, hd))
 
-    def work_floats(self, M: int) -> int:
-        """Scratch floats ``decode_layers`` needs for M rows."""
-        D, F, H, KV, hd = self
-        return M * (3 * D + (H + 2 * KV) * hd + H * hd + F)
-
     def rows_work_floats(self, M: int, layers: int) -> int:
-        """Scratch floats ``decode_rows`` needs for M rows and a run of ``layers`` layers."""
+        """Scratch floats ``decode_rows`` needs for M rows and a run of ``layers`` layers (its
+        float part, rounded up to an even count, then M * (layers + 6) int64)."""
         D, F, H, KV, hd = self
-        return M * (2 * D + (H + 2 * KV) * hd + H * hd + F) + M * (3 * D + 2 * hd) + 2 * M * (max(layers, 1) + 6)
-
-
-def decode_layers(table: torch.Tensor, dims: LayerDims, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  n_write: int, rows: torch.Tensor | None, rows_stride: int, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, seg: torch.Tensor, j0: int, work: torch.Tensor) -> torch.Tensor:
-    """Consecutive decoder layers (their ``DecodeLayer.row`` entries: ``table`` (layers,
-    LAYER_ROW) int64) on x (M, D), one token per row, in one call: -> (M, D). cos/sin (M, hd);
-    the first ``n_write`` rows store their K/V, layer l at cache row ``rows[m * rows_stride + l]``
-    (``rows``: int64 with unit stride along its last dimension, e.g. a column slice of a
-    (rows, layers) table); every row attends through ``seg`` (``segment_table``) reading layer
-    ``j0 + l`` of the block tables; ``work``: 1-D, >= ``dims.work_floats(M)`` floats."""
-    lib = _library()
-    M = x.shape[0]
-    D, F, H, KV, hd = dims
-    nl = table.shape[0] if table.dim() == 2 else 0
-    if table.dtype != torch.int64 or not table.is_contiguous() or table.dim() != 2 or table.shape[1] != LAYER_ROW \
-            or nl < 1:
-        raise ValueError(f"table must be a contiguous int64 (layers >= 1, {LAYER_ROW}) tensor, "
-                         f"got {table.dtype} {tuple(table.shape)}")
-    if work.dim() != 1 or work.numel() < dims.work_floats(M):
-        raise ValueError(f"work holds {work.numel()} floats, {dims.work_floats(M)} needed (1-D)")
-    if n_write:
-        if rows is None or rows.dtype != torch.int64 or rows.stride(-1) != 1:
-            raise ValueError("rows must be int64 with unit stride along its last dimension")
-        offset = rows.storage_offset() + (n_write - 1) * rows_stride + nl - 1
-        if not 0 < n_write <= M or offset >= rows.untyped_storage().nbytes() // 8:
-            raise ValueError(f"rows do not hold {n_write} rows x {nl} layers at stride {rows_stride}")
-    out = torch.empty_like(x)
-    if M == 0:
-        return out
-    tmp = work[-M * D:]  # the last M * D floats: the output of every other layer
-    lib.mor_decode_layers(table.data_ptr(), nl, x.data_ptr(), out.data_ptr(), tmp.data_ptr(), M,
-                          D, F, H, KV, hd, cos.data_ptr(), sin.data_ptr(), n_write,
-                          rows.data_ptr() if n_write else None, rows_stride, k_cache.data_ptr(),
-                          v_cache.data_ptr(), k_cache.shape[1], seg.data_ptr(), seg.shape[0], j0, work.data_ptr(),
-                          _threads())
-    return out
+        floats = M * (2 * D + (H + 2 * KV) * hd + H * hd + F) + M * (3 * D + 2 * hd)
+        return floats + (floats & 1) + 2 * M * (max(layers, 1) + 6)
 
 
 # the rows of the per-token integer table ``decode_rows`` reads (one column per token)
@@ -411,12 +361,29 @@ ROW_FIELDS = ("slot", "position", "write_group", "write_index", "read_group", "q
 MODES = {"out": 0, "store": 1, "gated": 2}
 
 
+DECODE_ROWS_ERRORS = {
+    1: "a slot outside the pool's sequences", 2: "a position outside the RoPE tables",
+    3: "a token outside the embedding", 4: "a write group or entry outside the block tables",
+    5: "a KV write outside the blocks a sequence owns (ensure() was not called)",
+    6: "a read group or query index outside the block tables",
+}
+
+
+def _check(t: torch.Tensor | None, name: str, shape: tuple, dtype=torch.float32) -> None:
+    """``t`` (if given) is a contiguous CPU tensor of ``dtype`` and ``shape`` (None: any size)."""
+    if t is not None and not (t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
+                              and t.dim() == len(shape) and all(n is None or n == m for n, m in zip(shape, t.shape))):
+        raise ValueError(f"{name} must be a contiguous CPU {dtype} tensor of shape {shape} (None: any), "
+                         f"got {t.dtype} {tuple(t.shape)} on {t.device.type}")
+
+
 def decode_rows(table: torch.Tensor, dims: LayerDims, ints, a: int, b: int, n_write: int, state: torch.Tensor,
                 cos_tab: torch.Tensor, sin_tab: torch.Tensor, blocks, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 j0: int, work: torch.Tensor, mode: str, x: torch.Tensor | None = None,
                 embed: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The engine's decode calls in one call each: the layers of ``table`` (as in
-    ``decode_layers``; none: the input passes through) on tokens a..b-1, one per row, with the
+    """The engine's decode calls in one call each: the layers of ``table`` (``DecodeLayer.row``
+    entries, (layers, LAYER_ROW) int64; none: the input passes through) on tokens a..b-1, one
+    per row (``mor_decode_layers``: each layer's phases split across the threads), with the
     gathers, the paged-cache addressing and the residual update done in C.
 
     ``ints``: a C-contiguous int64 NumPy array (len(ROW_FIELDS), N), one column per token.
@@ -428,28 +395,48 @@ def decode_rows(table: torch.Tensor, dims: LayerDims, ints, a: int, b: int, n_wr
     ``blocks``, the pool's (groups, slots, blocks per slot, layers) int64 block tables.
     ``mode``: "out" returns y (b - a, D); "store" writes y to ``state[slot]``; "gated" writes
     ``input + gate[slot] * y`` there (``gate`` (slots + 1,) fp32; the expert-choice update)
-    and returns None. ``work``: 1-D, >= ``dims.rows_work_floats(b - a, layers)`` floats."""
+    and returns None. ``work``: 1-D fp32, >= ``dims.rows_work_floats(b - a, layers)`` floats.
+    Every index is checked (in C) before anything is written: ValueError naming the first bad
+    one, RuntimeError for a write into a block the sequence does not own."""
     lib = _library()
     M, nl = b - a, table.shape[0]
-    if not (ints.dtype == np.int64 and ints.flags.c_contiguous and ints.ndim == 2
+    D, F, H, KV, hd = dims
+    if not (isinstance(ints, np.ndarray) and ints.dtype == np.int64 and ints.flags.c_contiguous and ints.ndim == 2
             and ints.shape[0] == len(ROW_FIELDS) and 0 <= a <= b <= ints.shape[1]):
         raise ValueError(f"ints must be a C-contiguous int64 ({len(ROW_FIELDS)}, N) array and 0 <= a <= b <= N")
+    if not (isinstance(blocks, np.ndarray) and blocks.dtype == np.int64 and blocks.flags.c_contiguous
+            and blocks.ndim == 4):
+        raise ValueError("blocks must be the pool's C-contiguous int64 (groups, slots, blocks, layers) array")
     if not 0 <= n_write <= M or mode not in MODES or (mode == "gated") != (gate is not None):
         raise ValueError(f"decode_rows: n_write={n_write} for {M} rows, mode={mode!r} (one of {', '.join(MODES)}; "
                          f"a gate exactly for 'gated')")
+    G, S, MB, ML = blocks.shape
+    _check(table, "table", (nl, LAYER_ROW), torch.int64)
+    _check(state, "state", (None, D))
+    _check(x, "x", (M, D))
+    _check(embed, "embed", (None, D))
+    _check(gate, "gate", (state.shape[0],))
+    _check(cos_tab, "cos_tab", (None, hd))
+    _check(sin_tab, "sin_tab", tuple(cos_tab.shape))
+    _check(work, "work", (None,))
+    _check(k_cache, "k_cache", (None, None, KV, hd))
+    _check(v_cache, "v_cache", tuple(k_cache.shape))
+    if state.shape[0] < S + 1 or j0 < 0 or j0 + nl > ML:
+        raise ValueError(f"state needs {S + 1} rows (has {state.shape[0]}) and layers j0..j0+{nl} within {ML}")
     if work.numel() < dims.rows_work_floats(M, nl):
         raise ValueError(f"work holds {work.numel()} floats, {dims.rows_work_floats(M, nl)} needed")
-    D, F, H, KV, hd = dims
     out = torch.empty(M, D, dtype=torch.float32) if mode == "out" else None
     if M == 0:
         return out
     N, base = ints.shape[1], ints.ctypes.data + 8 * a
     col = [base + 8 * N * k for k in range(len(ROW_FIELDS))]
-    G, S, MB, ML = blocks.shape
-    lib.mor_decode_rows(table.data_ptr(), nl, _ptr(x), _ptr(embed), col[6], state.data_ptr(), col[0], M, D, F, H, KV,
-                        hd, cos_tab.data_ptr(), sin_tab.data_ptr(), col[1], blocks.ctypes.data, S, MB, ML, col[2],
-                        col[3], n_write, col[4], col[5], j0, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1],
-                        MODES[mode], _ptr(gate), _ptr(out), work.data_ptr(), _threads())
+    err = lib.mor_decode_rows(table.data_ptr(), nl, _ptr(x), _ptr(embed), col[6], 0 if embed is None else embed.shape[0],
+                              state.data_ptr(), col[0], M, D, F, H, KV, hd, cos_tab.data_ptr(), sin_tab.data_ptr(),
+                              cos_tab.shape[0], col[1], blocks.ctypes.data, G, S, MB, ML, col[2], col[3], n_write,
+                              col[4], col[5], j0, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1],
+                              MODES[mode], _ptr(gate), _ptr(out), work.data_ptr(), _threads())
+    if err:
+        raise (RuntimeError if err == 5 else ValueError)(f"decode_rows: {DECODE_ROWS_ERRORS[err]}")
     return out
 
 
@@ -484,20 +471,6 @@ def route_rows(state: torch.Tensor, slots, routers: torch.Tensor, dec_idx, gate_
                            gate_idx.ctypes.data, ROUTER_FUNCS[func] if func else 0, alpha, decision.ctypes.data,
                            _ptr(gate))
     return decision
-
-
-def segment_table(segments) -> torch.Tensor:
-    """(segments, 6) int64 rows [a, b, blocks address, row stride, block stride, qidx address] of
-    attention segments (``a``, ``b``, ``blocks`` (rows, nb, layers) and ``qidx`` (rows, 1)
-    contiguous int64 tensors), as ``mor_decode_layers`` reads them. The tensors must outlive
-    the calls that use the table."""
-    rows = []
-    for s in segments:
-        if not (s.blocks.is_contiguous() and s.qidx.is_contiguous()):
-            raise ValueError("attention segments must hold contiguous block tables and indices")
-        nb, layers = s.blocks.shape[1], s.blocks.shape[2]
-        rows.append([s.a, s.b, s.blocks.data_ptr(), nb * layers, layers, s.qidx.data_ptr()])
-    return torch.tensor(rows, dtype=torch.int64)
 
 
 # ---------------------------------------------------------------- profiling counters

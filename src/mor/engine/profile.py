@@ -15,7 +15,9 @@ Two views of the same engine, each averaged over ``steps`` consecutive ``Engine.
   bookkeeping, dispatch). With the CPU kernels (``Engine.cpu_kernels``) a decode layer is one
   compiled call that the profiler does not see: its own phase clocks (``mor.engine.kernels``,
   ``PROFILE_PHASES``) are added to the kinds (projections and LM head -> matmul, attention ->
-  attention, RoPE + cache write -> kv_copy, norms -> other_ops) and taken out of ``host``;
+  attention, RoPE + cache write -> kv_copy, norms -> other_ops) and taken out of ``host``
+  (what stays in ``host`` from the compiled calls: their serial gathers and state updates,
+  the routers, the final norm and sampling, and starting their threads);
   ``kernel_phases_s`` keeps them by phase. They sum to the profiled step time (which the profiler inflates;
   compare shares, not absolute numbers, with the unprofiled phases). On CUDA the op times
   are device (kernel) times and ``host`` is what the device did not cover.

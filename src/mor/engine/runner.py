@@ -94,7 +94,7 @@ class AttentionSegment:
     a: int
     b: int
     blocks: torch.Tensor  # (b - a, nb, layers) physical block ids
-    mask: torch.Tensor | None  # (b - a, 1, Q, nb * block_size): key index <= the query's cache index
+    mask: torch.Tensor  # (b - a, 1, Q, nb * block_size): key index <= the query's cache index
     qidx: torch.Tensor  # (b - a, Q) the queries' cache indices (each attends to keys 0..qidx)
 
 
@@ -282,7 +282,7 @@ class ModelRunner:
             lo, hi = max(s.a, a), min(s.b, b)
             if lo < hi:
                 out.append(AttentionSegment(lo - a, hi - a, s.blocks[lo - s.a:hi - s.a],
-                                            None if s.mask is None else s.mask[lo - s.a:hi - s.a],
+                                            s.mask[lo - s.a:hi - s.a],
                                             s.qidx[lo - s.a:hi - s.a]))
         return out
 
@@ -574,23 +574,34 @@ class ModelRunner:
 
     def _route_expert(self, slots: np.ndarray, recs: np.ndarray) -> np.ndarray:
         """Expert-choice routers of recursion ``recs[i]`` on ``h[slots[i]]``: returns the decision
-        logits (the auxiliary router's with ``use_aux_router``; fp32 NumPy) and stores the gate
-        g = alpha * act(main logit) in ``self.gate[slot]`` (unless ``gate_combine`` passes
-        through). Bias-free linear routers run on the CPU kernels (``kernels.route_rows``)."""
+        logits (the auxiliary router's with ``use_aux_router``; fp32 NumPy; meaningful where the
+        recursion needs a decision, ``needs_decision``) and stores the gate g = alpha *
+        act(main logit) in ``self.gate[slot]`` for the eager ``recurse`` (not when the gate
+        passes through, nor when CUDA graphs replay the block: they compute it inside).
+        Linear routers on the CPU kernels: one ``kernels.route_rows`` call for both."""
         cfg = self.config
-        gated = cfg.gate_combine != "pass_through"
         nr = self.num_recursions
+        gated = cfg.gate_combine != "pass_through"
         if self._kroute is not None:
             return kernels.route_rows(self.h, slots, self._kroute, recs + nr if cfg.use_aux_router else recs, recs,
                                       cfg.router_func if gated else None, cfg.router_alpha, self.gate)
-        st = self._long(slots)
-        x = self.h.index_select(0, st)
-        main = self._router_logits(self.core.routers, x, recs)
-        decision = self._router_logits(self.core.aux_routers, x, recs) if cfg.use_aux_router else main
+        gated = gated and not (self.graphs is not None and self.graphs.static_block)
+        decision = np.zeros(len(slots), dtype=np.float32)
+        rows = np.flatnonzero(self.needs_decision[recs])
+        main = None
         if gated:
+            st = self._long(slots)
+            main = self._router_logits(self.core.routers, self.h.index_select(0, st), recs)
             gate = self._rowwise(lambda t: gate_scores(t, cfg.router_func, cfg.router_alpha), main)
             self.gate.index_copy_(0, st, gate.to(self.gate.dtype))
-        return decision.cpu().numpy()
+        if rows.size:  # one host sync, only when some token's recursion has a capacity below 1
+            if main is not None and not cfg.use_aux_router:
+                logits = main.index_select(0, self._long(rows))
+            else:
+                routers = self.core.aux_routers if cfg.use_aux_router else self.core.routers
+                logits = self._router_logits(routers, self.h.index_select(0, self._long(slots[rows])), recs[rows])
+            decision[rows] = logits.cpu().numpy()
+        return decision
 
     def _router_logits(self, routers, x: torch.Tensor, recs: np.ndarray) -> torch.Tensor:
         """``routers[recs[i]](x[i])`` (fp32) for every row. Linear routers run as one matmul
@@ -680,7 +691,9 @@ class ModelRunner:
     @torch.no_grad()
     def recurse(self, slots: np.ndarray, recs: np.ndarray, positions: np.ndarray) -> None:
         """One recursion (index ``recs[i]``) for each slot's in-flight token. ``slots`` must be
-        sorted by ``recs``; the caller reserved room for one entry in each written group."""
+        sorted by ``recs``; the caller reserved room for one entry in each written group, and
+        (expert-choice) ran ``decide(slots, recs)`` on the same hidden states, which set the
+        slots' gates (``self.gate``; without it the update would use a stale gate)."""
         slots = np.asarray(slots, dtype=np.int64)
         recs = np.asarray(recs, dtype=np.int64)
         positions = np.asarray(positions, dtype=np.int64)

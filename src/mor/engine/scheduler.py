@@ -46,7 +46,8 @@ class StepPlan:
     ``enter``: slots whose in-flight token enters (sorted). ``run`` / ``run_recs``: slots whose
     in-flight token runs recursion ``run_recs[i]`` (sorted by recursion, then slot).
     ``requests``, ``tokens``, ``positions``: per slot, the request, its in-flight token and that
-    token's position. ``schedule``: "depth" (each token runs at most one recursion; the shared
+    token's position - the scheduler's own table and arrays, valid until the step's result is
+    recorded (``Scheduler.advance``), not copies. ``schedule``: "depth" (each token runs at most one recursion; the shared
     block runs once on tokens at mixed depths) or "sequence" (tokens run until they leave)."""
 
     schedule: str
@@ -197,10 +198,9 @@ class Scheduler:
 
     def _reserve(self, enter: np.ndarray, run: np.ndarray, run_recs: np.ndarray) -> None:
         """Room for one more cache entry in every group each in-flight token may write."""
-        slots = np.concatenate([enter, run])
         keys = np.concatenate([np.full(len(enter), self.num_recursions, dtype=np.int64), run_recs])
-        groups = self._writes[keys]  # (tokens, most groups per token), -1 pads
-        seqs = np.broadcast_to(slots[:, None], groups.shape)
+        groups = self._writes[keys].ravel()  # each token's row of groups, -1 pads
+        seqs = np.concatenate([enter, run]).repeat(self._writes.shape[1])
         keep = groups >= 0
         self.pool.ensure_one_more_each(groups[keep], seqs[keep])
 
