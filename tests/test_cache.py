@@ -105,6 +105,46 @@ def test_pool_addresses_rows_of_many_groups_at_once_like_one_group_at_a_time():
     assert pool.used_blocks == before + 2 and pool.nblocks[1].tolist() == [3, 0, 1]
 
 
+@pytest.mark.parametrize("free", [None, 5])
+def test_ensure_one_more_each_allocates_like_ensure_group_by_group(free):
+    """``ensure_one_more_each`` (the engine's per-step reservation, pairs of many groups at
+    once) gives the same blocks, block tables, counts, free list and peaks as ``ensure``
+    called group by group in increasing order on the pairs' new lengths; with too few free
+    blocks both raise PoolExhausted after allocating the same earlier groups."""
+    def pool_in_use():
+        pool = small_pool(num_blocks=200)
+        for g in range(pool.layout.num_groups):  # sequences at a block boundary (4, 8) and inside one
+            lens = np.array([4, 8, 6]) if g % 2 else np.array([8, 3, 4])
+            pool.ensure(g, np.arange(3), lens)
+            pool.add_tokens(g, np.arange(3), lens)
+        if free is not None:  # a short free list: the first groups' blocks fit, a later one's not
+            pool._nfree = free
+        return pool
+
+    groups = np.array([2, 0, 1, 2, 0, 1, 2])
+    seqs = np.array([0, 1, 2, 2, 0, 0, 1])
+    pool, ref = pool_in_use(), pool_in_use()
+    outcome = []
+    for p, many in ((pool, True), (ref, False)):
+        try:
+            if many:
+                p.ensure_one_more_each(groups, seqs)
+            else:
+                for g in sorted(set(groups.tolist())):
+                    mine = groups == g
+                    p.ensure(g, seqs[mine], p.lens[g, seqs[mine]] + 1)
+            outcome.append("ok")
+        except PoolExhausted:
+            outcome.append("exhausted")
+    assert outcome[0] == outcome[1] == ("ok" if free is None else "exhausted")
+    assert np.array_equal(pool.table_array, ref.table_array) and np.array_equal(pool.nblocks, ref.nblocks)
+    assert pool.free_blocks == ref.free_blocks and np.array_equal(pool._free[:pool.free_blocks], ref._free[:ref.free_blocks])
+    assert pool.peak_used == ref.peak_used and pool.group_peak == ref.group_peak
+    if free is None:
+        assert (pool.lens[groups, seqs] + 1 <= pool.nblocks[groups, seqs] * pool.block_size).all()
+        assert pool.used_blocks > 0 and not np.array_equal(pool.nblocks, small_pool().nblocks)
+
+
 def test_pool_write_and_gather_roundtrip():
     pool = small_pool()
     pool.ensure(2, np.array([1]), np.array([6]))

@@ -254,13 +254,30 @@ class KVPool:
         if not groups.size:
             return
         new_lens = self.lens[groups, seqs] + 1
-        short = (new_lens > self.nblocks[groups, seqs] * self.block_size) | (new_lens > self.max_len)
-        if not short.any():
+        short = np.flatnonzero(new_lens > self.nblocks[groups, seqs] * self.block_size)
+        if not short.size:
             return
-        groups, seqs, new_lens = groups[short], seqs[short], new_lens[short]  # only these need a block
-        for g in np.unique(groups).tolist():
-            mine = groups == g
-            self.ensure(g, seqs[mine], new_lens[mine])
+        short = short[np.argsort(groups[short], kind="stable")]  # group by group, as ``ensure`` would
+        groups, seqs, new_lens = groups[short], seqs[short], new_lens[short]  # each needs one more block
+        layers = self.layout.layers
+        gl, sl = groups.tolist(), seqs.tolist()
+        total = sum(layers[g] for g in gl)
+        if total > self._nfree or new_lens.max() > self.max_len:  # let ``ensure`` allocate what fits and raise
+            for g in dict.fromkeys(gl):
+                mine = groups == g
+                self.ensure(g, seqs[mine], new_lens[mine])
+            return
+        ids = self._free[self._nfree - total:self._nfree][::-1].copy()
+        self._nfree -= total
+        o = 0
+        for g, s in zip(gl, sl):
+            n, have = layers[g], int(self.nblocks[g, s])
+            self._table[g, s, have, :n] = ids[o:o + n]
+            self.nblocks[g, s] = have + 1
+            o += n
+        self.peak_used = max(self.peak_used, self.used_blocks)
+        for g in dict.fromkeys(gl):
+            self.group_peak[g] = max(self.group_peak[g], int(self.nblocks[g].sum()) * layers[g])
 
     def add_tokens(self, group: int, seqs: np.ndarray, count: np.ndarray | int = 1) -> None:
         """Record that each sequence wrote ``count`` more tokens into ``group`` (within the
