@@ -728,16 +728,7 @@ class ModelRunner:
         # the shared block: for each layer position j, the runs of rows that use the same unique
         # layer (one run under Cycle / Middle-Cycle sharing: then the whole block in one call)
         x = x_in[:, None, :]
-        runs_by_j: list[list[list[int]]] = []
-        for j in range(len(self.chunks[0])):
-            runs: list[list[int]] = []
-            for a, b in ranges:
-                u = self.chunks[int(recs[a])][j]
-                if runs and runs[-1][2] == u:
-                    runs[-1][1] = b
-                else:
-                    runs.append([a, b, u])
-            runs_by_j.append(runs)
+        runs_by_j = self._layer_runs(recs)
         if all(len(runs) == 1 for runs in runs_by_j):
             x = self._layers([runs[0][2] for runs in runs_by_j], 0, x, cos, sin, n_write, rows_all, segments)
         else:
@@ -751,6 +742,24 @@ class ModelRunner:
         self._combine(st, recs, x_in, x[:, 0])
         if n_write:
             self.written[write_group[:n_write], slots[:n_write]] += 1
+
+    def _layer_runs(self, recs: np.ndarray) -> list[list[list[int]]]:
+        """For each layer position j of the shared block, the runs [a, b, u] of rows (sorted by
+        recursion) that use the same unique layer u: one run per j under Cycle / Middle-Cycle
+        sharing, one per recursion present under Sequence sharing."""
+        bounds = np.flatnonzero(np.diff(recs)) + 1
+        ranges = list(zip([0, *bounds.tolist()], [*bounds.tolist(), len(recs)]))
+        out = []
+        for j in range(len(self.chunks[0])):
+            runs: list[list[int]] = []
+            for a, b in ranges:
+                u = self.chunks[int(recs[a])][j]
+                if runs and runs[-1][2] == u:
+                    runs[-1][1] = b
+                else:
+                    runs.append([a, b, u])
+            out.append(runs)
+        return out
 
     def _combine(self, st: torch.Tensor, recs: np.ndarray, x_in: torch.Tensor, y: torch.Tensor) -> None:
         """The slots' new hidden states after a recursion: ``routing.combine`` of the input
@@ -789,17 +798,8 @@ class ModelRunner:
                 return self._decode_rows(self.chunks[0], 0, ints, 0, n, n_write, "store")
             y = self._decode_rows(self.chunks[0], 0, ints, 0, n, n_write, "out")
         else:  # layer by layer, each run of rows that use the same unique layer in one call
-            bounds = np.flatnonzero(np.diff(recs)) + 1
-            ranges = list(zip([0, *bounds.tolist()], [*bounds.tolist(), n]))
             y = None
-            for j in range(len(self.chunks[0])):
-                runs: list[list[int]] = []
-                for a, b in ranges:
-                    u = self.chunks[int(recs[a])][j]
-                    if runs and runs[-1][2] == u:
-                        runs[-1][1] = b
-                    else:
-                        runs.append([a, b, u])
+            for j, runs in enumerate(self._layer_runs(recs)):
                 parts = [self._decode_rows([u], j, ints, a, b, max(0, min(b, n_write) - a), "out",
                                            x=None if y is None else y[a:b].contiguous())
                          for a, b, u in runs]
