@@ -91,9 +91,6 @@ class DecodeGraphs:
         self.scratch = r.max_seqs  # the padding rows' slot
         self.batch_sizes = buckets(r.max_seqs)
         self.block_counts = buckets(r.pool.max_blocks)
-        # one shared block for every recursion (Cycle / Middle-Cycle sharing): recurse is one
-        # fixed sequence of layers whatever depths the rows sit at
-        self.static_block = bool(r.chunks) and all(c == r.chunks[0] for c in r.chunks)
         self._calls: dict[tuple, _Call] = {}
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
         self.captured = 0  # graphs recorded so far
@@ -102,6 +99,12 @@ class DecodeGraphs:
     def r(self):
         """The runner these calls belong to."""
         return self._runner()
+
+    @property
+    def static_block(self) -> bool:
+        """Whether ``recurse`` is a fixed-shape call (``ModelRunner.static_block``: the same layers
+        in every recursion); otherwise it runs eagerly."""
+        return self.r.static_block
 
     # .................................................................. shapes and replay
     def phases(self) -> dict[str, tuple[Callable, int]]:

@@ -13,7 +13,9 @@ follows the causal rule of ``model(ids, routing="threshold")`` (SPEC.md sections
 * recursive: every recursion; vanilla: no recursions.
 
 The routing decisions and the update of a token's hidden state are ``mor.routing``'s
-``token_choice`` / ``continues`` / ``combine``, the model's own definitions.
+``token_choice`` / ``continues`` / ``combine``, the model's own definitions; on the CPU
+kernels the expert-choice gate g and the update h + g * block(h) are computed in C
+(``kernels.route_rows`` / ``decode_rows``, tested against ``gate_scores`` and the layers).
 
 ``execute(plan)`` runs one engine step (:class:`mor.engine.scheduler.StepPlan`) and returns
 a :class:`StepOutput`: prefill the admitted prompts, enter the new tokens, decide, run the
@@ -181,7 +183,9 @@ class ModelRunner:
         self.h = torch.zeros(max_seqs + 1, d, dtype=self.dtype, device=self.device)  # in-flight residual stream
         # expert-choice: the main router's weight g of each slot's next recursion (set by ``decide``)
         self.gate = torch.zeros(max_seqs + 1, dtype=torch.float32, device=self.device)
-        self._static_block = all(c == self.chunks[0] for c in self.chunks)  # every recursion: the same layers
+        # one shared block for every recursion (Cycle / Middle-Cycle sharing): a recursion is one
+        # fixed sequence of layers whatever depths its rows sit at
+        self.static_block = bool(self.chunks) and all(c == self.chunks[0] for c in self.chunks)
         if self.kind == "token":  # per slot: the first recursion's input, the gate and the depth
             self.h_first = torch.zeros(max_seqs + 1, d, dtype=self.dtype, device=self.device)
             self.token_gate = torch.zeros(max_seqs + 1, 1, dtype=self.dtype, device=self.device)
@@ -201,7 +205,8 @@ class ModelRunner:
         # The kernels read the weights as they are now (a snapshot of the parameter tensors:
         # in-place updates are seen, replaced parameters are not; build a new engine then).
         self.kernels = None
-        self._kroute: torch.Tensor | None = None  # router weights for kernels.route_rows (expert-choice)
+        self._kroute: torch.Tensor | None = None  # the routers as kernels.route_rows reads them (expert-choice)
+        self._router_params: list[torch.Tensor] = []  # the tensors whose addresses _kroute holds
         self.kernel_obstacle = why = kernel_obstacle(model, pool) if cpu_kernels is not False else "off"
         if why is None:
             try:  # matrix weights as the kernels read them (bf16 copies for decode_precision="bf16-weights")
@@ -211,7 +216,7 @@ class ModelRunner:
                 self._lm_head = kernels.weight_copy(model.lm_head.weight, kernel_weights)
                 self._embed = model.model.embed_tokens.weight.detach()
                 self._work = torch.empty(0, dtype=torch.float32)
-                self._kroute = self._router_table()
+                self._kroute, self._router_params = self._router_table()
                 self.kernels = kernels
             except ValueError as e:
                 self.kernel_obstacle = why = str(e)
@@ -224,20 +229,20 @@ class ModelRunner:
         if cuda_graphs:
             self.graphs = DecodeGraphs(self, capture=True)
 
-    def _router_table(self) -> torch.Tensor | None:
+    def _router_table(self) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """The expert-choice routers as ``kernels.route_rows`` reads them (the main routers, then
-        the auxiliary ones), or None when they are not all one-output linear routers with
-        contiguous fp32 parameters (then they run as PyTorch modules)."""
+        the auxiliary ones; ``kernels.router_table``), or (None, []) when they are not all
+        one-output linear routers with contiguous fp32 parameters (then they run as PyTorch
+        modules)."""
         if self.kind != "expert":
-            return None
+            return None, []
         nets = [r.net for r in self.core.routers]
         if self.config.use_aux_router:
             nets += [r.net for r in self.core.aux_routers]
         if not all(type(n) is nn.Linear and n.weight.shape == (1, self.config.hidden_size)
                    and all(p.dtype == torch.float32 and p.is_contiguous() for p in n.parameters()) for n in nets):
-            return None
-        table, self._router_params = kernels.router_table(nets)  # held: the table holds their addresses
-        return table
+            return None, []
+        return kernels.router_table(nets)
 
     def _tick(self, phase: str) -> None:
         """Charge the time since the last tick to ``phase`` (when timing; syncs CUDA first)."""
@@ -569,7 +574,7 @@ class ModelRunner:
                 s, r = slots[rows], recs[rows]
                 decision = self._route_expert(s, r)
                 need = self.needs_decision[r]
-                go[rows[need]] = decision[need] > 0
+                go[rows[need]] = continues(torch.from_numpy(decision[need]), 0.0).numpy()
         return go
 
     def _route_expert(self, slots: np.ndarray, recs: np.ndarray) -> np.ndarray:
@@ -585,7 +590,7 @@ class ModelRunner:
         if self._kroute is not None:
             return kernels.route_rows(self.h, slots, self._kroute, recs + nr if cfg.use_aux_router else recs, recs,
                                       cfg.router_func if gated else None, cfg.router_alpha, self.gate)
-        gated = gated and not (self.graphs is not None and self.graphs.static_block)
+        gated = gated and not (self.graphs is not None and self.static_block)
         decision = np.zeros(len(slots), dtype=np.float32)
         rows = np.flatnonzero(self.needs_decision[recs])
         main = None
@@ -697,7 +702,7 @@ class ModelRunner:
         slots = np.asarray(slots, dtype=np.int64)
         recs = np.asarray(recs, dtype=np.int64)
         positions = np.asarray(positions, dtype=np.int64)
-        if self.graphs is not None and self.graphs.static_block:
+        if self.graphs is not None and self.static_block:
             return self.graphs.recurse(slots, recs, positions)
         if self.kernels is not None:
             return self._recurse_kernels(slots, recs, positions)
@@ -791,7 +796,7 @@ class ModelRunner:
             ints[3, :n_write] = ints[5, :n_write] = self._cache_index(wg, ws)
             self.written[wg, ws] += 1
         expert = self.kind == "expert" and cfg.gate_combine != "pass_through"
-        if self._static_block:
+        if self.static_block:
             if expert:
                 return self._decode_rows(self.chunks[0], 0, ints, 0, n, n_write, "gated", gate=self.gate)
             if self.kind != "token":  # recursive, or the gate passes through: the block's output

@@ -46,9 +46,10 @@ class StepPlan:
     ``enter``: slots whose in-flight token enters (sorted). ``run`` / ``run_recs``: slots whose
     in-flight token runs recursion ``run_recs[i]`` (sorted by recursion, then slot).
     ``requests``, ``tokens``, ``positions``: per slot, the request, its in-flight token and that
-    token's position - the scheduler's own table and arrays, valid until the step's result is
-    recorded (``Scheduler.advance``), not copies. ``schedule``: "depth" (each token runs at most one recursion; the shared
-    block runs once on tokens at mixed depths) or "sequence" (tokens run until they leave)."""
+    token's position - the scheduler's own mapping and arrays, valid until the step's result
+    is recorded (``Scheduler.advance``), not copies. ``schedule``: "depth" (each token runs at
+    most one recursion; the shared block runs once on tokens at mixed depths) or "sequence"
+    (tokens run until they leave)."""
 
     schedule: str
     admitted: list[Request] = field(default_factory=list)
@@ -56,7 +57,7 @@ class StepPlan:
     enter: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     run: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     run_recs: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    requests: list[Request | None] = field(default_factory=list)
+    requests: dict[int, Request] = field(default_factory=dict)
     tokens: np.ndarray | None = None
     positions: np.ndarray | None = None
 
@@ -74,8 +75,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
         self.requests: dict[int, Request] = {}  # request_id -> unfinished request
-        # per slot: the request, and its in-flight token's stage, recursions run, id and position
-        self.slot_requests: list[Request | None] = [None] * max_batch
+        # per slot: its in-flight token's stage, recursions run, id and position
         self.stage = np.full(max_batch, FREE, dtype=np.int8)
         self.rec = np.zeros(max_batch, dtype=np.int64)
         self.token = np.zeros(max_batch, dtype=np.int64)
@@ -111,7 +111,6 @@ class Scheduler:
         """Give back a running request's slot and KV blocks."""
         slot = req.slot
         del self.running[slot]
-        self.slot_requests[slot] = None
         self.stage[slot] = FREE
         self._admit_order.pop(req.request_id, None)
         self._free_slots.append(slot)
@@ -141,7 +140,7 @@ class Scheduler:
         """Admit, reserve KV room for every write of the step (preempting if needed), plan."""
         admitted = self._admit()
         plan = StepPlan(self.schedule_kind, admitted=admitted, prefill=[r for r in admitted if len(r.all_ids) > 1],
-                        requests=self.slot_requests, tokens=self.token, positions=self.position)
+                        requests=self.running, tokens=self.token, positions=self.position)
         while True:
             plan.enter = np.flatnonzero(self.stage == ENTER)
             run = np.flatnonzero(self.stage == RUN)
@@ -186,7 +185,7 @@ class Scheduler:
             self.waiting.popleft()
             req.slot = slot = self._free_slots.pop()
             req.status = Status.RUNNING
-            self.running[slot] = self.slot_requests[slot] = req
+            self.running[slot] = req
             self.stage[slot], self.rec[slot] = ENTER, 0
             self.token[slot], self.position[slot] = req.last_id, req.position
             self._admit_counter += 1

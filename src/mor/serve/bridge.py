@@ -160,7 +160,7 @@ class EngineThread:
                     events = eng.step()
                     self._dispatch(events, out)
                 running = sum(1 for s in self._streams.values() if s.num_tokens > 0)
-                self.metrics.observe_engine(eng.stats, eng.stats.kv, running, len(self._streams) - running)
+                self.metrics.observe_engine(eng.stats, running, len(self._streams) - running)
                 self._post(out)
         except Exception as e:  # an engine bug: fail every request, keep the server answering
             log.exception("engine thread failed")

@@ -85,10 +85,11 @@ class ServerMetrics:
         self._seen_preemptions = 0
         self._seen_exits: list[int] = [0] * (num_recursions + 1)
 
-    def observe_engine(self, stats: EngineStats, kv: dict, running: int, waiting: int) -> None:
+    def observe_engine(self, stats: EngineStats, running: int, waiting: int) -> None:
         """Refresh the gauges from the engine's cumulative stats and the KV pool's current
-        usage (``kv``: the pool's stats dict; engine thread, after a step or an abort)."""
+        usage (``stats.kv``, read from the pool now; engine thread, after a step or an abort)."""
         n = self.model_name
+        kv = stats.kv
         self.running.labels(n).set(running)
         self.waiting.labels(n).set(waiting)
         if kv.get("kv_pool_bytes"):
