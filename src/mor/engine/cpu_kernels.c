@@ -97,19 +97,25 @@ static inline float hsum(vf v) {
 
 #define AI __attribute__((always_inline))
 #define MAXMT 6 /* rows of x per tile: 6 x 4 accumulators + 4 weight vectors fit 32 registers */
+#define PF_ROWS 4 /* weight rows prefetched ahead of the tile being computed ... */
+#ifndef PF_AHEAD
+#define PF_AHEAD 8 /* ... starting this many rows ahead */
+#endif
 
 /* out[a * 4 + b] = <x_a, w_b> for MT (<= MAXMT) rows of x (stride ldx) and OT (<= 4) rows of W
  * (stride I), I elements each. Each dot product is one vector accumulator over VW-element
  * chunks, a fixed-order horizontal sum and a scalar tail: the same operations for every
  * element whatever MT and OT (which only decide how many loads are shared). */
 static inline AI void tile(const float *x, int64_t ldx, const void *w, int64_t I, int MT, int OT, int wbf,
-                           float *out) {
+                           float *out, const char *pf, int64_t pf_row) {
     vf acc[MAXMT][4];
     for (int a = 0; a < MT; a++)
         for (int b = 0; b < OT; b++) acc[a][b] = (vf){0};
     int64_t i = 0;
     for (; i + VW <= I; i += VW) {
         vf wv[4], xv[MAXMT];
+        if (pf && i * 4 < pf_row) /* one cache line per prefetched row per step (see products_part) */
+            for (int b = 0; b < PF_ROWS; b++) __builtin_prefetch(pf + b * pf_row + i * 4, 0, 3);
         for (int b = 0; b < OT; b++) wv[b] = wload(w, b * I + i, wbf);
         for (int a = 0; a < MT; a++) xv[a] = vload(x + a * ldx + i);
         for (int a = 0; a < MT; a++)
@@ -127,12 +133,12 @@ static inline AI void tile(const float *x, int64_t ldx, const void *w, int64_t I
  * one specialised tile per (weight type, ot, mt), the constants known at compile time */
 #define TILE_MT(WT, OT)                                                                            \
     switch (mt) {                                                                                  \
-    case 6: tile(xm, I, w, I, 6, OT, WT, t); break;                                                \
-    case 5: tile(xm, I, w, I, 5, OT, WT, t); break;                                                \
-    case 4: tile(xm, I, w, I, 4, OT, WT, t); break;                                                \
-    case 3: tile(xm, I, w, I, 3, OT, WT, t); break;                                                \
-    case 2: tile(xm, I, w, I, 2, OT, WT, t); break;                                                \
-    default: tile(xm, I, w, I, 1, OT, WT, t); break;                                               \
+    case 6: tile(xm, I, w, I, 6, OT, WT, t, pf, pf_row); break;                                                \
+    case 5: tile(xm, I, w, I, 5, OT, WT, t, pf, pf_row); break;                                                \
+    case 4: tile(xm, I, w, I, 4, OT, WT, t, pf, pf_row); break;                                                \
+    case 3: tile(xm, I, w, I, 3, OT, WT, t, pf, pf_row); break;                                                \
+    case 2: tile(xm, I, w, I, 2, OT, WT, t, pf, pf_row); break;                                                \
+    default: tile(xm, I, w, I, 1, OT, WT, t, pf, pf_row); break;                                               \
     }
 #define TILE_OT(WT)                                                                                \
     if (ot == 4) {                                                                                 \
@@ -141,7 +147,7 @@ static inline AI void tile(const float *x, int64_t ldx, const void *w, int64_t I
         TILE_MT(WT, 1)                                                                             \
     }
 static inline AI void tile_rows(const float *x, int64_t I, const void *w, int wbf, int64_t m, int mt, int ot,
-                                float *t) {
+                                float *t, const char *pf, int64_t pf_row) {
     const float *xm = x + m * I;
     if (wbf == 2) {
         TILE_OT(2)
@@ -184,7 +190,35 @@ static inline void share(int64_t n, int64_t unit, int id, int nt, int64_t *lo, i
 #define THREADS() 1
 #endif
 
-static inline float silu(float g) { return g / (1.0f + expf(-g)); }
+/* e^x for x <= 0, 16 lanes at a time (Cephes' expf polynomial after x = n ln2 + r; relative
+ * error ~2e-7); 0 below -87 (e^-87 is near the smallest normal float), and for -inf. */
+static inline vf vexp_le0(vf x) {
+    const vf z = {0}, lo = z - 87.0f;
+    vi under = x < lo;
+    x = (vf)(((vi)x & ~under) | ((vi)lo & under));
+    vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln 2) */
+    vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    vf p = z + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    vf e = p * r * r + r + 1.0f;
+    vi scale = (__builtin_convertvector(n, vi) + 127) << 23;
+    return (vf)((vi)(e * (vf)scale) & ~under);
+}
+
+/* silu(g) = g sigmoid(g) on VW lanes, with e = e^-|g| <= 1 (no overflow): sigmoid is 1 / (1 + e)
+ * for g >= 0 and e / (1 + e) below. Elementwise, so a value's result does not depend on its lane. */
+static inline vf vsilu(vf g) {
+    const vf z = {0}, one = z + 1.0f;
+    vi neg = g < z;
+    const vi sign = (vi){0} + INT32_MIN;
+    vf e = vexp_le0((vf)((vi)g | sign)); /* -|g| */
+    vf num = (vf)(((vi)e & neg) | ((vi)one & ~neg));
+    return g * num / (one + e);
+}
 
 /* outputs [lo, hi) of y (M, O) = [residual +] x (M, I) @ W (O, I)^T, or with a second matrix
  * W2: silu(x @ W^T) * (x @ W2^T) (the gated MLP's first half). int8 weights are scaled per
@@ -193,21 +227,39 @@ static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 static void products_part(const float *x, int64_t M, int64_t I, const void *W, const void *W2, int wbf,
                           const float *s, const float *s2, int64_t O, float *y, const float *residual, int64_t lo,
                           int64_t hi) {
-    float g[MAXMT * 4], u[MAXMT * 4];
+    float g[2 * VW] = {0}, u[2 * VW]; /* g: a tile's MAXMT x 4 products, whole vectors for vsilu */
     int64_t ntiles = (M + MAXMT - 1) / MAXMT;
+    int64_t row_bytes = (const char *)wrow(W, 1, I, wbf) - (const char *)W;
     for (int64_t o = lo; o < hi;) {
         int ot = out_tile(M, hi - o);
+        /* Weights come from memory once per call: the first row tile prefetches the PF_ROWS
+         * rows PF_AHEAD rows ahead (every PF_ROWS rows when a tile is one row), so that their
+         * memory latency overlaps this tile's arithmetic. */
+        int64_t ahead = o + PF_AHEAD;
+        int pf_now = M > 2 && ahead + PF_ROWS <= hi;
         for (int64_t r = 0; r < ntiles; r++) {
             int64_t m;
             int mt;
             row_tile(M, r, &m, &mt);
-            tile_rows(x, I, wrow(W, o, I, wbf), wbf, m, mt, ot, g);
-            if (W2) tile_rows(x, I, wrow(W2, o, I, wbf), wbf, m, mt, ot, u);
+            int pfr = pf_now && r == 0;
+            tile_rows(x, I, wrow(W, o, I, wbf), wbf, m, mt, ot, g, pfr ? (const char *)wrow(W, ahead, I, wbf) : 0,
+                      row_bytes);
+            if (W2)
+                tile_rows(x, I, wrow(W2, o, I, wbf), wbf, m, mt, ot, u,
+                          pfr ? (const char *)wrow(W2, ahead, I, wbf) : 0, row_bytes);
+            if (s)
+                for (int a = 0; a < mt; a++)
+                    for (int b = 0; b < ot; b++) g[a * 4 + b] *= s[o + b];
+            if (W2)
+                for (int c = 0; c < MAXMT * 4; c += VW) {
+                    vf v = vsilu(vload(g + c));
+                    memcpy(g + c, &v, sizeof v);
+                }
             for (int a = 0; a < mt; a++)
                 for (int b = 0; b < ot; b++) {
                     int64_t k = (m + a) * O + o + b;
-                    float v = s ? s[o + b] * g[a * 4 + b] : g[a * 4 + b];
-                    if (W2) v = silu(v) * (s2 ? s2[o + b] * u[a * 4 + b] : u[a * 4 + b]);
+                    float v = g[a * 4 + b];
+                    if (W2) v *= s2 ? s2[o + b] * u[a * 4 + b] : u[a * 4 + b];
                     y[k] = residual ? residual[k] + v : v;
                 }
         }
@@ -609,24 +661,6 @@ void mor_route_rows(const float *state, const int64_t *slots, int64_t M, int64_t
 
 /* ------------------------------------------------------------------ sampling */
 
-/* e^x for x <= 0, 16 lanes at a time (Cephes' expf polynomial after x = n ln2 + r; relative
- * error ~2e-7); 0 below -87 (e^-87 is near the smallest normal float), and for -inf. */
-static inline vf vexp_le0(vf x) {
-    const vf z = {0}, lo = z - 87.0f;
-    vi under = x < lo;
-    x = (vf)(((vi)x & ~under) | ((vi)lo & under));
-    vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln 2) */
-    vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    vf p = z + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    vf e = p * r * r + r + 1.0f;
-    vi scale = (__builtin_convertvector(n, vi) + 127) << 23;
-    return (vf)((vi)(e * (vf)scale) & ~under);
-}
 
 /* logits b*VW .. b*VW+VW-1 of a row of V (past the end: -inf) */
 static inline vf logit_block(const float *x, int64_t V, int64_t b) {
