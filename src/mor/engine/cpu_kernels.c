@@ -96,6 +96,30 @@ static inline float hsum(vf v) {
 }
 
 #define AI __attribute__((always_inline))
+#if defined(__clang__) || __GNUC__ >= 12
+#define BATCHED_HSUM 1
+/* r[j] = hsum(v[j]) for 16 vectors at once: the same additions in the same grouping as hsum
+ * (so bit-identical), done across vectors with two-input shuffles: about 3 instructions per
+ * sum instead of 8. */
+static inline AI void hsum16(const vf *v, float *r) {
+    vf s[8], u[4], w[2];
+    for (int j = 0; j < 8; j++) /* a = lo half + hi half, two vectors per result */
+        s[j] = __builtin_shufflevector(v[2 * j], v[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               __builtin_shufflevector(v[2 * j], v[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int j = 0; j < 4; j++) /* q_i = a_i + a_(i+4) */
+        u[j] = __builtin_shufflevector(s[2 * j], s[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               __builtin_shufflevector(s[2 * j], s[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int j = 0; j < 2; j++) /* q0 + q2, q1 + q3 */
+        w[j] = __builtin_shufflevector(u[2 * j], u[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+               __builtin_shufflevector(u[2 * j], u[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    vf t = __builtin_shufflevector(w[0], w[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           __builtin_shufflevector(w[0], w[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    memcpy(r, &t, sizeof t);
+}
+#else
+#define BATCHED_HSUM 0
+#endif
+
 #define MAXMT 6 /* rows of x per tile: 6 x 4 accumulators + 4 weight vectors fit 32 registers */
 #define PF_ROWS 4 /* weight rows prefetched ahead of the tile being computed ... */
 #ifndef PF_AHEAD
@@ -121,9 +145,24 @@ static inline AI void tile(const float *x, int64_t ldx, const void *w, int64_t I
         for (int a = 0; a < MT; a++)
             for (int b = 0; b < OT; b++) acc[a][b] += xv[a] * wv[b];
     }
+    float sums[MAXMT * 4 + 8];
+#if BATCHED_HSUM
+    if (MT * OT >= 8) { /* the tile's sums 16 at a time (zeros pad the last 16) */
+        vf v[MAXMT * 4 + 8];
+        int n = 0;
+        for (int a = 0; a < MT; a++)
+            for (int b = 0; b < OT; b++) v[n++] = acc[a][b];
+        for (; n % 16; n++) v[n] = (vf){0};
+        for (int c = 0; c < n; c += 16) hsum16(v + c, sums + c);
+    } else
+#endif
+    {
+        for (int a = 0; a < MT; a++)
+            for (int b = 0; b < OT; b++) sums[a * OT + b] = hsum(acc[a][b]);
+    }
     for (int a = 0; a < MT; a++)
         for (int b = 0; b < OT; b++) {
-            float s = hsum(acc[a][b]);
+            float s = sums[a * OT + b];
             for (int64_t k = i; k < I; k++) s += x[a * ldx + k] * wget(w, b * I + k, wbf);
             out[a * 4 + b] = s;
         }
