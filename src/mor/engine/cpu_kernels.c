@@ -353,33 +353,85 @@ static void rope_row(float *x, int64_t heads, int64_t hd, const float *c, const 
  * out (hd,) = softmax(q k^T * scale) v, block by block with a running maximum. */
 static void attend_one(const float *qv, int64_t g, int64_t KV, int64_t hd, const float *kc, const float *vc,
                        int64_t bs, const int64_t *blocks, int64_t sb, int64_t n, float scale, float *out) {
-    float sc[256], acc[512];
+    float sc[256 + VW], acc[512];
     float mx = -INFINITY, l = 0.0f;
+    int64_t row = KV * hd; /* floats from one key's head g to the next key's */
     for (int64_t i = 0; i < hd; i++) acc[i] = 0.0f;
     for (int64_t b0 = 0; b0 < n; b0 += bs) {
         int64_t blk = blocks[(b0 / bs) * sb];
         int64_t cnt = n - b0 < bs ? n - b0 : bs;
-        float bmx = -INFINITY;
-        for (int64_t t = 0; t < cnt; t++) {
-            const float *kv = kc + ((blk * bs + t) * KV + g) * hd;
+        if (b0 + bs < n) { /* the next block's keys and values: scattered in the pool, so fetched ahead */
+            int64_t nxt = blocks[(b0 / bs + 1) * sb], ncnt = n - b0 - bs < bs ? n - b0 - bs : bs;
+            for (int64_t t = 0; t < ncnt; t++)
+                for (int64_t i = 0; i < hd; i += 16) {
+                    __builtin_prefetch(kc + (nxt * bs + t) * row + g * hd + i, 0, 3);
+                    __builtin_prefetch(vc + (nxt * bs + t) * row + g * hd + i, 0, 3);
+                }
+        }
+        const float *kb = kc + blk * bs * row + g * hd, *vb = vc + blk * bs * row + g * hd;
+        int64_t t = 0;
+#if BATCHED_HSUM
+        for (; t + 8 <= cnt; t += 16) { /* 8-16 keys' dot products, reduced together (as hsum) */
+            int nk = cnt - t < 16 ? (int)(cnt - t) : 16;
+            vf a[16];
+            for (int j = 0; j < 16; j++) a[j] = (vf){0};
+            int64_t i = 0;
+            for (; i + VW <= hd; i += VW) {
+                vf qi = vload(qv + i);
+                for (int j = 0; j < nk; j++) a[j] += qi * vload(kb + (t + j) * row + i);
+            }
+            hsum16(a, sc + t);
+            for (int j = 0; j < nk; j++) {
+                float s = sc[t + j];
+                for (int64_t k = i; k < hd; k++) s += qv[k] * kb[(t + j) * row + k];
+                sc[t + j] = s * scale;
+            }
+        }
+#endif
+        for (; t < cnt; t++) {
+            const float *kv = kb + t * row;
             vf a = (vf){0};
             int64_t i = 0;
             for (; i + VW <= hd; i += VW) a += vload(qv + i) * vload(kv + i);
             float s = hsum(a);
             for (; i < hd; i++) s += qv[i] * kv[i];
-            s *= scale;
-            sc[t] = s;
-            if (s > bmx) bmx = s;
+            sc[t] = s * scale;
         }
+        float bmx = -INFINITY;
+        for (t = 0; t < cnt; t++) bmx = sc[t] > bmx ? sc[t] : bmx;
         float nmx = bmx > mx ? bmx : mx;
         float corr = expf(mx - nmx); /* 0 on the first block (mx = -inf) */
         l *= corr;
         for (int64_t i = 0; i < hd; i++) acc[i] *= corr;
-        for (int64_t t = 0; t < cnt; t++) {
-            float e = expf(sc[t] - nmx);
-            l += e;
-            const float *vv = vc + ((blk * bs + t) * KV + g) * hd;
-            for (int64_t i = 0; i < hd; i++) acc[i] += e * vv[i];
+        for (t = cnt; t < cnt + VW; t++) sc[t] = -INFINITY; /* lanes past cnt: weight 0 */
+        vf lsum = (vf){0};
+        for (t = 0; t < cnt; t += VW) { /* the weights e^(s - max), VW at a time, and their sum */
+            vf e = vexp_le0(vload(sc + t) - nmx);
+            lsum += e;
+            memcpy(sc + t, &e, sizeof e);
+        }
+        l += hsum(lsum);
+        /* acc += e_t v_t over the block's keys in order, 4 vectors of acc held in registers */
+        int64_t i0 = 0;
+        for (; i0 + 4 * VW <= hd; i0 += 4 * VW) {
+            vf a0 = vload(acc + i0), a1 = vload(acc + i0 + VW), a2 = vload(acc + i0 + 2 * VW),
+               a3 = vload(acc + i0 + 3 * VW);
+            for (t = 0; t < cnt; t++) {
+                const float *vv = vb + t * row + i0;
+                vf e = (vf){0} + sc[t];
+                a0 += e * vload(vv);
+                a1 += e * vload(vv + VW);
+                a2 += e * vload(vv + 2 * VW);
+                a3 += e * vload(vv + 3 * VW);
+            }
+            memcpy(acc + i0, &a0, sizeof a0);
+            memcpy(acc + i0 + VW, &a1, sizeof a1);
+            memcpy(acc + i0 + 2 * VW, &a2, sizeof a2);
+            memcpy(acc + i0 + 3 * VW, &a3, sizeof a3);
+        }
+        for (t = 0; t < cnt && i0 < hd; t++) {
+            const float *vv = vb + t * row;
+            for (int64_t i = i0; i < hd; i++) acc[i] += sc[t] * vv[i];
         }
         mx = nmx;
     }
