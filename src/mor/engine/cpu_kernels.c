@@ -290,7 +290,7 @@ static void products_part(const float *x, int64_t M, int64_t I, const void *W, c
                 for (int a = 0; a < mt; a++)
                     for (int b = 0; b < ot; b++) g[a * 4 + b] *= s[o + b];
             if (W2)
-                for (int c = 0; c < MAXMT * 4; c += VW) {
+                for (int c = 0; c < (mt - 1) * 4 + ot; c += VW) { /* the vectors holding the tile's values */
                     vf v = vsilu(vload(g + c));
                     memcpy(g + c, &v, sizeof v);
                 }
