@@ -172,8 +172,8 @@ def paged_case(H, KV, hd, bs, nb, layers, M, seed):
     return q, kc, vc, blocks, qidx
 
 
-@pytest.mark.parametrize("H,KV,hd", [(4, 2, 128), (8, 2, 80), (4, 2, 24), (4, 1, 16), (4, 4, 8)])
-@pytest.mark.parametrize("bs,nb", [(1, 9), (4, 5), (16, 3), (32, 4)])
+@pytest.mark.parametrize("H,KV,hd", [(4, 2, 128), (8, 2, 80), (4, 2, 24), (4, 1, 16), (4, 4, 8), (2, 1, 512)])
+@pytest.mark.parametrize("bs,nb", [(1, 9), (4, 5), (16, 3), (32, 4), (256, 3)])
 def test_paged_attention_matches_sdpa_on_gathered_blocks(H, KV, hd, bs, nb):
     """``paged_attention`` reading the paged cache through ``blocks[:, :, layer]`` equals SDPA on
     K/V gathered from the same block table (GQA, keys up to mid-block and the last key), for

@@ -99,7 +99,7 @@ static inline float hsum(vf v) {
 #if defined(__clang__) || __GNUC__ >= 12
 #define BATCHED_HSUM 1
 /* r[j] = hsum(v[j]) for 16 vectors at once: the same additions in the same grouping as hsum
- * (so bit-identical), done across vectors with two-input shuffles: about 3 instructions per
+ * (so bit-identical, NaN payloads aside), done across vectors with two-input shuffles: about 3 instructions per
  * sum instead of 8. */
 static inline AI void hsum16(const vf *v, float *r) {
     vf s[8], u[4], w[2];
@@ -122,6 +122,8 @@ static inline AI void hsum16(const vf *v, float *r) {
 
 #define MAXMT 6 /* rows of x per tile: 6 x 4 accumulators + 4 weight vectors fit 32 registers */
 #define PF_ROWS 4 /* weight rows prefetched ahead of the tile being computed ... */
+#define TILE_PAD (((MAXMT * 4 + 15) / 16) * 16) /* a tile's outputs, rounded up to whole groups of 16 */
+_Static_assert(TILE_PAD % VW == 0, "vsilu reads a tile's products in whole vectors");
 #ifndef PF_AHEAD
 #define PF_AHEAD 8 /* ... starting this many rows ahead */
 #endif
@@ -145,10 +147,10 @@ static inline AI void tile(const float *x, int64_t ldx, const void *w, int64_t I
         for (int a = 0; a < MT; a++)
             for (int b = 0; b < OT; b++) acc[a][b] += xv[a] * wv[b];
     }
-    float sums[MAXMT * 4 + 8];
+    float sums[TILE_PAD];
 #if BATCHED_HSUM
     if (MT * OT >= 8) { /* the tile's sums 16 at a time (zeros pad the last 16) */
-        vf v[MAXMT * 4 + 8];
+        vf v[TILE_PAD];
         int n = 0;
         for (int a = 0; a < MT; a++)
             for (int b = 0; b < OT; b++) v[n++] = acc[a][b];
@@ -266,14 +268,15 @@ static inline vf vsilu(vf g) {
 static void products_part(const float *x, int64_t M, int64_t I, const void *W, const void *W2, int wbf,
                           const float *s, const float *s2, int64_t O, float *y, const float *residual, int64_t lo,
                           int64_t hi) {
-    float g[2 * VW] = {0}, u[2 * VW]; /* g: a tile's MAXMT x 4 products, whole vectors for vsilu */
+    float g[TILE_PAD] = {0}, u[TILE_PAD]; /* a tile's MAXMT x 4 products (g: whole vectors for vsilu) */
     int64_t ntiles = (M + MAXMT - 1) / MAXMT;
     int64_t row_bytes = (const char *)wrow(W, 1, I, wbf) - (const char *)W;
     for (int64_t o = lo; o < hi;) {
         int ot = out_tile(M, hi - o);
-        /* Weights come from memory once per call: the first row tile prefetches the PF_ROWS
-         * rows PF_AHEAD rows ahead (every PF_ROWS rows when a tile is one row), so that their
-         * memory latency overlaps this tile's arithmetic. */
+        /* Weights come from memory once per call: with 3 or more rows of x (tiles of 4 weight
+         * rows), the first row tile prefetches the PF_ROWS rows PF_AHEAD rows ahead, so that
+         * their memory latency overlaps this tile's arithmetic. A matrix-vector product (one
+         * sequential stream) is left to the hardware prefetcher. */
         int64_t ahead = o + PF_AHEAD;
         int pf_now = M > 2 && ahead + PF_ROWS <= hi;
         for (int64_t r = 0; r < ntiles; r++) {
@@ -286,19 +289,23 @@ static void products_part(const float *x, int64_t M, int64_t I, const void *W, c
             if (W2)
                 tile_rows(x, I, wrow(W2, o, I, wbf), wbf, m, mt, ot, u,
                           pfr ? (const char *)wrow(W2, ahead, I, wbf) : 0, row_bytes);
-            if (s)
-                for (int a = 0; a < mt; a++)
-                    for (int b = 0; b < ot; b++) g[a * 4 + b] *= s[o + b];
-            if (W2)
-                for (int c = 0; c < (mt - 1) * 4 + ot; c += VW) { /* the vectors holding the tile's values */
+            if (W2) { /* the gate's scale, then SiLU on the vectors holding the tile's values */
+                if (s)
+                    for (int a = 0; a < mt; a++)
+                        for (int b = 0; b < ot; b++) g[a * 4 + b] *= s[o + b];
+                for (int c = 0; c < (mt - 1) * 4 + ot; c += VW) {
                     vf v = vsilu(vload(g + c));
                     memcpy(g + c, &v, sizeof v);
                 }
+            }
             for (int a = 0; a < mt; a++)
                 for (int b = 0; b < ot; b++) {
                     int64_t k = (m + a) * O + o + b;
                     float v = g[a * 4 + b];
-                    if (W2) v *= s2 ? s2[o + b] * u[a * 4 + b] : u[a * 4 + b];
+                    if (W2)
+                        v *= s2 ? s2[o + b] * u[a * 4 + b] : u[a * 4 + b];
+                    else if (s)
+                        v = s[o + b] * v;
                     y[k] = residual ? residual[k] + v : v;
                 }
         }
@@ -362,6 +369,7 @@ static void attend_one(const float *qv, int64_t g, int64_t KV, int64_t hd, const
         int64_t cnt = n - b0 < bs ? n - b0 : bs;
         if (b0 + bs < n) { /* the next block's keys and values: scattered in the pool, so fetched ahead */
             int64_t nxt = blocks[(b0 / bs + 1) * sb], ncnt = n - b0 - bs < bs ? n - b0 - bs : bs;
+            ncnt = ncnt < 32 ? ncnt : 32; /* the first keys; the hardware follows the rest */
             for (int64_t t = 0; t < ncnt; t++)
                 for (int64_t i = 0; i < hd; i += 16) {
                     __builtin_prefetch(kc + (nxt * bs + t) * row + g * hd + i, 0, 3);
