@@ -99,8 +99,8 @@ static inline float hsum(vf v) {
 #if defined(__clang__) || __GNUC__ >= 12
 #define BATCHED_HSUM 1
 /* r[j] = hsum(v[j]) for 16 vectors at once: the same additions in the same grouping as hsum
- * (so bit-identical, NaN payloads aside), done across vectors with two-input shuffles: about 3 instructions per
- * sum instead of 8. */
+ * (so bit-identical, NaN payloads aside), done across vectors with two-input shuffles: about
+ * 3 instructions per sum instead of 8. */
 static inline AI void hsum16(const vf *v, float *r) {
     vf s[8], u[4], w[2];
     for (int j = 0; j < 8; j++) /* a = lo half + hi half, two vectors per result */
@@ -124,9 +124,7 @@ static inline AI void hsum16(const vf *v, float *r) {
 #define PF_ROWS 4 /* weight rows prefetched ahead of the tile being computed ... */
 #define TILE_PAD (((MAXMT * 4 + 15) / 16) * 16) /* a tile's outputs, rounded up to whole groups of 16 */
 _Static_assert(TILE_PAD % VW == 0, "vsilu reads a tile's products in whole vectors");
-#ifndef PF_AHEAD
 #define PF_AHEAD 8 /* ... starting this many rows ahead */
-#endif
 
 /* out[a * 4 + b] = <x_a, w_b> for MT (<= MAXMT) rows of x (stride ldx) and OT (<= 4) rows of W
  * (stride I), I elements each. Each dot product is one vector accumulator over VW-element
@@ -174,12 +172,12 @@ static inline AI void tile(const float *x, int64_t ldx, const void *w, int64_t I
  * one specialised tile per (weight type, ot, mt), the constants known at compile time */
 #define TILE_MT(WT, OT)                                                                            \
     switch (mt) {                                                                                  \
-    case 6: tile(xm, I, w, I, 6, OT, WT, t, pf, pf_row); break;                                                \
-    case 5: tile(xm, I, w, I, 5, OT, WT, t, pf, pf_row); break;                                                \
-    case 4: tile(xm, I, w, I, 4, OT, WT, t, pf, pf_row); break;                                                \
-    case 3: tile(xm, I, w, I, 3, OT, WT, t, pf, pf_row); break;                                                \
-    case 2: tile(xm, I, w, I, 2, OT, WT, t, pf, pf_row); break;                                                \
-    default: tile(xm, I, w, I, 1, OT, WT, t, pf, pf_row); break;                                               \
+    case 6: tile(xm, I, w, I, 6, OT, WT, t, pf, pf_row); break;                                    \
+    case 5: tile(xm, I, w, I, 5, OT, WT, t, pf, pf_row); break;                                    \
+    case 4: tile(xm, I, w, I, 4, OT, WT, t, pf, pf_row); break;                                    \
+    case 3: tile(xm, I, w, I, 3, OT, WT, t, pf, pf_row); break;                                    \
+    case 2: tile(xm, I, w, I, 2, OT, WT, t, pf, pf_row); break;                                    \
+    default: tile(xm, I, w, I, 1, OT, WT, t, pf, pf_row); break;                                   \
     }
 #define TILE_OT(WT)                                                                                \
     if (ot == 4) {                                                                                 \
