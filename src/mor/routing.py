@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional
@@ -81,11 +82,14 @@ def token_choice(logits: torch.Tensor, func: str, alpha: float, bias: torch.Tens
     return probs, choice, gate
 
 
-def continues(decision_logits: torch.Tensor, capacity: float) -> torch.Tensor:
+def continues(decision_logits, capacity: float):
     """The causal expert-choice rule: a candidate runs the recursion iff its (decision)
-    router logit is > 0 (sigmoid > 0.5), or always when the capacity is 1."""
+    router logit is > 0 (sigmoid > 0.5), or always when the capacity is 1. Takes and returns
+    a tensor, or a NumPy array (the engine's decode step decides on the host)."""
     if capacity >= 1.0:
-        return torch.ones_like(decision_logits, dtype=torch.bool)
+        if isinstance(decision_logits, torch.Tensor):
+            return torch.ones_like(decision_logits, dtype=torch.bool)
+        return np.ones(np.shape(decision_logits), dtype=bool)
     return decision_logits > 0
 
 

@@ -370,9 +370,18 @@ DECODE_ROWS_ERRORS = {
 
 
 def _check(t: torch.Tensor | None, name: str, shape: tuple, dtype=torch.float32) -> None:
-    """``t`` (if given) is a contiguous CPU tensor of ``dtype`` and ``shape`` (None: any size)."""
-    if t is not None and not (t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
-                              and t.dim() == len(shape) and all(n is None or n == m for n, m in zip(shape, t.shape))):
+    """``t`` (if given) is a contiguous CPU tensor of ``dtype`` and ``shape`` (None: any size).
+    Runs ~30 times per decode step, so written as plain comparisons (0.4 us a call)."""
+    if t is None:
+        return
+    have = t.shape
+    ok = t.dtype == dtype and t.is_cpu and len(have) == len(shape) and t.is_contiguous()
+    if ok:
+        for n, m in zip(shape, have):
+            if n is not None and n != m:
+                ok = False
+                break
+    if not ok:
         raise ValueError(f"{name} must be a contiguous CPU {dtype} tensor of shape {shape} (None: any), "
                          f"got {t.dtype} {tuple(t.shape)} on {t.device.type}")
 

@@ -574,7 +574,7 @@ class ModelRunner:
                 s, r = slots[rows], recs[rows]
                 decision = self._route_expert(s, r)
                 need = self.needs_decision[r]
-                go[rows[need]] = continues(torch.from_numpy(decision[need]), 0.0).numpy()
+                go[rows[need]] = continues(decision[need], 0.0)
         return go
 
     def _route_expert(self, slots: np.ndarray, recs: np.ndarray) -> np.ndarray:
