@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from mor import validate
 from mor.engine import kernels
 from mor.flops import measure_matmul_peak
 
@@ -78,8 +79,8 @@ def attention(rows: int = 32, heads: int = 4, kv_heads: int = 2, hd: int = 64, b
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rows", type=int, nargs="+", default=[1, 13, 32])
+    p.add_argument("--threads", type=validate.positive_int, default=2)
+    p.add_argument("--rows", type=validate.positive_int, nargs="+", default=[1, 13, 32])
     p.add_argument("--cold", action="store_true", help="also stream the weights from memory")
     a = p.parse_args()
     torch.set_num_threads(a.threads)

@@ -489,7 +489,21 @@ def test_route_rows_equals_the_routers_and_gate(func):
     no_gate = torch.zeros(S + 1)
     kernels.route_rows(state, slots, table, dec_idx, gate_idx, None, alpha, no_gate)
     assert not no_gate.any()
-    del held
+    # bad indices: a clear error before anything is written
+    before = gate.clone()
+    for bad_slots, bad_dec, match in [(np.array([0, S + 1]), dec_idx[:2], "slot"), (np.array([0, -1]), dec_idx[:2], "slot"),
+                                      (slots[:2], np.array([0, 4]), "router index")]:
+        with pytest.raises(ValueError, match=match):
+            kernels.route_rows(state, bad_slots, table, bad_dec, gate_idx[:2], func, alpha, gate)
+    assert torch.equal(gate, before)
+    narrow, held2 = kernels.router_table([torch.nn.Linear(D - 1, 1)])
+    with pytest.raises(ValueError, match="width"):
+        kernels.route_rows(state, slots[:1], narrow, np.array([0]), np.array([0]), func, alpha, gate)
+    with pytest.raises(ValueError, match="one-output"):
+        kernels.router_table([torch.nn.Linear(D, 2)])
+    with pytest.raises(ValueError, match="func"):
+        kernels.route_rows(state, slots, table, dec_idx, gate_idx, "relu", alpha, gate)
+    del held, held2
 
 
 # ------------------------------------------------------------------ the engine on the kernels

@@ -727,12 +727,14 @@ int mor_decode_rows(const int64_t *table, int64_t nl, const float *x, const floa
 }
 
 /* Expert-choice routing for one token per row (linear routers, one output each): with h =
- * state[slots[m]] and router i's logit <h, W_i> + b_i (routers: int64 rows [address of W_i, (D,)
- * fp32; address of b_i, one fp32, or 0 for no bias]),
+ * state[slots[m]] (state (S, D)) and router i's logit <h, W_i> + b_i (routers: R int64 rows
+ * [address of W_i, fp32; address of b_i, one fp32, or 0 for no bias; the length of W_i]),
  *   decision[m] = logit of router dec_idx[m]   (the token continues iff > 0)
  *   gate[slots[m]] = alpha act(logit of router gate_idx[m])   (the main router's weight g; act:
  *                    func 1 sigmoid, 2 tanh, 3 softmax over one logit = 1; func 0: no gate)
- * Every row is summed in the same order whatever the batch (batch-independent). */
+ * Every row is summed in the same order whatever the batch (batch-independent). Every index
+ * is checked before anything is read or written: returns 0, or 1 (a slot outside the state),
+ * 2 (a router index outside the table) or 3 (a router whose length is not D). */
 static inline float router_logit(const float *h, const int64_t *router, int64_t D) {
     const float *w = (const float *)(intptr_t)router[0], *b = (const float *)(intptr_t)router[1];
     vf acc = {0};
@@ -743,17 +745,23 @@ static inline float router_logit(const float *h, const int64_t *router, int64_t 
     return b ? sum + *b : sum;
 }
 
-void mor_route_rows(const float *state, const int64_t *slots, int64_t M, int64_t D, const int64_t *routers,
-                    const int64_t *dec_idx, const int64_t *gate_idx, int func, float alpha, float *decision,
-                    float *gate) {
+int mor_route_rows(const float *state, int64_t S, const int64_t *slots, int64_t M, int64_t D,
+                   const int64_t *routers, int64_t R, const int64_t *dec_idx, const int64_t *gate_idx, int func,
+                   float alpha, float *decision, float *gate) {
+    for (int64_t m = 0; m < M; m++) {
+        if (slots[m] < 0 || slots[m] >= S) return 1;
+        if (dec_idx[m] < 0 || dec_idx[m] >= R || gate_idx[m] < 0 || gate_idx[m] >= R) return 2;
+        if (routers[3 * dec_idx[m] + 2] != D || routers[3 * gate_idx[m] + 2] != D) return 3;
+    }
     for (int64_t m = 0; m < M; m++) {
         const float *h = state + slots[m] * D;
-        float main = router_logit(h, routers + 2 * gate_idx[m], D);
-        decision[m] = dec_idx[m] == gate_idx[m] ? main : router_logit(h, routers + 2 * dec_idx[m], D);
+        float main = router_logit(h, routers + 3 * gate_idx[m], D);
+        decision[m] = dec_idx[m] == gate_idx[m] ? main : router_logit(h, routers + 3 * dec_idx[m], D);
         if (func == 1) gate[slots[m]] = alpha / (1.0f + expf(-main));
         else if (func == 2) gate[slots[m]] = alpha * tanhf(main);
         else if (func == 3) gate[slots[m]] = alpha;
     }
+    return 0;
 }
 
 /* ------------------------------------------------------------------ sampling */

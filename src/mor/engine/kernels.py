@@ -66,7 +66,7 @@ SIGNATURES = {
     "mor_profile_take": ([_p], None),
     "mor_decode_rows": ([_p, _i64, _p, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p,
                          _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _p, _p, _i64, _int, _p, _p, _p, _int], _int),
-    "mor_route_rows": ([_p, _p, _i64, _i64, _p, _p, _p, _int, _f32, _p, _p], None),
+    "mor_route_rows": ([_p, _i64, _p, _i64, _i64, _p, _i64, _p, _p, _int, _f32, _p, _p], _int),
 }
 MAX_BLOCK_SIZE, MAX_HEAD_DIM = 256, 512  # the attention kernel's stack buffers
 
@@ -454,15 +454,25 @@ ROUTER_FUNCS = {"sigmoid": 1, "tanh": 2, "softmax": 3}
 
 def router_table(linears) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``route_rows``' table of one-output linear routers: int64 rows [weight address, bias
-    address or 0], and the tensors it points to (keep them alive while the table is used). The
-    addresses are those of the parameters now (in-place updates are seen, replaced ones not)."""
+    address or 0, input width], and the tensors it points to (keep them alive while the table is
+    used). The addresses are those of the parameters now (in-place updates are seen, replaced
+    ones not). ValueError for a router that is not a one-output fp32 linear layer with
+    contiguous parameters."""
     held, rows = [], []
     for lin in linears:
         w = lin.weight.detach()
         b = None if lin.bias is None else lin.bias.detach()
+        if not (w.dim() == 2 and w.shape[0] == 1 and (b is None or b.shape == (1,))
+                and all(t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() for t in [w] + [b] * (b is not None))):
+            raise ValueError(f"router_table needs one-output fp32 linear layers with contiguous CPU parameters, "
+                             f"got weight {w.dtype} {tuple(w.shape)}")
         held += [w] if b is None else [w, b]
-        rows.append([w.data_ptr(), 0 if b is None else b.data_ptr()])
-    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 2), held
+        rows.append([w.data_ptr(), 0 if b is None else b.data_ptr(), w.shape[1]])
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3), held
+
+
+ROUTE_ROWS_ERRORS = {1: "a slot outside the state", 2: "a router index outside the table",
+                     3: "a router whose width is not the state's"}
 
 
 def route_rows(state: torch.Tensor, slots, routers: torch.Tensor, dec_idx, gate_idx, func: str | None, alpha: float,
@@ -470,15 +480,29 @@ def route_rows(state: torch.Tensor, slots, routers: torch.Tensor, dec_idx, gate_
     """Expert-choice routing of the tokens in ``state[slots]`` (``mor_route_rows``): returns the
     decision logits (router ``dec_idx[m]``'s; fp32 NumPy) and, with ``func`` (the router
     function), writes ``gate[slot] = alpha * func(logit of router gate_idx[m])``. ``routers``:
-    a ``router_table``; slots / dec_idx / gate_idx: int64 NumPy arrays."""
+    a ``router_table``; slots / dec_idx / gate_idx: int64 NumPy arrays. Every index is checked
+    (in C) before anything is written: ValueError naming the first bad one."""
     lib = _library()
+    _check(state, "state", (None, None))
+    _check(routers, "routers", (None, 3), torch.int64)
+    if func:
+        if func not in ROUTER_FUNCS:
+            raise ValueError(f"route_rows: func={func!r}, expected one of {', '.join(ROUTER_FUNCS)} or None")
+        if gate is None:
+            raise ValueError("route_rows: a gate tensor is needed with a router function")
+        _check(gate, "gate", (state.shape[0],))
+    slots, dec_idx, gate_idx = (np.ascontiguousarray(v, dtype=np.int64) for v in (slots, dec_idx, gate_idx))
     M, D = len(slots), state.shape[1]
+    if not len(dec_idx) == len(gate_idx) == M:
+        raise ValueError(f"route_rows: {M} slots, {len(dec_idx)} decision and {len(gate_idx)} gate router indices")
     decision = np.empty(M, dtype=np.float32)
     if M:
-        slots, dec_idx, gate_idx = (np.ascontiguousarray(v, dtype=np.int64) for v in (slots, dec_idx, gate_idx))
-        lib.mor_route_rows(state.data_ptr(), slots.ctypes.data, M, D, routers.data_ptr(), dec_idx.ctypes.data,
-                           gate_idx.ctypes.data, ROUTER_FUNCS[func] if func else 0, alpha, decision.ctypes.data,
-                           _ptr(gate))
+        err = lib.mor_route_rows(state.data_ptr(), state.shape[0], slots.ctypes.data, M, D, routers.data_ptr(),
+                                 routers.shape[0], dec_idx.ctypes.data, gate_idx.ctypes.data,
+                                 ROUTER_FUNCS[func] if func else 0, alpha, decision.ctypes.data,
+                                 _ptr(gate) if func else None)
+        if err:
+            raise ValueError(f"route_rows: {ROUTE_ROWS_ERRORS[err]}")
     return decision
 
 

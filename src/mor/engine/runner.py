@@ -70,15 +70,14 @@ from .scheduler import StepPlan
 class StepOutput:
     """What ``ModelRunner.execute`` did.
 
-    ``exits``: requests whose token left the recursions, in sampling order (their slots
-    ``exit_slots``), with the sampled ``tokens``, the depth of the producing position
-    ``exit_depths`` and the ``logits`` (N, V). ``run_slots`` / ``run_recs``: in-flight tokens
-    that continue, and the recursion each runs next. ``prefill_depths``: per prefilled
+    ``exits``: requests whose token left the recursions, in sampling order, with the sampled
+    ``tokens``, the depth of the producing position ``exit_depths`` and the ``logits`` (N, V).
+    ``run_slots`` / ``run_recs``: in-flight tokens that continue, and the recursion each runs
+    next. ``prefill_depths``: per prefilled
     request, the depth of each prompt token. ``block_recs``: for each shared-block call, the
     recursion index of each row. ``written``: (groups, slots) cache entries written."""
 
     exits: list[Request] = field(default_factory=list)
-    exit_slots: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     tokens: list[int] = field(default_factory=list)
     exit_depths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     logits: torch.Tensor | None = None
@@ -239,10 +238,12 @@ class ModelRunner:
         nets = [r.net for r in self.core.routers]
         if self.config.use_aux_router:
             nets += [r.net for r in self.core.aux_routers]
-        if not all(type(n) is nn.Linear and n.weight.shape == (1, self.config.hidden_size)
-                   and all(p.dtype == torch.float32 and p.is_contiguous() for p in n.parameters()) for n in nets):
+        if not all(type(n) is nn.Linear for n in nets):
             return None, []
-        return kernels.router_table(nets)
+        try:
+            return kernels.router_table(nets)
+        except ValueError:  # not one-output fp32 layers with contiguous parameters
+            return None, []
 
     def _tick(self, phase: str) -> None:
         """Charge the time since the last tick to ``phase`` (when timing; syncs CUDA first)."""
@@ -417,7 +418,7 @@ class ModelRunner:
                 order = np.lexsort((ls, lr))
                 ls, lr = ls[order], lr[order]
                 out.exits = [plan.requests[s] for s in ls.tolist()]
-                out.exit_slots, out.exit_depths = ls, lr
+                out.exit_depths = lr
                 out.logits = self.finish(ls, positions[ls])
                 self._tick("finish")
                 out.tokens = sample(out.logits, [r.params for r in out.exits], [r.generator for r in out.exits],
