@@ -63,14 +63,22 @@ class KernelClock:
                 setattr(mod, name, self._timed(getattr(mod, name)))
             if "decode_layers" not in names and hasattr(mod, "DecodeLayer"):  # one call per layer
                 mod.DecodeLayer.__call__ = self._timed(mod.DecodeLayer.__call__)
+            for cls in ("DecodeRows", "RouteRows"):  # calls bound to their fixed operands
+                if hasattr(mod, cls):
+                    setattr(getattr(mod, cls), "__call__", self._timed(getattr(mod, cls).__call__))
+        self._depth = 0
 
     def _timed(self, fn):
         def call(*args, **kwargs):
+            if self._depth:  # inside a timed call already (decode_rows -> DecodeRows.__call__)
+                return fn(*args, **kwargs)
+            self._depth += 1
             t0 = time.thread_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 self.seconds += time.thread_time() - t0
+                self._depth -= 1
         return call
 
 

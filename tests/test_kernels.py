@@ -452,6 +452,32 @@ def test_decode_rows_gathers_addresses_and_updates_like_the_layers(nl):
     with pytest.raises(ValueError, match="C-contiguous int64"):
         kernels.decode_rows(ltable, dims, ints[:, ::2], 0, 2, 0, state0.clone(), cos_tab, sin_tab, table,
                             kc0.clone(), vc0.clone(), j0, work, "out")
+    # the engine's form: the fixed operands bound once (DecodeRows), then many calls - the same
+    # results as the one-shot function, reading the bound tensors' current contents
+    kc, vc, state = kc0.clone(), vc0.clone(), state0.clone()
+    bound = kernels.DecodeRows(dims, state, cos_tab, sin_tab, table, kc, vc, embed=embed, gate=gate)
+    assert torch.equal(bound(ltable, ints, 0, M, n_write, j0, "out"), out)
+    assert torch.equal(kc, run("out")[2])
+    from_embed = kernels.decode_rows(ltable, dims, ints, 1, 4, 0, state0, cos_tab, sin_tab, table, kc.clone(),
+                                     vc.clone(), j0, work, "out", embed=embed)
+    assert torch.equal(bound(ltable, ints, 1, 4, 0, j0, "out", embed=True), from_embed)
+    state.mul_(2.0)  # an in-place update of a bound tensor is seen by the next call
+    doubled = kernels.decode_rows(ltable, dims, ints, 0, M, 0, state0 * 2, cos_tab, sin_tab, table, kc.clone(),
+                                  vc.clone(), j0, work, "out")
+    assert torch.equal(bound(ltable, ints, 0, M, 0, j0, "out"), doubled)
+    bound(ltable, ints, 0, M, 0, j0, "gated")
+    torch.testing.assert_close(state[torch.as_tensor(slots)], 2 * x_state + g_rows * doubled, atol=1e-6, rtol=1e-6)
+    plain = kernels.DecodeRows(dims, state0.clone(), cos_tab, sin_tab, table, kc0.clone(), vc0.clone())
+    for kw, match in [(dict(mode="gated"), "needs a gate"), (dict(mode="out", embed=True), "embedding"),
+                      (dict(mode="both"), "one of"), (dict(mode="out", j0=ML + 1), "within")]:
+        with pytest.raises(ValueError, match=match):
+            plain(ltable, ints, 0, M, 0, kw.pop("j0", j0), kw.pop("mode"), **kw)
+    with pytest.raises(ValueError, match="x must be"):
+        plain(ltable, ints, 0, M, 0, j0, "out", x=torch.zeros(M + 1, D))
+    with pytest.raises(ValueError, match="state needs"):
+        kernels.DecodeRows(dims, state0[:S].clone(), cos_tab, sin_tab, table, kc0, vc0)
+    with pytest.raises(ValueError, match="k_cache"):
+        kernels.DecodeRows(dims, state0.clone(), cos_tab, sin_tab, table, kc0.double(), vc0)
 
 
 @pytest.mark.parametrize("func", ["sigmoid", "tanh", "softmax"])
@@ -503,6 +529,17 @@ def test_route_rows_equals_the_routers_and_gate(func):
         kernels.router_table([torch.nn.Linear(D, 2)])
     with pytest.raises(ValueError, match="func"):
         kernels.route_rows(state, slots, table, dec_idx, gate_idx, "relu", alpha, gate)
+    # bound once (RouteRows, the engine's form): repeated calls give the one-shot results, and
+    # lists are taken as index arrays
+    bound_gate = torch.zeros(S + 1)
+    bound = kernels.RouteRows(state, table, func, alpha, bound_gate)
+    for _ in range(2):
+        assert np.array_equal(bound(slots, dec_idx, gate_idx), decision) and torch.equal(bound_gate, gate)
+    assert np.array_equal(bound(slots.tolist(), dec_idx.tolist(), gate_idx.tolist()), decision)
+    with pytest.raises(ValueError, match="decision and"):
+        bound(slots, dec_idx[:2], gate_idx)
+    with pytest.raises(ValueError, match="gate tensor"):
+        kernels.RouteRows(state, table, func, alpha, None)
     del held, held2
 
 

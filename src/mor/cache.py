@@ -291,7 +291,7 @@ class KVPool:
     def add_written(self, written: np.ndarray) -> None:
         """Record ``written[g, s]`` new tokens in group g for every sequence slot s."""
         new = self.lens + written
-        if np.any(-(-new // self.block_size) > self.nblocks):
+        if (new > self.nblocks * self.block_size).any():  # more entries than the blocks hold
             raise RuntimeError("KV tokens recorded beyond the blocks a sequence owns (ensure() was not called)")
         self.lens[:] = new
 

@@ -726,6 +726,21 @@ int mor_decode_rows(const int64_t *table, int64_t nl, const float *x, const floa
     return 0;
 }
 
+/* mor_decode_rows with its 37 arguments in one int64 array, in the order of its parameters
+ * (pointers as addresses, 0 for NULL): one foreign call of one argument for a caller that keeps
+ * the array filled between calls (kernels.DecodeRows: the fixed operands once, ~20 fields per
+ * call). */
+#define P(T, i) ((T)(intptr_t)a[i])
+int mor_decode_rows_packed(const int64_t *a) {
+    return mor_decode_rows(P(const int64_t *, 0), a[1], P(const float *, 2), P(const float *, 3),
+                           P(const int64_t *, 4), a[5], P(float *, 6), P(const int64_t *, 7), a[8], a[9], a[10],
+                           a[11], a[12], a[13], P(const float *, 14), P(const float *, 15), a[16],
+                           P(const int64_t *, 17), P(const int64_t *, 18), a[19], a[20], a[21], a[22],
+                           P(const int64_t *, 23), P(const int64_t *, 24), a[25], P(const int64_t *, 26),
+                           P(const int64_t *, 27), a[28], P(float *, 29), P(float *, 30), a[31], (int)a[32],
+                           P(const float *, 33), P(float *, 34), P(float *, 35), (int)a[36]);
+}
+
 /* Expert-choice routing for one token per row (linear routers, one output each): with h =
  * state[slots[m]] (state (S, D)) and router i's logit <h, W_i> + b_i (routers: R int64 rows
  * [address of W_i, fp32; address of b_i, one fp32, or 0 for no bias; the length of W_i]),
@@ -763,6 +778,15 @@ int mor_route_rows(const float *state, int64_t S, const int64_t *slots, int64_t 
     }
     return 0;
 }
+
+/* mor_route_rows with its pointer and integer arguments in one int64 array, in the order of
+ * its parameters (alpha apart): kernels.RouteRows. */
+int mor_route_rows_packed(const int64_t *a, float alpha) {
+    return mor_route_rows(P(const float *, 0), a[1], P(const int64_t *, 2), a[3], a[4], P(const int64_t *, 5), a[6],
+                          P(const int64_t *, 7), P(const int64_t *, 8), (int)a[9], alpha, P(float *, 10),
+                          P(float *, 11));
+}
+#undef P
 
 /* ------------------------------------------------------------------ sampling */
 

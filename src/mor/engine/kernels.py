@@ -67,6 +67,8 @@ SIGNATURES = {
     "mor_decode_rows": ([_p, _i64, _p, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p,
                          _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _p, _p, _i64, _int, _p, _p, _p, _int], _int),
     "mor_route_rows": ([_p, _i64, _p, _i64, _i64, _p, _i64, _p, _p, _int, _f32, _p, _p], _int),
+    "mor_decode_rows_packed": ([_p], _int),
+    "mor_route_rows_packed": ([_p, _f32], _int),
 }
 MAX_BLOCK_SIZE, MAX_HEAD_DIM = 256, 512  # the attention kernel's stack buffers
 
@@ -386,67 +388,120 @@ def _check(t: torch.Tensor | None, name: str, shape: tuple, dtype=torch.float32)
                          f"got {t.dtype} {tuple(t.shape)} on {t.device.type}")
 
 
+class DecodeRows:
+    """The engine's decode calls (``mor_decode_layers`` on one token per row, with the gathers,
+    the paged-cache addressing and the residual update done in C), with the operands that stay
+    fixed for an engine's life bound and checked once: the in-flight state, the RoPE tables, the
+    pool's block tables and K/V tensors, the embedding and the expert-choice gate. A call then
+    checks its own operands, fills ~20 fields of a packed int64 argument array and makes one
+    foreign call (``mor_decode_rows_packed``): about 4 us of host work, against 14 us for
+    checking and passing all 37 arguments each time. The bound tensors must stay as they are
+    (their storage is addressed directly): the runner owns them for the engine's life.
+
+    ``state`` (slots + 1, D) fp32, the in-flight hidden states (row ``slots``: a scratch row);
+    ``cos_tab`` / ``sin_tab`` (positions, hd); ``blocks``: the pool's C-contiguous (groups,
+    slots, blocks per slot, layers) int64 block tables; ``k_cache`` / ``v_cache`` (rows, block
+    size, KV, hd); ``embed`` (V, D) and ``gate`` (slots + 1,) fp32 when calls use them."""
+
+    def __init__(self, dims: "LayerDims", state: torch.Tensor, cos_tab: torch.Tensor, sin_tab: torch.Tensor,
+                 blocks: np.ndarray, k_cache: torch.Tensor, v_cache: torch.Tensor, embed: torch.Tensor | None = None,
+                 gate: torch.Tensor | None = None):
+        lib = _library()
+        D, F, H, KV, hd = dims
+        if not (isinstance(blocks, np.ndarray) and blocks.dtype == np.int64 and blocks.flags.c_contiguous
+                and blocks.ndim == 4):
+            raise ValueError("blocks must be the pool's C-contiguous int64 (groups, slots, blocks, layers) array")
+        G, S, MB, ML = blocks.shape
+        _check(state, "state", (None, D))
+        _check(embed, "embed", (None, D))
+        _check(gate, "gate", (state.shape[0],))
+        _check(cos_tab, "cos_tab", (None, hd))
+        _check(sin_tab, "sin_tab", tuple(cos_tab.shape))
+        _check(k_cache, "k_cache", (None, None, KV, hd))
+        _check(v_cache, "v_cache", tuple(k_cache.shape))
+        if state.shape[0] < S + 1:
+            raise ValueError(f"state needs {S + 1} rows (has {state.shape[0]})")
+        self.dims, self.layers_per_group = dims, ML
+        self._held = (state, cos_tab, sin_tab, blocks, k_cache, v_cache, embed, gate)
+        self._embed, self._gate = _ptr(embed) or 0, _ptr(gate) or 0
+        self._V = 0 if embed is None else embed.shape[0]
+        self.work = torch.empty(0, dtype=torch.float32)  # grown on demand when a call brings none
+        self._args = args = (ctypes.c_int64 * 37)()
+        self._addr = ctypes.addressof(args)
+        self._fn = lib.mor_decode_rows_packed
+        fixed = {6: state.data_ptr(), 9: D, 10: F, 11: H, 12: KV, 13: hd, 14: cos_tab.data_ptr(),
+                 15: sin_tab.data_ptr(), 16: cos_tab.shape[0], 18: blocks.ctypes.data, 19: G, 20: S, 21: MB, 22: ML,
+                 29: k_cache.data_ptr(), 30: v_cache.data_ptr(), 31: k_cache.shape[1]}
+        for i, v in fixed.items():
+            args[i] = v
+
+    def __call__(self, table: torch.Tensor, ints: np.ndarray, a: int, b: int, n_write: int, j0: int, mode: str,
+                 x: torch.Tensor | None = None, embed: bool = False,
+                 work: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The layers of ``table`` (``DecodeLayer.row`` entries, (layers, LAYER_ROW) int64; none:
+        the input passes through), layer j0 + l of their cache group, on tokens a..b-1 of
+        ``ints``, a C-contiguous int64 NumPy array (len(ROW_FIELDS), N), one column per token.
+
+        Token m's input is ``x[m - a]`` (x given), else the embedding of its token (``embed``),
+        else ``state[slot]``; its RoPE is row ``position`` of the tables. The first ``n_write``
+        tokens store layer l's K/V at entry ``write_index`` of cache group ``write_group`` of
+        their slot; every token attends to entries 0..``query_index`` of group ``read_group``.
+        ``mode``: "out" returns y (b - a, D); "store" writes y to ``state[slot]``; "gated"
+        writes ``input + gate[slot] * y`` there (the expert-choice update) and returns None.
+        ``work``: 1-D fp32 scratch of >= ``dims.rows_work_floats(b - a, layers)`` floats (default:
+        this object's own). Every index is checked (in C) before anything is written: ValueError
+        naming the first bad one, RuntimeError for a write into a block the sequence does not own."""
+        M, nl = b - a, table.shape[0]
+        if not (isinstance(ints, np.ndarray) and ints.dtype == np.int64 and ints.flags.c_contiguous
+                and ints.ndim == 2 and ints.shape[0] == len(ROW_FIELDS) and 0 <= a <= b <= ints.shape[1]):
+            raise ValueError(f"ints must be a C-contiguous int64 ({len(ROW_FIELDS)}, N) array and 0 <= a <= b <= N")
+        code = MODES.get(mode)
+        if code is None or not 0 <= n_write <= M or (code == 2 and not self._gate) or (embed and not self._embed):
+            raise ValueError(f"decode_rows: n_write={n_write} for {M} rows, mode={mode!r} (one of "
+                             f"{', '.join(MODES)}; 'gated' needs a gate, embed an embedding)")
+        _check(table, "table", (nl, LAYER_ROW), torch.int64)
+        if j0 < 0 or j0 + nl > self.layers_per_group:
+            raise ValueError(f"layers j0..j0+{nl} must lie within the {self.layers_per_group} of a cache group")
+        need = self.dims.rows_work_floats(M, nl)
+        if work is None:
+            if self.work.numel() < need:
+                self.work = torch.empty(need, dtype=torch.float32)
+            work = self.work
+        else:
+            _check(work, "work", (None,))
+            if work.numel() < need:
+                raise ValueError(f"work holds {work.numel()} floats, {need} needed")
+        out = torch.empty(M, self.dims[0], dtype=torch.float32) if code == 0 else None
+        if M == 0:
+            return out
+        if x is not None:
+            _check(x, "x", (M, self.dims[0]))
+        N, base = ints.shape[1], ints.ctypes.data + 8 * a
+        args = self._args
+        args[0], args[1], args[2] = table.data_ptr(), nl, 0 if x is None else x.data_ptr()
+        args[3], args[5] = (self._embed, self._V) if embed else (0, 0)
+        args[4], args[7], args[17] = base + 48 * N, base, base + 8 * N
+        args[23], args[24], args[26], args[27] = base + 16 * N, base + 24 * N, base + 32 * N, base + 40 * N
+        args[8], args[25], args[28], args[32] = M, n_write, j0, code
+        args[33] = self._gate if code == 2 else 0
+        args[34] = 0 if out is None else out.data_ptr()
+        args[35], args[36] = work.data_ptr(), torch.get_num_threads()
+        err = self._fn(self._addr)
+        if err:
+            raise (RuntimeError if err == 5 else ValueError)(f"decode_rows: {DECODE_ROWS_ERRORS[err]}")
+        return out
+
+
 def decode_rows(table: torch.Tensor, dims: LayerDims, ints, a: int, b: int, n_write: int, state: torch.Tensor,
                 cos_tab: torch.Tensor, sin_tab: torch.Tensor, blocks, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 j0: int, work: torch.Tensor, mode: str, x: torch.Tensor | None = None,
                 embed: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The engine's decode calls in one call each: the layers of ``table`` (``DecodeLayer.row``
-    entries, (layers, LAYER_ROW) int64; none: the input passes through) on tokens a..b-1, one
-    per row (``mor_decode_layers``: each layer's phases split across the threads), with the
-    gathers, the paged-cache addressing and the residual update done in C.
-
-    ``ints``: a C-contiguous int64 NumPy array (len(ROW_FIELDS), N), one column per token.
-    Token m's input is ``x[m - a]`` (x given), else ``embed[token]``, else ``state[slot]``
-    (``state`` (slots + 1, D) fp32, the engine's in-flight hidden states); its RoPE is row
-    ``position`` of ``cos_tab`` / ``sin_tab`` (positions, hd). The first ``n_write`` tokens store
-    layer l's K/V at entry ``write_index`` of cache group ``write_group`` of their slot; every
-    token attends to entries 0..``query_index`` of group ``read_group``, reading layer j0 + l of
-    ``blocks``, the pool's (groups, slots, blocks per slot, layers) int64 block tables.
-    ``mode``: "out" returns y (b - a, D); "store" writes y to ``state[slot]``; "gated" writes
-    ``input + gate[slot] * y`` there (``gate`` (slots + 1,) fp32; the expert-choice update)
-    and returns None. ``work``: 1-D fp32, >= ``dims.rows_work_floats(b - a, layers)`` floats.
-    Every index is checked (in C) before anything is written: ValueError naming the first bad
-    one, RuntimeError for a write into a block the sequence does not own."""
-    lib = _library()
-    M, nl = b - a, table.shape[0]
-    D, F, H, KV, hd = dims
-    if not (isinstance(ints, np.ndarray) and ints.dtype == np.int64 and ints.flags.c_contiguous and ints.ndim == 2
-            and ints.shape[0] == len(ROW_FIELDS) and 0 <= a <= b <= ints.shape[1]):
-        raise ValueError(f"ints must be a C-contiguous int64 ({len(ROW_FIELDS)}, N) array and 0 <= a <= b <= N")
-    if not (isinstance(blocks, np.ndarray) and blocks.dtype == np.int64 and blocks.flags.c_contiguous
-            and blocks.ndim == 4):
-        raise ValueError("blocks must be the pool's C-contiguous int64 (groups, slots, blocks, layers) array")
-    if not 0 <= n_write <= M or mode not in MODES or (mode == "gated") != (gate is not None):
-        raise ValueError(f"decode_rows: n_write={n_write} for {M} rows, mode={mode!r} (one of {', '.join(MODES)}; "
-                         f"a gate exactly for 'gated')")
-    G, S, MB, ML = blocks.shape
-    _check(table, "table", (nl, LAYER_ROW), torch.int64)
-    _check(state, "state", (None, D))
-    _check(x, "x", (M, D))
-    _check(embed, "embed", (None, D))
-    _check(gate, "gate", (state.shape[0],))
-    _check(cos_tab, "cos_tab", (None, hd))
-    _check(sin_tab, "sin_tab", tuple(cos_tab.shape))
-    _check(work, "work", (None,))
-    _check(k_cache, "k_cache", (None, None, KV, hd))
-    _check(v_cache, "v_cache", tuple(k_cache.shape))
-    if state.shape[0] < S + 1 or j0 < 0 or j0 + nl > ML:
-        raise ValueError(f"state needs {S + 1} rows (has {state.shape[0]}) and layers j0..j0+{nl} within {ML}")
-    if work.numel() < dims.rows_work_floats(M, nl):
-        raise ValueError(f"work holds {work.numel()} floats, {dims.rows_work_floats(M, nl)} needed")
-    out = torch.empty(M, D, dtype=torch.float32) if mode == "out" else None
-    if M == 0:
-        return out
-    N, base = ints.shape[1], ints.ctypes.data + 8 * a
-    col = [base + 8 * N * k for k in range(len(ROW_FIELDS))]
-    err = lib.mor_decode_rows(table.data_ptr(), nl, _ptr(x), _ptr(embed), col[6], 0 if embed is None else embed.shape[0],
-                              state.data_ptr(), col[0], M, D, F, H, KV, hd, cos_tab.data_ptr(), sin_tab.data_ptr(),
-                              cos_tab.shape[0], col[1], blocks.ctypes.data, G, S, MB, ML, col[2], col[3], n_write,
-                              col[4], col[5], j0, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1],
-                              MODES[mode], _ptr(gate), _ptr(out), work.data_ptr(), _threads())
-    if err:
-        raise (RuntimeError if err == 5 else ValueError)(f"decode_rows: {DECODE_ROWS_ERRORS[err]}")
-    return out
+    """One :class:`DecodeRows` call with every operand given (``embed`` / ``gate``: tensors, a
+    gate exactly for ``mode="gated"``); the engine binds the fixed ones once instead."""
+    if (mode == "gated") != (gate is not None):
+        raise ValueError(f"decode_rows: mode={mode!r} (one of {', '.join(MODES)}; a gate exactly for 'gated')")
+    call = DecodeRows(dims, state, cos_tab, sin_tab, blocks, k_cache, v_cache, embed=embed, gate=gate)
+    return call(table, ints, a, b, n_write, j0, mode, x=x, embed=embed is not None, work=work)
 
 
 ROUTER_FUNCS = {"sigmoid": 1, "tanh": 2, "softmax": 3}
@@ -475,35 +530,57 @@ ROUTE_ROWS_ERRORS = {1: "a slot outside the state", 2: "a router index outside t
                      3: "a router whose width is not the state's"}
 
 
+class RouteRows:
+    """Expert-choice routing of tokens in ``state[slots]`` (``mor_route_rows``), with the state,
+    the routers (a ``router_table``), the router function, alpha and the gate bound and checked
+    once; a call passes its three index arrays in a packed argument array (one foreign call).
+    ``func``: the router function ("sigmoid", "tanh", "softmax"), or None for no gate."""
+
+    def __init__(self, state: torch.Tensor, routers: torch.Tensor, func: str | None, alpha: float,
+                 gate: torch.Tensor | None):
+        lib = _library()
+        _check(state, "state", (None, None))
+        _check(routers, "routers", (None, 3), torch.int64)
+        if func:
+            if func not in ROUTER_FUNCS:
+                raise ValueError(f"route_rows: func={func!r}, expected one of {', '.join(ROUTER_FUNCS)} or None")
+            if gate is None:
+                raise ValueError("route_rows: a gate tensor is needed with a router function")
+            _check(gate, "gate", (state.shape[0],))
+        self._held = (state, routers, gate)
+        self._alpha = float(alpha)
+        self._fn = lib.mor_route_rows_packed
+        self._args = args = (ctypes.c_int64 * 12)()
+        self._addr = ctypes.addressof(args)
+        args[0], args[1], args[4] = state.data_ptr(), state.shape[0], state.shape[1]
+        args[5], args[6] = routers.data_ptr(), routers.shape[0]
+        args[9], args[11] = (ROUTER_FUNCS[func], gate.data_ptr()) if func else (0, 0)
+
+    def __call__(self, slots, dec_idx, gate_idx) -> np.ndarray:
+        """The decision logits (router ``dec_idx[m]``'s; fp32 NumPy), and with a router function
+        ``gate[slot] = alpha * func(logit of router gate_idx[m])``. slots / dec_idx / gate_idx:
+        int64 arrays. Every index is checked (in C) before anything is written: ValueError
+        naming the first bad one."""
+        slots, dec_idx, gate_idx = (v if type(v) is np.ndarray and v.dtype == np.int64 and v.flags.c_contiguous
+                                    else np.ascontiguousarray(v, dtype=np.int64) for v in (slots, dec_idx, gate_idx))
+        M = len(slots)
+        if not len(dec_idx) == len(gate_idx) == M:
+            raise ValueError(f"route_rows: {M} slots, {len(dec_idx)} decision and {len(gate_idx)} gate router indices")
+        decision = np.empty(M, dtype=np.float32)
+        if M:
+            args = self._args
+            args[2], args[3], args[7], args[8] = slots.ctypes.data, M, dec_idx.ctypes.data, gate_idx.ctypes.data
+            args[10] = decision.ctypes.data
+            err = self._fn(self._addr, self._alpha)
+            if err:
+                raise ValueError(f"route_rows: {ROUTE_ROWS_ERRORS[err]}")
+        return decision
+
+
 def route_rows(state: torch.Tensor, slots, routers: torch.Tensor, dec_idx, gate_idx, func: str | None, alpha: float,
                gate: torch.Tensor | None):
-    """Expert-choice routing of the tokens in ``state[slots]`` (``mor_route_rows``): returns the
-    decision logits (router ``dec_idx[m]``'s; fp32 NumPy) and, with ``func`` (the router
-    function), writes ``gate[slot] = alpha * func(logit of router gate_idx[m])``. ``routers``:
-    a ``router_table``; slots / dec_idx / gate_idx: int64 NumPy arrays. Every index is checked
-    (in C) before anything is written: ValueError naming the first bad one."""
-    lib = _library()
-    _check(state, "state", (None, None))
-    _check(routers, "routers", (None, 3), torch.int64)
-    if func:
-        if func not in ROUTER_FUNCS:
-            raise ValueError(f"route_rows: func={func!r}, expected one of {', '.join(ROUTER_FUNCS)} or None")
-        if gate is None:
-            raise ValueError("route_rows: a gate tensor is needed with a router function")
-        _check(gate, "gate", (state.shape[0],))
-    slots, dec_idx, gate_idx = (np.ascontiguousarray(v, dtype=np.int64) for v in (slots, dec_idx, gate_idx))
-    M, D = len(slots), state.shape[1]
-    if not len(dec_idx) == len(gate_idx) == M:
-        raise ValueError(f"route_rows: {M} slots, {len(dec_idx)} decision and {len(gate_idx)} gate router indices")
-    decision = np.empty(M, dtype=np.float32)
-    if M:
-        err = lib.mor_route_rows(state.data_ptr(), state.shape[0], slots.ctypes.data, M, D, routers.data_ptr(),
-                                 routers.shape[0], dec_idx.ctypes.data, gate_idx.ctypes.data,
-                                 ROUTER_FUNCS[func] if func else 0, alpha, decision.ctypes.data,
-                                 _ptr(gate) if func else None)
-        if err:
-            raise ValueError(f"route_rows: {ROUTE_ROWS_ERRORS[err]}")
-    return decision
+    """One :class:`RouteRows` call with every operand given (the engine binds them once)."""
+    return RouteRows(state, routers, func, alpha, gate)(slots, dec_idx, gate_idx)
 
 
 # ---------------------------------------------------------------- profiling counters

@@ -15,7 +15,7 @@ follows the causal rule of ``model(ids, routing="threshold")`` (SPEC.md sections
 The routing decisions and the update of a token's hidden state are ``mor.routing``'s
 ``token_choice`` / ``continues`` / ``combine``, the model's own definitions; on the CPU
 kernels the expert-choice gate g and the update h + g * block(h) are computed in C
-(``kernels.route_rows`` / ``decode_rows``, tested against ``gate_scores`` and the layers).
+(``kernels.RouteRows`` / ``DecodeRows``, tested against ``gate_scores`` and the layers).
 
 ``execute(plan)`` runs one engine step (:class:`mor.engine.scheduler.StepPlan`) and returns
 a :class:`StepOutput`: prefill the admitted prompts, enter the new tokens, decide, run the
@@ -34,7 +34,7 @@ from these calls, each on a batch of sequence slots:
 Calls with one token per row (the whole decode step) run on the compiled CPU kernels when
 they apply (``mor.engine.kernels``; ``cpu_kernels``): ``_decode_rows`` runs a call's layers
 with its gathers, cache addressing and state update in one C call, ``decide`` routes there
-(``kernels.route_rows``), and the LM head and sampling run there too, so that a token's
+(``kernels.RouteRows``), and the LM head and sampling run there too, so that a token's
 result does not depend on its batch. Multi-token prefill and every other device run PyTorch
 ops.
 
@@ -204,8 +204,9 @@ class ModelRunner:
         # The kernels read the weights as they are now (a snapshot of the parameter tensors:
         # in-place updates are seen, replaced parameters are not; build a new engine then).
         self.kernels = None
-        self._kroute: torch.Tensor | None = None  # the routers as kernels.route_rows reads them (expert-choice)
-        self._router_params: list[torch.Tensor] = []  # the tensors whose addresses _kroute holds
+        # expert-choice with linear routers: ``kernels.RouteRows`` bound to the routers' table
+        self._kroute: kernels.RouteRows | None = None
+        self._router_params: list[torch.Tensor] = []  # the tensors whose addresses the routers' table holds
         self.kernel_obstacle = why = kernel_obstacle(model, pool) if cpu_kernels is not False else "off"
         if why is None:
             try:  # matrix weights as the kernels read them (bf16 copies for decode_precision="bf16-weights")
@@ -214,8 +215,14 @@ class ModelRunner:
                 self._ktables: dict[tuple, torch.Tensor] = {}  # layer run -> its weights table
                 self._lm_head = kernels.weight_copy(model.lm_head.weight, kernel_weights)
                 self._embed = model.model.embed_tokens.weight.detach()
-                self._work = torch.empty(0, dtype=torch.float32)
-                self._kroute, self._router_params = self._router_table()
+                # the decode calls' fixed operands (state, RoPE tables, block tables, K/V, embedding,
+                # gate), bound and checked once: the runner owns them for the engine's life
+                self._kcall = kernels.DecodeRows(self._kdims, self.h, self._cos, self._sin, pool.table_array,
+                                                 self.cache.k, self.cache.v, embed=self._embed, gate=self.gate)
+                table, self._router_params = self._router_table()
+                if table is not None:
+                    self._kroute = kernels.RouteRows(self.h, table, cfg.router_func if cfg.gate_combine != "pass_through"
+                                                     else None, cfg.router_alpha, self.gate)
                 self.kernels = kernels
             except ValueError as e:
                 self.kernel_obstacle = why = str(e)
@@ -229,7 +236,7 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self, capture=True)
 
     def _router_table(self) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        """The expert-choice routers as ``kernels.route_rows`` reads them (the main routers, then
+        """The expert-choice routers as ``kernels.RouteRows`` reads them (the main routers, then
         the auxiliary ones; ``kernels.router_table``), or (None, []) when they are not all
         one-output linear routers with contiguous fp32 parameters (then they run as PyTorch
         modules)."""
@@ -333,20 +340,17 @@ class ModelRunner:
         return x
 
     def _decode_rows(self, us: list[int], j0: int, ints: np.ndarray, a: int, b: int, n_write: int, mode: str,
-                     **kw) -> torch.Tensor | None:
+                     x: torch.Tensor | None = None, embed: bool = False) -> torch.Tensor | None:
         """Decoder layers ``us`` (layer j0 + i of their cache group) on tokens a..b-1 of ``ints``
-        (``kernels.ROW_FIELDS`` x tokens) in one call of the CPU kernels (``kernels.decode_rows``:
+        (``kernels.ROW_FIELDS`` x tokens) in one call of the CPU kernels (``kernels.DecodeRows``:
         gathers, cache addressing and the residual update in C, attention reading the paged
-        cache in place)."""
-        table = self._ktables.get(tuple(us))
+        cache in place); input ``x``, else the tokens' embeddings (``embed``), else ``self.h``."""
+        key = tuple(us)
+        table = self._ktables.get(key)
         if table is None:
-            table = self._ktables[tuple(us)] = torch.tensor([self._klayers[u].row for u in us],
-                                                            dtype=torch.int64).reshape(len(us), kernels.LAYER_ROW)
-        need = self._kdims.rows_work_floats(b - a, len(us))
-        if self._work.numel() < need:
-            self._work = torch.empty(need, dtype=torch.float32)
-        return kernels.decode_rows(table, self._kdims, ints, a, b, n_write, self.h, self._cos, self._sin,
-                                   self.pool.table_array, self.cache.k, self.cache.v, j0, self._work, mode, **kw)
+            table = self._ktables[key] = torch.tensor([self._klayers[u].row for u in us],
+                                                      dtype=torch.int64).reshape(len(us), kernels.LAYER_ROW)
+        return self._kcall(table, ints, a, b, n_write, j0, mode, x=x, embed=embed)
 
     def _token_ints(self, slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """``kernels.ROW_FIELDS`` x tokens for calls of the unique layers (cache group ``full``,
@@ -394,9 +398,10 @@ class ModelRunner:
             leaving.append(enter[~go])
             leaving_recs.append(np.zeros(len(leaving[-1]), dtype=np.int64))
             if go.any():  # they join the block at recursion 0, ahead of the rows that ran more
-                slots = np.concatenate([enter[go], slots])
-                recs = np.concatenate([np.zeros(int(go.sum()), dtype=np.int64), recs])
-                if plan.run.size:
+                joining = enter[go]
+                slots = np.concatenate([joining, slots])
+                recs = np.concatenate([np.zeros(len(joining), dtype=np.int64), recs])
+                if plan.run.size and plan.run_recs[0] == 0:  # (never with the engine's plans: they run >= 1)
                     order = np.lexsort((slots, recs))
                     slots, recs = slots[order], recs[order]
             self._tick("enter")
@@ -538,7 +543,7 @@ class ModelRunner:
             ints = self._token_ints(slots, positions)
             ints[6] = tokens
             self._decode_rows(self.prefix, 0, ints, 0, len(slots), len(slots) if full is not None else 0, "store",
-                              embed=self._embed)
+                              embed=True)
         else:
             x = self.core.embed_tokens(self._long(tokens))[:, None, :]
             x = self._full_layers(self.prefix, 0, x, slots, positions[:, None])
@@ -570,12 +575,15 @@ class ModelRunner:
         if self.kind == "token":
             go &= recs < self.token_depth_host[slots]
         elif self.kind == "expert":
-            rows = np.flatnonzero(go)
-            if rows.size:
+            if go.all():  # the common case: no token is past the last recursion
+                rows, s, r = None, slots, recs
+            else:
+                rows = np.flatnonzero(go)
                 s, r = slots[rows], recs[rows]
+            if r.size:
                 decision = self._route_expert(s, r)
                 need = self.needs_decision[r]
-                go[rows[need]] = continues(decision[need], 0.0)
+                go[need if rows is None else rows[need]] = continues(decision[need], 0.0)
         return go
 
     def _route_expert(self, slots: np.ndarray, recs: np.ndarray) -> np.ndarray:
@@ -584,13 +592,12 @@ class ModelRunner:
         recursion needs a decision, ``needs_decision``) and stores the gate g = alpha *
         act(main logit) in ``self.gate[slot]`` for the eager ``recurse`` (not when the gate
         passes through, nor when CUDA graphs replay the block: they compute it inside).
-        Linear routers on the CPU kernels: one ``kernels.route_rows`` call for both."""
+        Linear routers on the CPU kernels: one ``kernels.RouteRows`` call for both."""
         cfg = self.config
         nr = self.num_recursions
         gated = cfg.gate_combine != "pass_through"
         if self._kroute is not None:
-            return kernels.route_rows(self.h, slots, self._kroute, recs + nr if cfg.use_aux_router else recs, recs,
-                                      cfg.router_func if gated else None, cfg.router_alpha, self.gate)
+            return self._kroute(slots, recs + nr if cfg.use_aux_router else recs, recs)
         gated = gated and not (self.graphs is not None and self.static_block)
         decision = np.zeros(len(slots), dtype=np.float32)
         rows = np.flatnonzero(self.needs_decision[recs])
@@ -799,7 +806,7 @@ class ModelRunner:
         expert = self.kind == "expert" and cfg.gate_combine != "pass_through"
         if self.static_block:
             if expert:
-                return self._decode_rows(self.chunks[0], 0, ints, 0, n, n_write, "gated", gate=self.gate)
+                return self._decode_rows(self.chunks[0], 0, ints, 0, n, n_write, "gated")
             if self.kind != "token":  # recursive, or the gate passes through: the block's output
                 return self._decode_rows(self.chunks[0], 0, ints, 0, n, n_write, "store")
             y = self._decode_rows(self.chunks[0], 0, ints, 0, n, n_write, "out")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .request import SamplingParams
@@ -81,7 +82,7 @@ def _sample_kernels(kernels, logits: torch.Tensor, params: list[SamplingParams],
     n = logits.size(0)
     temp_list = [float(p.temperature) for p in params]  # greedy: 0
     rows = [i for i, t in enumerate(temp_list) if t != 0]
-    temps = torch.tensor(temp_list, dtype=torch.float32)
+    temps = torch.from_numpy(np.array(temp_list, dtype=np.float32))
     if len(rows) == n:
         u = _uniforms(rows, generators, default_generator, "cpu")
     else:
