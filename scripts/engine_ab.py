@@ -11,7 +11,8 @@ the rounds,
 
 * tokens per second (wall clock), and
 * host CPU ms per step: the main thread's CPU time outside the compiled CPU kernels' calls
-  (Python, NumPy and PyTorch dispatch). CPU time does not grow when the virtual machine loses
+  (Python, NumPy and PyTorch dispatch; a call bound to its operands, such as ``DecodeRows`` or
+  the whole-step ``DecodeStep``, counts as a kernel call with its own argument handling). CPU time does not grow when the virtual machine loses
   its core to another tenant, so this column is steadier than the wall clock.
 
     PYTHONPATH=src python scripts/engine_ab.py --base 0115880 [--hidden 256] [--batch 32] [--threads 2]
@@ -63,7 +64,7 @@ class KernelClock:
                 setattr(mod, name, self._timed(getattr(mod, name)))
             if "decode_layers" not in names and hasattr(mod, "DecodeLayer"):  # one call per layer
                 mod.DecodeLayer.__call__ = self._timed(mod.DecodeLayer.__call__)
-            for cls in ("DecodeRows", "RouteRows"):  # calls bound to their fixed operands
+            for cls in ("DecodeRows", "RouteRows", "DecodeStep"):  # calls bound to their fixed operands
                 if hasattr(mod, cls):
                     setattr(getattr(mod, cls), "__call__", self._timed(getattr(mod, cls).__call__))
         self._depth = 0

@@ -180,9 +180,9 @@ def test_depthwise_batch_mixes_depths_and_refills_slots():
     eng = Engine(model, max_batch=4, schedule="depth", block_size=4)
     for p in prompts((1, 1, 1, 1, 1, 1), seed=2):
         eng.add_request(p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
-    calls, recurse = [], eng.runner.recurse
-    eng.runner.recurse = lambda slots, recs, positions: calls.append(set(recs.tolist())) or recurse(slots, recs,
-                                                                                                   positions)
+    calls, execute = [], eng.runner.execute
+    # each shared-block call's recursions (the step runs from Python or as one kernels call)
+    eng.runner.execute = lambda plan: (out := execute(plan), calls.extend(set(r.tolist()) for r in out.block_recs))[0]
     eng.run_until_done()
     mixed = sum(len(recs) > 1 for recs in calls)
     assert mixed > 0  # some block calls ran tokens of different depths together

@@ -556,9 +556,12 @@ def prompts(lengths, seed=3):
 
 
 def count_kernel_layers(eng, monkeypatch):
-    """A list that grows by one per decoder layer run on the kernels."""
-    calls, fn = [], eng.runner._decode_rows
+    """A list that grows by one per decoder layer run on the kernels by a decode call (and by
+    one per whole decode step run there)."""
+    calls, fn, step = [], eng.runner._decode_rows, eng.runner.step_kernel
     monkeypatch.setattr(eng.runner, "_decode_rows", lambda us, *a, **kw: calls.extend([1] * len(us)) or fn(us, *a, **kw))
+    if step is not None:
+        monkeypatch.setattr(eng.runner, "step_kernel", lambda *a: calls.append(1) or step(*a))
     return calls
 
 
@@ -603,6 +606,83 @@ def test_engine_on_kernels_equals_engine_on_torch(arch, kw, schedule, monkeypatc
             depths += k.depths
     if arch == "mor":
         assert len(set(depths)) > 1, "routing should vary for this test to mean something"
+
+
+STEP_CASES = [
+    ("vanilla", {}, "sequence"),
+    ("vanilla", {}, "depth"),
+    ("recursive", {}, "depth"),
+    ("recursive", {}, "sequence"),
+    ("mor", {}, "depth"),  # expert-choice, recursion-wise caching
+    ("mor", {}, "sequence"),
+    ("mor", dict(kv_mode="shared"), "depth"),  # recursive KV sharing: only recursion 0 writes
+    ("mor", dict(use_aux_router=True), "depth"),
+    ("mor", dict(gate_combine="pass_through"), "depth"),
+]
+
+
+@pytest.mark.parametrize("arch,kw,schedule", STEP_CASES,
+                         ids=["-".join([a, s] + [f"{k}={v}" for k, v in kw.items()]) for a, kw, s in STEP_CASES])
+def test_step_kernel_equals_the_step_run_from_python(arch, kw, schedule):
+    """The whole decode step as one kernels call (``kernels.DecodeStep``) is the runner's step
+    run from Python (enter / decide / recurse / decide / finish on the same kernels), bit for
+    bit: the same sampled tokens (temperature 1, seeded: the rows leave in the same order), the
+    same depths, identical logits, the same K/V cache contents and the same statistics, with
+    more requests than slots (slots are refilled mid-run)."""
+    model = build(tiny(arch, **kw), seed=1)
+    runs = {}
+    for fused in (True, False):
+        eng = Engine(model, max_batch=4, block_size=4, schedule=schedule, record_logits=True, seed=0)
+        step, calls = eng.runner.step_kernel, []
+        assert step is not None
+        eng.runner.step_kernel = (lambda *a: calls.append(1) or step(*a)) if fused else None
+        for p in prompts((1, 6, 13, 1, 3, 1), seed=5):
+            eng.add_request(p, SamplingParams(max_tokens=9, temperature=1.0, ignore_eos=True))
+        outs = eng.run_until_done()
+        assert (len(calls) == eng.stats.steps) is fused  # every step ran as one call
+        runs[fused] = (outs, eng.stats, eng.runner.cache.k.clone(), eng.runner.cache.v.clone())
+    (a, sa, ka, va), (b, sb, kb, vb) = runs[True], runs[False]
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids and x.depths == y.depths
+        assert torch.equal(x.logits, y.logits)
+    assert torch.equal(ka, kb) and torch.equal(va, vb)
+    for field in ("steps", "generated_tokens", "recursion_tokens", "exit_counts", "block_calls", "block_tokens"):
+        assert getattr(sa, field) == getattr(sb, field), field
+    if arch == "mor":
+        assert len({d for x in a for d in x.depths}) > 1, "routing should vary for this test to mean something"
+
+
+@pytest.mark.parametrize("arch,kw", [("mor", dict(router_type="token")), ("mor", dict(sharing="middle_sequence",
+                                                                                         num_hidden_layers=8)),
+                                     ("mor", dict(router_arch="mlp"))])
+def test_step_kernel_only_where_it_applies(arch, kw):
+    """Token-choice routing, Sequence sharing (a different layer per recursion) and MLP routers
+    run their decode step from Python (still on the kernels' decode calls)."""
+    eng = Engine(build(tiny(arch, **kw), seed=1), max_batch=2, block_size=4)
+    assert eng.cpu_kernels and eng.runner.step_kernel is None
+
+
+def test_step_kernel_rejects_bad_slots_before_writing():
+    """A slot outside the state or a running recursion outside the model's: ValueError, with no
+    count, state or cache entry changed."""
+    import numpy as np
+
+    eng = Engine(build(tiny("mor"), seed=1), max_batch=4, block_size=4)
+    for p in prompts((1, 1, 1)):
+        eng.add_request(p, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    eng.step()
+    r = eng.runner
+    state, written, k = r.h.clone(), r.written.copy(), r.cache.k.clone()
+    sched = eng.scheduler
+    one = np.array([0], dtype=np.int64)
+    for enter, run, recs in [(np.array([4], dtype=np.int64), one[:0], one[:0]),
+                             (one[:0], np.array([-1], dtype=np.int64), np.array([1], dtype=np.int64)),
+                             (one[:0], one, np.array([r.num_recursions], dtype=np.int64))]:
+        with pytest.raises(ValueError, match="slot outside"):
+            r.step_kernel(enter, run, recs, sched.token, sched.position)
+        assert torch.equal(r.h, state) and np.array_equal(r.written, written) and torch.equal(r.cache.k, k)
+    with pytest.raises(ValueError, match="1-D int64"):
+        r.step_kernel(one.astype(np.int32), one[:0], one[:0], sched.token, sched.position)
 
 
 def test_engine_uses_kernels_by_default_on_cpu_fp32():

@@ -788,6 +788,195 @@ int mor_route_rows_packed(const int64_t *a, float alpha) {
 }
 #undef P
 
+/* ------------------------------------------------------------------ one decode step */
+/* The engine's decode step on the kernels in one call (kernels.DecodeStep; runner.execute
+ * without prefill): enter (embedding + prefix layers), decide, the shared block (once with the
+ * depth schedule; until every token left with the sequence schedule), decide, and finish
+ * (suffix layers, final RMSNorm, LM head) for the tokens that leave. The same calls on the same
+ * rows in the same order as the runner's Python path (enter, decide, recurse, decide, finish),
+ * so the results are bit-identical; only the host work between them moves here.
+ *
+ * dr: a DecodeRows argument array (its fixed operands: state, RoPE tables, block tables, K/V);
+ * rr: a RouteRows argument array, or NULL where nothing is routed (vanilla, recursive); st:
+ * the step's arguments, named in STEP_ARGS (kernels.DecodeStep checks the names). The block's
+ * rows are the entering tokens that continue (recursion 0, by slot) then the running ones (by
+ * recursion, then slot: recursions >= 1). Leaving tokens are finished in (depth, slot) order.
+ * Returns 0, a decode_rows error code (1-6), 10 + a route_rows error code, 20 (a block call
+ * whose cache writers are not its first rows), 21 (more tokens than the capacity) or 22 (a
+ * slot outside the state, or a running recursion outside 0..num_recursions-1), checked before
+ * anything is read or written. */
+#define STEP_ARGS                                                                                     \
+    "prefix,n_prefix,block,n_block,suffix,n_suffix,suffix_j0,num_recursions,rec_write,rec_read,"     \
+    "needs_decision,full,block_mode,decision_offset,lens,written,num_slots,embed,vocab_in,gate,"     \
+    "norm_w,lm_head,lm_type,vocab,sequence,tokens,positions,n_enter,enter,n_run,run,run_recs,"      \
+    "capacity,iwork,fwork,dwork,logits,exit_slots,exit_depths,next_slots,next_recs,block_recs,"     \
+    "pass_rows,counts,phases,threads"
+enum {
+    S_PREFIX, S_NPREFIX, S_BLOCK, S_NBLOCK, S_SUFFIX, S_NSUFFIX, S_SUFFIX_J0, S_NR, S_REC_WRITE, S_REC_READ,
+    S_NEEDS, S_FULL, S_BLOCK_MODE, S_DEC_OFF, S_LENS, S_WRITTEN, S_NSLOTS, S_EMBED, S_VOCAB_IN, S_GATE,
+    S_NORM_W, S_LM_HEAD, S_LM_TYPE, S_VOCAB, S_SEQUENCE, S_TOKENS, S_POSITIONS, S_NENTER, S_ENTER, S_NRUN,
+    S_RUN, S_RUN_RECS, S_CAP, S_IWORK, S_FWORK, S_DWORK, S_LOGITS, S_EXIT_SLOTS, S_EXIT_DEPTHS,
+    S_NEXT_SLOTS, S_NEXT_RECS, S_BLOCK_RECS, S_PASS_ROWS, S_COUNTS, S_PHASES, S_THREADS, S_NARGS
+};
+
+const char *mor_decode_step_args(void) { return STEP_ARGS; }
+int64_t mor_decode_step_nargs(void) { return S_NARGS; }
+
+/* one decode_rows call on the N tokens of ints (7, N), bound operands from dr */
+static int step_decode(const int64_t *dr, const int64_t *st, int64_t table, int64_t nl, int64_t j0,
+                       const int64_t *ints, int64_t N, int64_t n_write, int mode, int embed, float *out) {
+    int64_t a[37];
+    memcpy(a, dr, sizeof a);
+    a[0] = table; a[1] = nl; a[2] = 0;
+    a[3] = embed ? st[S_EMBED] : 0; a[5] = embed ? st[S_VOCAB_IN] : 0;
+    a[4] = (int64_t)(intptr_t)(ints + 6 * N); a[7] = (int64_t)(intptr_t)ints; a[8] = N;
+    a[17] = (int64_t)(intptr_t)(ints + N); a[23] = (int64_t)(intptr_t)(ints + 2 * N);
+    a[24] = (int64_t)(intptr_t)(ints + 3 * N); a[25] = n_write; a[26] = (int64_t)(intptr_t)(ints + 4 * N);
+    a[27] = (int64_t)(intptr_t)(ints + 5 * N); a[28] = j0; a[32] = mode; a[33] = mode == 2 ? st[S_GATE] : 0;
+    a[34] = (int64_t)(intptr_t)out; a[35] = st[S_DWORK]; a[36] = st[S_THREADS];
+    return N ? mor_decode_rows_packed(a) : 0;
+}
+
+/* go[m] = whether token m (having run recs[m] recursions) runs one more: recs[m] < nr and,
+ * with routers (rr), its decision logit > 0 where the recursion needs a decision; routing sets
+ * the slot's gate (as runner.decide) */
+static int step_decide(const int64_t *rr, float alpha, const int64_t *st, int64_t n, const int64_t *slots,
+                       const int64_t *recs, int64_t *go, int64_t *scratch, float *decision) {
+    const int64_t nr = st[S_NR], off = st[S_DEC_OFF];
+    const int64_t *needs = (const int64_t *)(intptr_t)st[S_NEEDS];
+    int64_t *rs = scratch, *rd = rs + n, *rg = rd + n, *map = rg + n, k = 0;
+    for (int64_t m = 0; m < n; m++) {
+        go[m] = recs[m] < nr;
+        if (go[m] && rr) { rs[k] = slots[m]; rd[k] = recs[m] + off; rg[k] = recs[m]; map[k++] = m; }
+    }
+    if (!k) return 0;
+    int64_t a[12];
+    memcpy(a, rr, sizeof a);
+    a[2] = (int64_t)(intptr_t)rs; a[3] = k; a[7] = (int64_t)(intptr_t)rd; a[8] = (int64_t)(intptr_t)rg;
+    a[10] = (int64_t)(intptr_t)decision;
+    int err = mor_route_rows_packed(a, alpha);
+    if (err) return 10 + err;
+    for (int64_t i = 0; i < k; i++)
+        if (needs[rg[i]]) go[map[i]] = decision[i] > 0.0f;
+    return 0;
+}
+
+/* ints (7, N) for tokens of the full cache group (prefix / suffix layers): entry = position */
+static void step_full_ints(int64_t *ints, int64_t N, const int64_t *slots, const int64_t *positions,
+                           const int64_t *tokens, int64_t full) {
+    for (int64_t m = 0; m < N; m++) {
+        int64_t s = slots[m], p = positions[s];
+        ints[m] = s; ints[N + m] = p;
+        ints[2 * N + m] = ints[4 * N + m] = full >= 0 ? full : 0;
+        ints[3 * N + m] = ints[5 * N + m] = p;
+        ints[6 * N + m] = tokens ? tokens[s] : 0;
+    }
+}
+
+int mor_decode_step(const int64_t *dr, const int64_t *rr, float alpha, float eps, const int64_t *st) {
+#define SP(T, k) ((T)(intptr_t)st[k])
+    const int64_t cap = st[S_CAP], nr = st[S_NR], full = st[S_FULL], S = st[S_NSLOTS], D = dr[9];
+    const int64_t *tokens = SP(const int64_t *, S_TOKENS), *positions = SP(const int64_t *, S_POSITIONS);
+    const int64_t *rec_write = SP(const int64_t *, S_REC_WRITE), *rec_read = SP(const int64_t *, S_REC_READ);
+    const int64_t *lens = SP(const int64_t *, S_LENS);
+    int64_t *written = SP(int64_t *, S_WRITTEN);
+    int64_t *ints = SP(int64_t *, S_IWORK), *rows = ints + 7 * cap, *recs = rows + cap, *go = recs + cap,
+            *scratch = go + cap, *ls = scratch + 4 * cap, *ld = ls + cap;
+    float *decision = SP(float *, S_FWORK), *y = decision + cap, *yn = y + cap * D;
+    int64_t *block_recs = SP(int64_t *, S_BLOCK_RECS), *pass_rows = SP(int64_t *, S_PASS_ROWS);
+    double *phases = SP(double *, S_PHASES), t = phases ? now_s() : 0.0;
+    const int64_t ne = st[S_NENTER], nrun = st[S_NRUN];
+    const int64_t *enter = SP(const int64_t *, S_ENTER);
+    int64_t n_exit = 0, nb = 0, n_pass = 0, n_block_recs = 0;
+    int err;
+    if (ne + nrun > cap) return 21;
+    const int64_t *run = SP(const int64_t *, S_RUN), *run_recs = SP(const int64_t *, S_RUN_RECS);
+    for (int64_t m = 0; m < ne; m++)
+        if (enter[m] < 0 || enter[m] >= S) return 22;
+    for (int64_t m = 0; m < nrun; m++)
+        if (run[m] < 0 || run[m] >= S || run_recs[m] < 0 || run_recs[m] >= nr) return 22;
+    /* enter: embedding + prefix layers, the result stored as the slot's state; then decide */
+    if (ne) {
+        step_full_ints(ints, ne, enter, positions, tokens, full);
+        err = step_decode(dr, st, st[S_PREFIX], st[S_NPREFIX], 0, ints, ne, full >= 0 ? ne : 0, 1, 1, NULL);
+        if (err) return err;
+        if (full >= 0)
+            for (int64_t m = 0; m < ne; m++) written[full * S + enter[m]] += 1;
+        for (int64_t m = 0; m < ne; m++) recs[m] = 0;
+        if (nr > 0) {
+            err = step_decide(rr, alpha, st, ne, enter, recs, go, scratch, decision);
+            if (err) return err;
+        } else {
+            for (int64_t m = 0; m < ne; m++) go[m] = 0;
+        }
+        for (int64_t m = 0; m < ne; m++) {
+            if (go[m]) { rows[nb] = enter[m]; recs[nb++] = 0; }
+            else { ls[n_exit] = enter[m]; ld[n_exit++] = 0; }
+        }
+    }
+    for (int64_t m = 0; m < nrun; m++) { rows[nb] = run[m]; recs[nb++] = run_recs[m]; }
+    if (phases) { double n = now_s(); phases[0] += n - t; t = n; }
+    /* the shared block: one recursion for every row (each at its own depth), then decide */
+    while (nb > 0) {
+        int64_t n_write = 0;
+        while (n_write < nb && rec_write[recs[n_write]] >= 0) n_write++;
+        for (int64_t m = n_write; m < nb; m++)
+            if (rec_write[recs[m]] >= 0) return 20;
+        for (int64_t m = 0; m < nb; m++) {
+            int64_t s = rows[m], r = recs[m], p = positions[s];
+            ints[m] = s; ints[nb + m] = p; ints[4 * nb + m] = rec_read[r]; ints[6 * nb + m] = 0;
+            if (m < n_write) {
+                int64_t g = rec_write[r], e = lens[g * S + s] + written[g * S + s];
+                ints[2 * nb + m] = g; ints[3 * nb + m] = ints[5 * nb + m] = e;
+                written[g * S + s] += 1;
+            } else {
+                ints[2 * nb + m] = ints[3 * nb + m] = 0; ints[5 * nb + m] = p;
+            }
+            block_recs[n_block_recs + m] = r;
+        }
+        n_block_recs += nb;
+        pass_rows[n_pass++] = nb;
+        err = step_decode(dr, st, st[S_BLOCK], st[S_NBLOCK], 0, ints, nb, n_write, (int)st[S_BLOCK_MODE], 0, NULL);
+        if (err) return err;
+        for (int64_t m = 0; m < nb; m++) recs[m] += 1;
+        err = step_decide(rr, alpha, st, nb, rows, recs, go, scratch, decision);
+        if (err) return err;
+        int64_t k = 0;
+        for (int64_t m = 0; m < nb; m++) {
+            if (go[m]) { rows[k] = rows[m]; recs[k++] = recs[m]; }
+            else { ls[n_exit] = rows[m]; ld[n_exit++] = recs[m]; }
+        }
+        nb = k;
+        if (!st[S_SEQUENCE]) break;
+    }
+    int64_t *next_slots = SP(int64_t *, S_NEXT_SLOTS), *next_recs = SP(int64_t *, S_NEXT_RECS);
+    for (int64_t m = 0; m < nb; m++) { next_slots[m] = rows[m]; next_recs[m] = recs[m]; }
+    if (phases && n_pass) { double n = now_s(); phases[1] += n - t; t = n; }
+    /* the leaving tokens in (depth, slot) order (already so but for the rare merge) */
+    for (int64_t i = 1; i < n_exit; i++) {
+        int64_t s = ls[i], d = ld[i], j = i;
+        while (j > 0 && (ld[j - 1] > d || (ld[j - 1] == d && ls[j - 1] > s))) { ls[j] = ls[j - 1]; ld[j] = ld[j - 1]; j--; }
+        ls[j] = s; ld[j] = d;
+    }
+    int64_t *exit_slots = SP(int64_t *, S_EXIT_SLOTS), *exit_depths = SP(int64_t *, S_EXIT_DEPTHS);
+    for (int64_t m = 0; m < n_exit; m++) { exit_slots[m] = ls[m]; exit_depths[m] = ld[m]; }
+    /* finish: suffix layers, final norm, LM head */
+    if (n_exit) {
+        step_full_ints(ints, n_exit, ls, positions, NULL, full);
+        err = step_decode(dr, st, st[S_SUFFIX], st[S_NSUFFIX], st[S_SUFFIX_J0], ints, n_exit, full >= 0 ? n_exit : 0, 0,
+                          0, y);
+        if (err) return err;
+        rms_norm_rows(y, D, SP(const float *, S_NORM_W), eps, yn, 0, n_exit);
+        mor_linear(yn, n_exit, D, SP(const void *, S_LM_HEAD), (int)st[S_LM_TYPE], NULL, st[S_VOCAB],
+                   SP(float *, S_LOGITS), NULL, (int)st[S_THREADS]);
+    }
+    if (phases) phases[2] += now_s() - t;
+    int64_t *counts = SP(int64_t *, S_COUNTS);
+    counts[0] = n_exit; counts[1] = nb; counts[2] = n_pass;
+    return 0;
+#undef SP
+}
+
 /* ------------------------------------------------------------------ sampling */
 
 

@@ -68,6 +68,9 @@ SIGNATURES = {
                          _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _p, _p, _i64, _int, _p, _p, _p, _int], _int),
     "mor_route_rows": ([_p, _i64, _p, _i64, _i64, _p, _i64, _p, _p, _int, _f32, _p, _p], _int),
     "mor_decode_rows_packed": ([_p], _int),
+    "mor_decode_step": ([_p, _p, _f32, _f32, _p], _int),
+    "mor_decode_step_args": ([], ctypes.c_char_p),
+    "mor_decode_step_nargs": ([], _i64),
     "mor_route_rows_packed": ([_p, _f32], _int),
 }
 MAX_BLOCK_SIZE, MAX_HEAD_DIM = 256, 512  # the attention kernel's stack buffers
@@ -581,6 +584,139 @@ def route_rows(state: torch.Tensor, slots, routers: torch.Tensor, dec_idx, gate_
                gate: torch.Tensor | None):
     """One :class:`RouteRows` call with every operand given (the engine binds them once)."""
     return RouteRows(state, routers, func, alpha, gate)(slots, dec_idx, gate_idx)
+
+
+STEP_ERRORS = {20: "a block call whose cache writers are not its first rows",
+               21: "more tokens than the step's capacity",
+               22: "a slot outside the state, or a running recursion outside the model's"}
+
+
+class DecodeStep:
+    """The engine's whole decode step on the kernels in one call (``mor_decode_step``): enter
+    (embedding + prefix layers), decide, the shared block (once, or until every token left with
+    the sequence schedule), decide, and finish (suffix layers, final RMSNorm, LM head) for the
+    tokens that leave - the same ``DecodeRows`` / ``RouteRows`` calls on the same rows in the same
+    order as the runner's Python path, so the results are bit-identical; the host work between
+    them (row tables, cache indices, decisions, the leaving tokens' order) runs in C.
+
+    Bound once: ``rows`` (a :class:`DecodeRows`), ``route`` (a :class:`RouteRows`, or None where no
+    token is routed: vanilla, recursive), the weights tables of the prefix, shared-block and
+    suffix layers, the recursions' write / read cache groups and whether each needs a decision,
+    the ``full`` group (-1: none), the block's mode ("store" or "gated"), the offset of the
+    decision routers in the routers' table, the pool's token counts ``lens`` and the runner's
+    ``written`` counts ((groups, slots) int64, the latter updated in place), the embedding and
+    gate, the final norm and the LM head. ``capacity``: the most tokens a step holds (slots)."""
+
+    def __init__(self, rows: DecodeRows, route: RouteRows | None, prefix: torch.Tensor, block: torch.Tensor,
+                 suffix: torch.Tensor, suffix_j0: int, rec_write: np.ndarray, rec_read: np.ndarray,
+                 needs_decision: np.ndarray, full: int, block_mode: str, decision_offset: int, lens: np.ndarray,
+                 written: np.ndarray, embed: torch.Tensor, gate: torch.Tensor | None, norm_w: torch.Tensor,
+                 eps: float, lm_head: torch.Tensor, capacity: int):
+        lib = _library()
+        names = lib.mor_decode_step_args().decode().split(",")
+        if len(names) != lib.mor_decode_step_nargs() or names != list(self.ARGS):
+            raise RuntimeError("cpu_kernels.c and kernels.DecodeStep disagree on the step's arguments")
+        D = rows.dims[0]
+        nr = len(rec_write)
+        G, S = lens.shape
+        for name, t, shape in [("prefix", prefix, (None, LAYER_ROW)), ("block", block, (None, LAYER_ROW)),
+                               ("suffix", suffix, (None, LAYER_ROW))]:
+            _check(t, name, shape, torch.int64)
+        _check(embed, "embed", (None, D))
+        _check(norm_w, "norm_w", (D,))
+        _check(gate, "gate", (S + 1,))
+        arrays = [np.ascontiguousarray(a, dtype=np.int64) for a in (rec_write, rec_read, needs_decision)]
+        rec_write, rec_read, needs_decision = arrays
+        if not (len(rec_read) == nr and len(needs_decision) >= nr + 1 and np.all((rec_write >= -1) & (rec_write < G))
+                and np.all((rec_read >= 0) & (rec_read < G)) and -1 <= full < G):
+            raise ValueError("DecodeStep: cache groups outside the pool's, or tables of different lengths")
+        if not (isinstance(written, np.ndarray) and written.dtype == np.int64 and written.flags.c_contiguous
+                and written.shape == (G, S) and lens.dtype == np.int64 and lens.flags.c_contiguous):
+            raise ValueError("DecodeStep: lens and written must be C-contiguous int64 (groups, slots) arrays")
+        if block_mode not in ("store", "gated") or (block_mode == "gated" and gate is None) or capacity > S:
+            raise ValueError(f"DecodeStep: block_mode={block_mode!r} (store, or gated with a gate), "
+                             f"capacity {capacity} <= {S} slots")
+        self.rows, self.route, self.capacity, self.num_recursions, self.num_slots = rows, route, capacity, nr, S
+        self._alpha = route._alpha if route is not None else 0.0
+        self._eps = float(eps)
+        self._max_layers = max(prefix.shape[0], block.shape[0], suffix.shape[0], 1)
+        cap, V = capacity, lm_head.shape[0]
+        self.vocab = V
+        self._iwork = np.empty(16 * cap, dtype=np.int64)
+        self._fwork = torch.empty(cap * (1 + 2 * D), dtype=torch.float32)
+        self.exit_slots, self.exit_depths = np.empty(cap, dtype=np.int64), np.empty(cap, dtype=np.int64)
+        self.next_slots, self.next_recs = np.empty(cap, dtype=np.int64), np.empty(cap, dtype=np.int64)
+        self.block_recs = np.empty(cap * max(nr, 1), dtype=np.int64)
+        self.pass_rows = np.empty(max(nr, 1), dtype=np.int64)
+        self.counts = np.zeros(3, dtype=np.int64)
+        self._held = (prefix, block, suffix, arrays, lens, written, embed, gate, norm_w, lm_head)
+        self._fn = lib.mor_decode_step
+        self._rr = None if route is None else route._addr
+        self._args = args = (ctypes.c_int64 * len(self.ARGS))()
+        self._addr = ctypes.addressof(args)
+        fixed = dict(prefix=prefix.data_ptr(), n_prefix=prefix.shape[0], block=block.data_ptr(),
+                     n_block=block.shape[0], suffix=suffix.data_ptr(), n_suffix=suffix.shape[0], suffix_j0=suffix_j0,
+                     num_recursions=nr, rec_write=rec_write.ctypes.data, rec_read=rec_read.ctypes.data,
+                     needs_decision=needs_decision.ctypes.data, full=full, block_mode=MODES[block_mode],
+                     decision_offset=decision_offset, lens=lens.ctypes.data, written=written.ctypes.data,
+                     num_slots=S, embed=embed.data_ptr(), vocab_in=embed.shape[0], gate=_ptr(gate) or 0,
+                     norm_w=norm_w.data_ptr(), lm_head=lm_head.data_ptr(), lm_type=_wt(lm_head), vocab=V,
+                     capacity=cap, iwork=self._iwork.ctypes.data, fwork=self._fwork.data_ptr(),
+                     exit_slots=self.exit_slots.ctypes.data, exit_depths=self.exit_depths.ctypes.data,
+                     next_slots=self.next_slots.ctypes.data, next_recs=self.next_recs.ctypes.data,
+                     block_recs=self.block_recs.ctypes.data, pass_rows=self.pass_rows.ctypes.data,
+                     counts=self.counts.ctypes.data)
+        self._index = {name: i for i, name in enumerate(self.ARGS)}
+        for name, value in fixed.items():
+            args[self._index[name]] = value
+
+    ARGS = ("prefix", "n_prefix", "block", "n_block", "suffix", "n_suffix", "suffix_j0", "num_recursions",
+            "rec_write", "rec_read", "needs_decision", "full", "block_mode", "decision_offset", "lens", "written",
+            "num_slots", "embed", "vocab_in", "gate", "norm_w", "lm_head", "lm_type", "vocab", "sequence", "tokens",
+            "positions", "n_enter", "enter", "n_run", "run", "run_recs", "capacity", "iwork", "fwork", "dwork",
+            "logits", "exit_slots", "exit_depths", "next_slots", "next_recs", "block_recs", "pass_rows", "counts",
+            "phases", "threads")
+    _PER_CALL = tuple(map(ARGS.index, ("sequence", "tokens", "positions", "n_enter", "enter", "n_run", "run",
+                                       "run_recs", "dwork", "logits", "phases", "threads")))
+
+    def __call__(self, enter: np.ndarray, run: np.ndarray, run_recs: np.ndarray, tokens: np.ndarray,
+                 positions: np.ndarray, sequence: bool = False, phases: np.ndarray | None = None):
+        """One step: ``enter`` slots (sorted) whose token (``tokens[slot]``, at
+        ``positions[slot]``) enters; ``run`` slots whose token runs recursion ``run_recs[i]``
+        next (sorted by recursion >= 1, then slot). ``phases``: a float64 (3,) array that the
+        step adds its enter / block / finish seconds to. Returns (exit slots, exit depths,
+        logits (exits, V) fp32, next slots, next recursions, each block call's recursions)."""
+        S = self.num_slots
+        for a in (enter, run, run_recs, tokens, positions):
+            if not (type(a) is np.ndarray and a.dtype == np.int64 and a.flags.c_contiguous and a.ndim == 1):
+                raise ValueError("DecodeStep: slots, recursions, tokens and positions must be 1-D int64 arrays")
+        if len(run) != len(run_recs) or len(tokens) < S or len(positions) < S:
+            raise ValueError(f"DecodeStep: {len(run)} running slots with {len(run_recs)} recursions; tokens and "
+                             f"positions need {S} entries")
+        if phases is not None and not (phases.dtype == np.float64 and phases.shape == (3,)):
+            raise ValueError("DecodeStep: phases must be a float64 (3,) array")
+        n = len(enter) + len(run)
+        need = self.rows.dims.rows_work_floats(n, self._max_layers)
+        if self.rows.work.numel() < need:
+            self.rows.work = torch.empty(need, dtype=torch.float32)
+        logits = torch.empty(n, self.vocab, dtype=torch.float32)
+        args = self._args
+        i = self._PER_CALL
+        args[i[0]], args[i[1]], args[i[2]] = int(sequence), tokens.ctypes.data, positions.ctypes.data
+        args[i[3]], args[i[4]], args[i[5]], args[i[6]] = len(enter), enter.ctypes.data, len(run), run.ctypes.data
+        args[i[7]], args[i[8]], args[i[9]] = run_recs.ctypes.data, self.rows.work.data_ptr(), logits.data_ptr()
+        args[i[10]], args[i[11]] = 0 if phases is None else phases.ctypes.data, torch.get_num_threads()
+        err = self._fn(self.rows._addr, self._rr, self._alpha, self._eps, self._addr)
+        if err:
+            message = (STEP_ERRORS.get(err) or DECODE_ROWS_ERRORS.get(err)
+                       or ROUTE_ROWS_ERRORS.get(err - 10, f"error {err}"))
+            raise (RuntimeError if err == 5 else ValueError)(f"decode step: {message}")
+        n_exit, n_next, n_pass = self.counts.tolist()
+        recs = self.block_recs
+        bounds = np.cumsum(self.pass_rows[:n_pass]).tolist()
+        block_recs = [recs[a:b].copy() for a, b in zip([0] + bounds[:-1], bounds)]
+        return (self.exit_slots[:n_exit].copy(), self.exit_depths[:n_exit].copy(), logits[:n_exit],
+                self.next_slots[:n_next].copy(), self.next_recs[:n_next].copy(), block_recs)
 
 
 # ---------------------------------------------------------------- profiling counters

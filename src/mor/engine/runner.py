@@ -204,6 +204,10 @@ class ModelRunner:
         # The kernels read the weights as they are now (a snapshot of the parameter tensors:
         # in-place updates are seen, replaced parameters are not; build a new engine then).
         self.kernels = None
+        # the whole decode step in one call of the kernels (kernels.DecodeStep), where it applies
+        # (see ``_step_kernel``); None: the step runs as the calls below, from Python
+        self.step_kernel: kernels.DecodeStep | None = None
+        self._step_phases = np.zeros(3, dtype=np.float64)
         # expert-choice with linear routers: ``kernels.RouteRows`` bound to the routers' table
         self._kroute: kernels.RouteRows | None = None
         self._router_params: list[torch.Tensor] = []  # the tensors whose addresses the routers' table holds
@@ -224,8 +228,10 @@ class ModelRunner:
                     self._kroute = kernels.RouteRows(self.h, table, cfg.router_func if cfg.gate_combine != "pass_through"
                                                      else None, cfg.router_alpha, self.gate)
                 self.kernels = kernels
+                self.step_kernel = self._step_kernel()
             except ValueError as e:
                 self.kernel_obstacle = why = str(e)
+                self.kernels = self.step_kernel = None
         if cpu_kernels and why:
             raise ValueError(f"cpu_kernels=True, but the CPU kernels cannot run this engine: {why}")
         # decode calls replayed from CUDA graphs (mor.engine.graphs): None = on CUDA, True = required
@@ -234,6 +240,27 @@ class ModelRunner:
             cuda_graphs = self.device.type == "cuda"
         if cuda_graphs:
             self.graphs = DecodeGraphs(self, capture=True)
+
+    def _step_kernel(self) -> "kernels.DecodeStep | None":
+        """The whole decode step as one kernels call (``kernels.DecodeStep``: the same calls as
+        ``enter`` / ``decide`` / ``recurse`` / ``finish`` on the kernels, the host work between
+        them in C), for vanilla, recursive and expert-choice models whose recursions all run one
+        shared block (Cycle / Middle-Cycle) with linear routers; None otherwise (token-choice,
+        Sequence sharing, MLP routers: the step runs from Python)."""
+        cfg = self.config
+        if self.kind == "token" or (self.num_recursions and not self.static_block):
+            return None
+        if self.kind == "expert" and self._kroute is None:
+            return None
+        gated = self.kind == "expert" and cfg.gate_combine != "pass_through"
+        full = self.layout.full
+        norm = self.core.norm
+        return kernels.DecodeStep(
+            self._kcall, self._kroute, self._table(self.prefix), self._table(self.chunks[0] if self.chunks else []),
+            self._table(self.suffix), self.layout.num_prefix, self._rec_write, self._rec_read, self.needs_decision,
+            -1 if full is None else full, "gated" if gated else "store",
+            self.num_recursions if cfg.use_aux_router else 0, self.pool.lens, self.written, self._embed,
+            self.gate, norm.weight.detach(), norm.eps, self._lm_head, self.max_seqs)
 
     def _router_table(self) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """The expert-choice routers as ``kernels.RouteRows`` reads them (the main routers, then
@@ -345,12 +372,16 @@ class ModelRunner:
         (``kernels.ROW_FIELDS`` x tokens) in one call of the CPU kernels (``kernels.DecodeRows``:
         gathers, cache addressing and the residual update in C, attention reading the paged
         cache in place); input ``x``, else the tokens' embeddings (``embed``), else ``self.h``."""
+        return self._kcall(self._table(us), ints, a, b, n_write, j0, mode, x=x, embed=embed)
+
+    def _table(self, us: list[int]) -> torch.Tensor:
+        """The kernels' weights table of decoder layers ``us`` ((layers, LAYER_ROW) int64, cached)."""
         key = tuple(us)
         table = self._ktables.get(key)
         if table is None:
             table = self._ktables[key] = torch.tensor([self._klayers[u].row for u in us],
                                                       dtype=torch.int64).reshape(len(us), kernels.LAYER_ROW)
-        return self._kcall(table, ints, a, b, n_write, j0, mode, x=x, embed=embed)
+        return table
 
     def _token_ints(self, slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """``kernels.ROW_FIELDS`` x tokens for calls of the unique layers (cache group ``full``,
@@ -387,6 +418,9 @@ class ModelRunner:
             depths = self.prefill([r.slot for r in plan.prefill], [r.all_ids[:-1] for r in plan.prefill])
             out.prefill_depths = [depths[i, :len(r.all_ids) - 1] for i, r in enumerate(plan.prefill)]
             self._tick("prefill")
+        if (self.step_kernel is not None and plan.positions is not None
+                and not (plan.run.size and plan.run_recs[0] == 0)):
+            return self._execute_step_kernel(plan, out)
         positions = plan.positions
         slots, recs = plan.run, plan.run_recs  # the shared block's rows, sorted by (recursion, slot)
         leaving, leaving_recs = [], []
@@ -429,6 +463,32 @@ class ModelRunner:
                 out.tokens = sample(out.logits, [r.params for r in out.exits], [r.generator for r in out.exits],
                                     self.generator, self.kernels).tolist()
                 self._tick("sample")
+        out.written = self.take_written()
+        return out
+
+    def _execute_step_kernel(self, plan: StepPlan, out: StepOutput) -> StepOutput:
+        """``execute``'s decode part as one ``kernels.DecodeStep`` call, then sampling. With the
+        profiler on, the call's enter / block / finish seconds are measured in C (the host work
+        around the call is charged to enter)."""
+        phases = None if self.timing is None else self._step_phases
+        if phases is not None:
+            phases[:] = 0.0
+        ls, lr, logits, out.run_slots, out.run_recs, out.block_recs = self.step_kernel(
+            plan.enter, plan.run, plan.run_recs, plan.tokens, plan.positions, plan.schedule == "sequence", phases)
+        if phases is not None:
+            now = time.perf_counter()
+            enter, block, finish = phases.tolist()
+            self.timing["enter"] = self.timing.get("enter", 0.0) + now - self._mark - block - finish
+            self.timing["block"] = self.timing.get("block", 0.0) + block
+            self.timing["finish"] = self.timing.get("finish", 0.0) + finish
+            self._mark = now
+        if ls.size:
+            out.exits = [plan.requests[s] for s in ls.tolist()]
+            out.exit_depths = lr
+            out.logits = logits
+            out.tokens = sample(logits, [r.params for r in out.exits], [r.generator for r in out.exits],
+                                self.generator, self.kernels).tolist()
+            self._tick("sample")
         out.written = self.take_written()
         return out
 
