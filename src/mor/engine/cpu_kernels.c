@@ -882,7 +882,9 @@ int mor_decode_step(const int64_t *dr, const int64_t *rr, float alpha, float eps
     int64_t *written = SP(int64_t *, S_WRITTEN);
     int64_t *ints = SP(int64_t *, S_IWORK), *rows = ints + 7 * cap, *recs = rows + cap, *go = recs + cap,
             *scratch = go + cap, *ls = scratch + 4 * cap, *ld = ls + cap;
-    float *decision = SP(float *, S_FWORK), *y = decision + cap, *yn = y + cap * D;
+    /* 64-byte aligned pieces (the products' vector loads must not straddle cache lines) */
+    const int64_t capr = (cap + 15) & ~(int64_t)15, yr = (cap * D + 15) & ~(int64_t)15;
+    float *decision = SP(float *, S_FWORK), *y = decision + capr, *yn = y + yr;
     int64_t *block_recs = SP(int64_t *, S_BLOCK_RECS), *pass_rows = SP(int64_t *, S_PASS_ROWS);
     double *phases = SP(double *, S_PHASES), t = phases ? now_s() : 0.0;
     const int64_t ne = st[S_NENTER], nrun = st[S_NRUN];

@@ -643,7 +643,10 @@ class DecodeStep:
         cap, V = capacity, lm_head.shape[0]
         self.vocab = V
         self._iwork = np.empty(16 * cap, dtype=np.int64)
-        self._fwork = torch.empty(cap * (1 + 2 * D), dtype=torch.float32)
+        # 64-byte aligned pieces: decisions (cap), final hidden states and their norm (cap x D each)
+        self._fwork = torch.empty(-(-cap // 16) * 16 + 2 * (-(-cap * D // 16) * 16), dtype=torch.float32)
+        if self._fwork.data_ptr() % 64:
+            raise RuntimeError("DecodeStep: the scratch buffer must be 64-byte aligned")
         self.exit_slots, self.exit_depths = np.empty(cap, dtype=np.int64), np.empty(cap, dtype=np.int64)
         self.next_slots, self.next_recs = np.empty(cap, dtype=np.int64), np.empty(cap, dtype=np.int64)
         self.block_recs = np.empty(cap * max(nr, 1), dtype=np.int64)
