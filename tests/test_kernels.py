@@ -659,7 +659,7 @@ def test_step_kernel_only_where_it_applies(arch, kw):
     """Token-choice routing, Sequence sharing (a different layer per recursion) and MLP routers
     run their decode step from Python (still on the kernels' decode calls)."""
     eng = Engine(build(tiny(arch, **kw), seed=1), max_batch=2, block_size=4)
-    assert eng.cpu_kernels and eng.runner.step_kernel is None
+    assert eng.cpu_kernels and eng.runner.step_kernel is None and eng.step_kernel is False
 
 
 def test_step_kernel_rejects_bad_slots_before_writing():
@@ -688,7 +688,8 @@ def test_step_kernel_rejects_bad_slots_before_writing():
 def test_engine_uses_kernels_by_default_on_cpu_fp32():
     """``cpu_kernels=None`` (default) picks the kernels for an fp32 CPU model."""
     eng = Engine(build(tiny("vanilla")), max_batch=2)
-    assert eng.cpu_kernels is True and eng.runner.kernels is kernels
+    assert eng.cpu_kernels is True and eng.runner.kernels is kernels and eng.step_kernel is True
+    assert Engine(build(tiny("vanilla")), max_batch=2, cpu_kernels=False).step_kernel is False
 
 
 BATCH_CASES = [  # (arch, config, schedule, max_batch, requests)

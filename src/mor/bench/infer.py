@@ -305,7 +305,7 @@ def run_engine(model: MoRForCausalLM, prompts: list[list[int]], lengths: list[in
         "exit_fractions": [c / max(1, sum(s.exit_counts)) for c in s.exit_counts], "mean_depth": s.mean_depth,
         "preemptions": s.preemptions, "kv_pool_mb": s.kv["kv_pool_bytes"] / 2**20,
         "kv_peak_mb": s.kv["kv_peak_bytes"] / 2**20, "cpu_kernels": eng.cpu_kernels,
-        "cuda_graphs": eng.cuda_graphs, "graphs_recorded": graphs, "graph_capture_s": capture_s,
+        "step_kernel": eng.step_kernel, "cuda_graphs": eng.cuda_graphs, "graphs_recorded": graphs, "graph_capture_s": capture_s,
     }
     del eng
     gc.collect()
@@ -548,6 +548,7 @@ def benchmark(settings: InferBench) -> dict:
         "device": str(dev), "device_name": _device_name(dev), "dtype": str(dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(), "shape": shape, "shape_overrides": over, "kv_mode": settings.kv_mode,
         "repeats": settings.repeats, "cpu_kernels": any(r["cpu_kernels"] for r in rows),
+        "step_kernel": all(r.get("step_kernel") for r in rows) if rows else False,
         "cuda_graphs": any(r["cuda_graphs"] for r in rows),
         "mean_len": settings.mean_len, "len_spread": settings.len_spread, "requests_per_slot": per_slot,
         "prompted": bool(settings.prompts), "temperature": settings.temperature, "vanilla_max_batch": vmax,
@@ -577,6 +578,7 @@ def print_report(s: dict[str, Any]) -> None:
           f"(+-{s['len_spread']:.0%}), {'prompted' if s['prompted'] else 'unprompted'}, "
           f"temperature {s['temperature']}, KV {s['kv_mode']}, "
           f"{'CPU kernels' if s['cpu_kernels'] else 'PyTorch ops'} for decode"
+          f"{' (each step one call)' if s.get('step_kernel') else ''}"
           f"{', CUDA graphs' if s['cuda_graphs'] else ''}")
     hdr = (f"{'model':<14}{'setting':<8}{'sched':<9}{'batch':>6}{'tok/s':>10}{'x van':>7}{'paper':>7}"
            f"{'KV peak MB':>11}{'KV pool MB':>11}{'preempt':>8}{'depth':>7}  occupancy by depth")

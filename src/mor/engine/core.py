@@ -206,6 +206,12 @@ class Engine:
         return self.runner.kernels is not None
 
     @property
+    def step_kernel(self) -> bool:
+        """Whether each decode step runs as one call of the CPU kernels (``kernels.DecodeStep``:
+        vanilla, recursive and expert-choice models with one shared block and linear routers)."""
+        return self.runner.step_kernel is not None
+
+    @property
     def cuda_graphs(self) -> bool:
         """Whether decode calls replay CUDA graphs."""
         return self.runner.graphs is not None and self.runner.graphs.capture
