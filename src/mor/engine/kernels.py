@@ -625,6 +625,9 @@ class DecodeStep:
         _check(embed, "embed", (None, D))
         _check(norm_w, "norm_w", (D,))
         _check(gate, "gate", (S + 1,))
+        if not (lm_head.dim() == 2 and lm_head.shape[1] == D and lm_head.is_contiguous() and lm_head.is_cpu):
+            raise ValueError(f"DecodeStep: the LM head must be a contiguous CPU (vocab, {D}) matrix, "
+                             f"got {tuple(lm_head.shape)}")
         arrays = [np.ascontiguousarray(a, dtype=np.int64) for a in (rec_write, rec_read, needs_decision)]
         rec_write, rec_read, needs_decision = arrays
         if not (len(rec_read) == nr and len(needs_decision) >= nr + 1 and np.all((rec_write >= -1) & (rec_write < G))
