@@ -618,6 +618,10 @@ STEP_CASES = [
     ("mor", dict(kv_mode="shared"), "depth"),  # recursive KV sharing: only recursion 0 writes
     ("mor", dict(use_aux_router=True), "depth"),
     ("mor", dict(gate_combine="pass_through"), "depth"),
+    ("mor", dict(sharing="cycle"), "depth"),  # no unique layers: no full cache group
+    ("recursive", dict(sharing="cycle"), "sequence"),
+    ("mor", dict(capacities=[0.5, 0.5, 0.25]), "depth"),  # recursion 0 decides: tokens leave at depth 0
+    ("mor", dict(router_func="tanh", use_aux_router=True), "sequence"),
 ]
 
 
@@ -683,6 +687,41 @@ def test_step_kernel_rejects_bad_slots_before_writing():
         assert torch.equal(r.h, state) and np.array_equal(r.written, written) and torch.equal(r.cache.k, k)
     with pytest.raises(ValueError, match="1-D int64"):
         r.step_kernel(one.astype(np.int32), one[:0], one[:0], sched.token, sched.position)
+    with pytest.raises(ValueError, match="capacity"):
+        r.step_kernel(np.arange(5, dtype=np.int64) % 4, one[:0], one[:0], sched.token, sched.position)
+    with pytest.raises(ValueError, match="phases"):
+        r.step_kernel(one, one[:0], one[:0], sched.token, sched.position, False, np.zeros(3)[::-1])
+    assert torch.equal(r.h, state) and np.array_equal(r.written, written) and torch.equal(r.cache.k, k)
+    # layers outside the block tables: refused when the step is built (and by the decode call)
+    ML = r.pool.table_array.shape[3]
+    args = (r._kcall, r._kroute, r._table(r.prefix), r._table(r.chunks[0]), r._table(r.suffix))
+    rest = (r._rec_write, r._rec_read, r.needs_decision, r.layout.full, "gated", 0, r.pool.lens, r.written,
+            r._embed, r.gate, r.core.norm.weight.detach(), r.core.norm.eps, r._lm_head, r.max_seqs)
+    kernels.DecodeStep(*args, r.layout.num_prefix, *rest)
+    with pytest.raises(ValueError, match="outside the block tables"):
+        kernels.DecodeStep(*args, ML, *rest)
+    work = torch.empty(r._kdims.rows_work_floats(1, 1))
+    ints = r._token_ints(one, sched.position[one])
+    # the C check behind the Python ones: layer ML of a group has no block table column
+    err = kernels._library().mor_decode_rows(
+        r._table([0]).data_ptr(), 1, None, None, ints.ctypes.data + 48, 0, r.h.data_ptr(), ints.ctypes.data, 1,
+        *r._kdims, r._cos.data_ptr(), r._sin.data_ptr(), r._cos.shape[0], ints.ctypes.data + 8,
+        r.pool.table_array.ctypes.data, *r.pool.table_array.shape, ints.ctypes.data + 16, ints.ctypes.data + 24, 0,
+        ints.ctypes.data + 32, ints.ctypes.data + 40, ML, r.cache.k.data_ptr(), r.cache.v.data_ptr(),
+        r.cache.k.shape[1], 0, None, work.data_ptr(), work.data_ptr(), 1)
+    assert err == 7 and "layers" in kernels.DECODE_ROWS_ERRORS[err]
+
+
+def test_step_kernel_failure_keeps_the_per_call_kernels():
+    """A step kernel that cannot be built (here: a runner with more slots than its pool) leaves
+    the per-call kernels running the step, saying why."""
+    from mor.cache import make_pool
+    from mor.engine.runner import ModelRunner
+
+    cfg = tiny("mor")
+    pool = make_pool(cfg, max_seqs=2, max_len=64, dtype=torch.float32, block_size=4)
+    r = ModelRunner(build(cfg, seed=1), pool, 3)
+    assert r.kernels is kernels and r.step_kernel is None and "gate" in r.step_kernel_obstacle
 
 
 def test_engine_uses_kernels_by_default_on_cpu_fp32():

@@ -674,6 +674,7 @@ int mor_decode_rows(const int64_t *table, int64_t nl, const float *x, const floa
                     const int64_t *wgroup, const int64_t *widx, int64_t n_write, const int64_t *rgroup,
                     const int64_t *qidx, int64_t j0, float *kc, float *vc, int64_t bs, int mode, const float *gate,
                     float *out, float *work, int nt) {
+    if (nl > 0 && (j0 < 0 || j0 + nl > ML)) return 7;
     for (int64_t m = 0; m < M; m++) {
         if (slots[m] < 0 || slots[m] >= S) return 1;
         if (pos[m] < 0 || pos[m] >= npos) return 2;
@@ -803,8 +804,10 @@ int mor_route_rows_packed(const int64_t *a, float alpha) {
  * recursion, then slot: recursions >= 1). Leaving tokens are finished in (depth, slot) order.
  * Returns 0, a decode_rows error code (1-6), 10 + a route_rows error code, 20 (a block call
  * whose cache writers are not its first rows), 21 (more tokens than the capacity) or 22 (a
- * slot outside the state, or a running recursion outside 0..num_recursions-1), checked before
- * anything is read or written. */
+ * slot outside the state, or a running recursion outside 0..num_recursions-1). 21 and 22 are
+ * checked before anything is read or written; the others stop the step where they occur, after
+ * the calls before it have updated states, caches and `written` (as the Python path would):
+ * the engine does not continue after such an error. */
 #define STEP_ARGS                                                                                     \
     "prefix,n_prefix,block,n_block,suffix,n_suffix,suffix_j0,num_recursions,rec_write,rec_read,"     \
     "needs_decision,full,block_mode,decision_offset,lens,written,num_slots,embed,vocab_in,gate,"     \

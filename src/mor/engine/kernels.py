@@ -371,6 +371,7 @@ DECODE_ROWS_ERRORS = {
     3: "a token outside the embedding", 4: "a write group or entry outside the block tables",
     5: "a KV write outside the blocks a sequence owns (ensure() was not called)",
     6: "a read group or query index outside the block tables",
+    7: "layers outside the block tables' layers",
 }
 
 
@@ -636,6 +637,10 @@ class DecodeStep:
         if not (isinstance(written, np.ndarray) and written.dtype == np.int64 and written.flags.c_contiguous
                 and written.shape == (G, S) and lens.dtype == np.int64 and lens.flags.c_contiguous):
             raise ValueError("DecodeStep: lens and written must be C-contiguous int64 (groups, slots) arrays")
+        ML = rows.layers_per_group
+        if not (max(prefix.shape[0], block.shape[0]) <= ML and 0 <= suffix_j0 and suffix_j0 + suffix.shape[0] <= ML):
+            raise ValueError(f"DecodeStep: prefix / block / suffix layers ({prefix.shape[0]}, {block.shape[0]}, "
+                             f"{suffix_j0}+{suffix.shape[0]}) outside the block tables' {ML} layers")
         if block_mode not in ("store", "gated") or (block_mode == "gated" and gate is None) or capacity > S:
             raise ValueError(f"DecodeStep: block_mode={block_mode!r} (store, or gated with a gate), "
                              f"capacity {capacity} <= {S} slots")
@@ -691,7 +696,12 @@ class DecodeStep:
         ``positions[slot]``) enters; ``run`` slots whose token runs recursion ``run_recs[i]``
         next (sorted by recursion >= 1, then slot). ``phases``: a float64 (3,) array that the
         step adds its enter / block / finish seconds to. Returns (exit slots, exit depths,
-        logits (exits, V) fp32, next slots, next recursions, each block call's recursions)."""
+        logits (exits, V) fp32, next slots, next recursions, each block call's recursions); the
+        logits are the first rows of a buffer sized for every token of the step.
+
+        Bad slots or recursions, or more tokens than the capacity: ValueError before anything
+        is changed. An error inside a call (a bad position or token, a write into a block the
+        sequence does not own) stops the step where it occurs, the earlier calls' updates done."""
         S = self.num_slots
         for a in (enter, run, run_recs, tokens, positions):
             if not (type(a) is np.ndarray and a.dtype == np.int64 and a.flags.c_contiguous and a.ndim == 1):
@@ -699,9 +709,12 @@ class DecodeStep:
         if len(run) != len(run_recs) or len(tokens) < S or len(positions) < S:
             raise ValueError(f"DecodeStep: {len(run)} running slots with {len(run_recs)} recursions; tokens and "
                              f"positions need {S} entries")
-        if phases is not None and not (phases.dtype == np.float64 and phases.shape == (3,)):
-            raise ValueError("DecodeStep: phases must be a float64 (3,) array")
+        if phases is not None and not (type(phases) is np.ndarray and phases.dtype == np.float64
+                                       and phases.shape == (3,) and phases.flags.c_contiguous):
+            raise ValueError("DecodeStep: phases must be a contiguous float64 (3,) array")
         n = len(enter) + len(run)
+        if n > self.capacity:
+            raise ValueError(f"DecodeStep: {n} tokens in a step of capacity {self.capacity}")
         need = self.rows.dims.rows_work_floats(n, self._max_layers)
         if self.rows.work.numel() < need:
             self.rows.work = torch.empty(need, dtype=torch.float32)

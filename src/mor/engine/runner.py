@@ -207,6 +207,7 @@ class ModelRunner:
         # the whole decode step in one call of the kernels (kernels.DecodeStep), where it applies
         # (see ``_step_kernel``); None: the step runs as the calls below, from Python
         self.step_kernel: kernels.DecodeStep | None = None
+        self.step_kernel_obstacle: str | None = None  # why a step kernel that applies could not be built
         self._step_phases = np.zeros(3, dtype=np.float64)
         # expert-choice with linear routers: ``kernels.RouteRows`` bound to the routers' table
         self._kroute: kernels.RouteRows | None = None
@@ -228,10 +229,13 @@ class ModelRunner:
                     self._kroute = kernels.RouteRows(self.h, table, cfg.router_func if cfg.gate_combine != "pass_through"
                                                      else None, cfg.router_alpha, self.gate)
                 self.kernels = kernels
-                self.step_kernel = self._step_kernel()
             except ValueError as e:
                 self.kernel_obstacle = why = str(e)
-                self.kernels = self.step_kernel = None
+            if self.kernels is not None:
+                try:
+                    self.step_kernel = self._step_kernel()
+                except ValueError as e:  # the per-call kernels still run the step
+                    self.step_kernel_obstacle = str(e)
         if cpu_kernels and why:
             raise ValueError(f"cpu_kernels=True, but the CPU kernels cannot run this engine: {why}")
         # decode calls replayed from CUDA graphs (mor.engine.graphs): None = on CUDA, True = required
@@ -418,7 +422,7 @@ class ModelRunner:
             depths = self.prefill([r.slot for r in plan.prefill], [r.all_ids[:-1] for r in plan.prefill])
             out.prefill_depths = [depths[i, :len(r.all_ids) - 1] for i, r in enumerate(plan.prefill)]
             self._tick("prefill")
-        if (self.step_kernel is not None and plan.positions is not None
+        if (self.step_kernel is not None and self.graphs is None and plan.positions is not None
                 and not (plan.run.size and plan.run_recs[0] == 0)):
             return self._execute_step_kernel(plan, out)
         positions = plan.positions
