@@ -35,8 +35,11 @@ Calls with one token per row (the whole decode step) run on the compiled CPU ker
 they apply (``mor.engine.kernels``; ``cpu_kernels``): ``_decode_rows`` runs a call's layers
 with its gathers, cache addressing and state update in one C call, ``decide`` routes there
 (``kernels.RouteRows``), and the LM head and sampling run there too, so that a token's
-result does not depend on its batch. Multi-token prefill and every other device run PyTorch
-ops.
+result does not depend on its batch. Where it applies (vanilla, recursive and expert-choice
+models with one shared block and linear routers), the decode part of ``execute`` is one call
+(``step_kernel``, a ``kernels.DecodeStep``): the same calls on the same rows in the same
+order, with the host work between them in C. Multi-token prefill and every other device run
+PyTorch ops.
 
 Attention always reads the cache: K/V of the new tokens are written first, then each
 query attends to the cache entries of its group with index <= its own (``qidx``), which
