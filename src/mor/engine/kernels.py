@@ -644,7 +644,7 @@ class DecodeStep:
         if block_mode not in ("store", "gated") or (block_mode == "gated" and gate is None) or capacity > S:
             raise ValueError(f"DecodeStep: block_mode={block_mode!r} (store, or gated with a gate), "
                              f"capacity {capacity} <= {S} slots")
-        self.rows, self.route, self.capacity, self.num_recursions, self.num_slots = rows, route, capacity, nr, S
+        self.rows, self.capacity, self.num_slots = rows, capacity, S
         self._alpha = route._alpha if route is not None else 0.0
         self._eps = float(eps)
         self._max_layers = max(prefix.shape[0], block.shape[0], suffix.shape[0], 1)
@@ -677,9 +677,8 @@ class DecodeStep:
                      next_slots=self.next_slots.ctypes.data, next_recs=self.next_recs.ctypes.data,
                      block_recs=self.block_recs.ctypes.data, pass_rows=self.pass_rows.ctypes.data,
                      counts=self.counts.ctypes.data)
-        self._index = {name: i for i, name in enumerate(self.ARGS)}
         for name, value in fixed.items():
-            args[self._index[name]] = value
+            args[self.ARGS.index(name)] = value
 
     ARGS = ("prefix", "n_prefix", "block", "n_block", "suffix", "n_suffix", "suffix_j0", "num_recursions",
             "rec_write", "rec_read", "needs_decision", "full", "block_mode", "decision_offset", "lens", "written",
