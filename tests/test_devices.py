@@ -254,6 +254,27 @@ def test_cuda_graphs_equal_eager_launches(arch, kw):
     assert g.captured == captured
 
 
+@pytest.mark.skipif("cuda" not in DEVICES, reason="host syncs are a CUDA matter")
+@pytest.mark.parametrize("arch,kw,most", [("vanilla", {}, 1), ("mor", {}, 1), ("mor", dict(use_aux_router=True), 1),
+                                          ("mor", dict(router_type="token", router_func="softmax"), 2)],
+                         ids=["vanilla", "mor-expert", "mor-aux", "mor-token"])
+def test_steady_decode_step_syncs_at_most(arch, kw, most):
+    """With CUDA graphs, a steady decode step reads back from the device once: the sampled
+    tokens (token-choice: also the depths its router fixed when a token enters). Routing
+    decisions come back by a non-blocking copy and an event wait; every host-to-device copy is
+    pinned and non-blocking. (PyTorch's sync debug mode counts the synchronising operations.)"""
+    from mor.engine import Engine
+    from mor.engine.profile import count_syncs
+    cfg = preset("tiny", arch, vocab_size=V, tie_word_embeddings=False, **kw)
+    eng = Engine(on(build(cfg, seed=2), "cuda", torch.bfloat16), max_batch=4, block_size=4)
+    assert eng.cuda_graphs
+    for p in [ids(1, n, seed=40 + n)[0].tolist() for n in (3, 5, 2, 7)]:
+        eng.add_request(p, SamplingParams(max_tokens=40, temperature=1.0, ignore_eos=True))
+    for _ in range(4):  # prefill, graphs recorded
+        eng.step()
+    assert count_syncs(eng, 12) <= most
+
+
 # ------------------------------------------------------------------ training
 @pytest.mark.parametrize("device", DEVICES)
 def test_train_resume_on_device(device, data_dir, tmp_path):

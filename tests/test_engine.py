@@ -310,6 +310,21 @@ def test_sampling_follows_the_filtered_distribution():
     torch.testing.assert_close(freq, torch.tensor([0, 0.45**2, 0.3**2, 0, 0]) / (0.45**2 + 0.3**2), atol=0.015, rtol=0)
 
 
+def test_sampling_mixes_greedy_and_sampled_rows():
+    """The PyTorch path (no kernels): greedy rows take the argmax, and the others draw exactly what
+    they draw without the greedy rows (the same uniform numbers, in row order), at their own
+    temperatures and filters."""
+    logits = torch.randn(7, 40, generator=torch.Generator().manual_seed(3))
+    params = [SamplingParams(temperature=t, top_k=k) for t, k in
+              [(0, 0), (1.0, 0), (0.6, 5), (0, 0), (1.7, 0), (1.0, 3), (0, 0)]]
+    mixed = sample(logits, params, [None] * 7, torch.Generator().manual_seed(11))
+    rows = [1, 2, 4, 5]
+    alone = sample(logits[rows], [params[i] for i in rows], [None] * 4, torch.Generator().manual_seed(11))
+    assert mixed[rows].tolist() == alone.tolist()
+    assert mixed[[0, 3, 6]].tolist() == logits[[0, 3, 6]].argmax(-1).tolist()
+    assert sample(logits, [params[0]] * 7, [None] * 7).tolist() == logits.argmax(-1).tolist()
+
+
 def test_seeded_sampling_is_reproducible_and_batch_independent():
     model = build(tiny("mor"), seed=9)
     p = prompts((4,), seed=6)[0]

@@ -67,6 +67,27 @@ def test_padding_rows_leave_no_trace():
         torch.testing.assert_close(o.logits, logits, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kw", [{}, dict(use_aux_router=True), dict(router_arch="mlp", capacities=[0.7, 0.5, 0.3]),
+                                dict(kv_mode="shared", capacities=[1.0, 0.8, 0.4])], ids=str)
+def test_fixed_shape_calls_make_the_routing_decisions(kw, monkeypatch):
+    """Expert-choice: ``enter`` / ``recurse`` compute the decision logits of their rows' next
+    recursion, so ``decide`` runs no router of its own (on CUDA: no eager launches, one copy to
+    the host); tokens, logits and depths still equal the uncached forward."""
+    def run(keep: bool) -> int:
+        model = build(tiny("mor", **kw))
+        eng = static_engine(model, max_batch=4, record_logits=True, block_size=4)
+        eager = []
+        route = eng.runner._router_logits
+        monkeypatch.setattr(eng.runner, "_router_logits", lambda *a: eager.append(len(a[1])) or route(*a))
+        if not keep:  # the control: decisions not handed over, decide routes eagerly
+            monkeypatch.setattr(eng.runner.graphs, "take_decision", lambda *a: None)
+        check_greedy_against_uncached(model, eng)
+        return len(eager)
+
+    assert run(keep=True) == 0
+    assert run(keep=False) > 0
+
+
 def test_record_all_covers_every_shape_a_step_can_take():
     """``record_all`` makes every (phase, rows, blocks) call in advance; a run afterwards adds none."""
     model = build(tiny("mor"), seed=1)

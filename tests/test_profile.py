@@ -5,6 +5,7 @@ and profiling does not change what the engine generates. No wall-clock assertion
 from __future__ import annotations
 
 import pytest
+import torch
 
 from helpers import V, build, tiny
 from mor import preset
@@ -114,23 +115,31 @@ def test_bench_infer_profile_reports_phases_and_roofline(capsys):
 def test_profile_engines_interleaves_windows_and_keeps_each_fastest(monkeypatch):
     """Side-by-side profiling: one timed window per engine per round, in turn; each engine's
     fastest window counts; the profiler view only where asked."""
+    from types import SimpleNamespace
+
     from mor.engine import profile as prof_mod
 
+    def fake(name):
+        return SimpleNamespace(name=name, device=torch.device("cpu"))
+
+    ea, eb, ec = fake("a"), fake("b"), fake("c")
     order, walls = [], {"a": iter([3.0, 1.0, 2.0]), "b": iter([5.0, 6.0, 4.0])}
 
-    def fake_time_phases(engine, steps):
-        order.append(engine)
-        return {"schedule": 0.0}, next(walls[engine]), 2, 4
+    def fake_time_phases(engine, steps, host=None):
+        order.append(engine.name)
+        return {"schedule": 0.0}, next(walls[engine.name]), 2, 4
 
     ops_for = []
     monkeypatch.setattr(prof_mod, "time_phases", fake_time_phases)
-    monkeypatch.setattr(prof_mod, "profile_ops", lambda e, s: ops_for.append(e) or ({}, {}, 1.0, 1, {}))
-    a, b = prof_mod.profile_engines(["a", "b"], steps=2, ops=[False, True], repeats=3)
+    monkeypatch.setattr(prof_mod, "profile_ops", lambda e, s: ops_for.append(e.name) or ({}, {}, 1.0, 1, {}))
+    a, b = prof_mod.profile_engines([ea, eb], steps=2, ops=[False, True], repeats=3)
     assert order == ["a", "b"] * 3
     assert a.step_s == pytest.approx(0.5) and b.step_s == pytest.approx(2.0) and a.tokens_per_step == 2
     assert ops_for == ["b"]
+    assert a.syncs_per_step is None and a.host_phases_s == {}  # CUDA only
     # "fastest" = most tokens per second: MoR's short steps may be the ones that make few tokens
     windows = iter([(1.0, 1), (2.0, 6), (1.5, 2)])
-    monkeypatch.setattr(prof_mod, "time_phases", lambda e, s: (lambda w, t: ({"schedule": 0.0}, w, 2, t))(*next(windows)))
-    (c,) = prof_mod.profile_engines(["c"], steps=2, ops=False, repeats=3)
+    monkeypatch.setattr(prof_mod, "time_phases",
+                        lambda e, s, host=None: (lambda w, t: ({"schedule": 0.0}, w, 2, t))(*next(windows)))
+    (c,) = prof_mod.profile_engines([ec], steps=2, ops=False, repeats=3)
     assert c.tokens_per_step == 3 and c.step_s == pytest.approx(1.0)

@@ -85,6 +85,21 @@ def autocast_for(device, dtype: str = "auto") -> Callable[[], Any]:
 
 
 # ---------------------------------------------------------------------- atomic writes
+def to_device(t, device):
+    """A host tensor on ``device``: itself on the CPU; on CUDA copied from pinned memory without
+    blocking the host. A copy from pageable memory first waits for every kernel queued before
+    it - a hidden host sync in a decode step; PyTorch's caching host allocator keeps the pinned
+    block until the copy has run."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def fsync_dir(directory: str | os.PathLike) -> None:
     """Persist renames in ``directory`` (a no-op where directories cannot be opened)."""
     try:

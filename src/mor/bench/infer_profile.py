@@ -149,6 +149,19 @@ def print_profile(p: dict) -> None:
               f"{r['gflops_per_s']:>9.1f}{r['read_gb_per_s']:>7.1f}{r['of_roofline']:>6.2f}  "
               + " ".join(f"{ph[k]:>6.2f}" for k in PHASES) + " | " + " ".join(f"{op[k]:>7.2f}" for k in OP_KINDS)
               + f"{sum(r['op_calls_per_step'].values()):>7.0f}" + extra)
+    hrows = [r for r in p["rows"] if r.get("host_phases_s")]
+    if hrows:  # CUDA: is each phase bound by its launches (host part close to the whole)?
+        runner_phases = ("prefill", "enter", "block", "finish", "sample")
+        print("\nCUDA host part of each phase, ms per step (until its last launch returned) / whole phase; "
+              "synchronising operations per step")
+        hdr = (f"{'model':<14}{'set':<6}{'batch':>6}" + "".join(f"{k:>16}" for k in runner_phases)
+               + f"{'syncs':>7}")
+        print(hdr)
+        print("-" * len(hdr))
+        for r in hrows:
+            cells = "".join(f"{r['host_phases_s'].get(k, 0.0) * 1e3:>8.2f}/{r['phases_s'].get(k, 0.0) * 1e3:<7.2f}"
+                            for k in runner_phases)
+            print(f"{r['model']:<14}{r['setting']:<6}{r['batch']:>6}{cells}{r['syncs_per_step'] or 0.0:>7.2f}")
     krows = [r for r in p["rows"] if r.get("kernel_phases_s")]
     if krows:  # the compiled decode layers' own clocks (mor.engine.kernels): inside the kinds above
         from ..engine.kernels import PROFILE_PHASES

@@ -94,6 +94,9 @@ class DecodeGraphs:
         self._calls: dict[tuple, _Call] = {}
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
         self.captured = 0  # graphs recorded so far
+        # expert-choice: the routing decision logits that the last ``enter`` / ``recurse`` computed
+        # for its rows' next recursion, on their way to the host (``take_decision``)
+        self._decision: tuple | None = None
 
     @property
     def r(self):
@@ -219,6 +222,54 @@ class DecodeGraphs:
         if r.kind == "token":
             r.h_first[self.scratch].zero_()
 
+    # .................................................................. routing decisions
+    def _decides(self, rec: int) -> bool:
+        """Whether tokens about to run recursion ``rec`` need an expert-choice decision (its
+        capacity is below 1) that the fixed-shape calls compute: when ``recurse`` is one of them
+        (``static_block``), since it also computes the gate that ``decide`` would otherwise set."""
+        r = self.r
+        return (r.kind == "expert" and self.static_block and rec < r.num_recursions
+                and bool(r.needs_decision[rec]))
+
+    def _decision_logits(self, h: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+        """The decision logits (fp32, per row) of recursion ``rec`` on hidden states ``h``: the
+        auxiliary routers' with ``use_aux_router``, else the main routers' (``decide``'s rule)."""
+        r = self.r
+        routers = r.core.aux_routers if r.config.use_aux_router else r.core.routers
+        return r._router_logits_at(routers, h, rec)
+
+    def _keep_decision(self, out: dict, slots: np.ndarray, recs: np.ndarray) -> None:
+        """Start copying the call's decision logits (if it made them) to the host, without
+        blocking, for the ``decide`` that follows on the same rows (``take_decision``)."""
+        self._decision = None
+        logits = out.get("decision")
+        if logits is None:
+            return
+        n = len(slots)
+        cuda = self.r.device.type == "cuda"
+        host = torch.empty(n, dtype=torch.float32, pin_memory=cuda)
+        host.copy_(logits[:n], non_blocking=cuda)
+        done = None
+        if cuda:
+            done = torch.cuda.Event()
+            done.record()
+        self._decision = (slots.copy(), recs.copy(), host, done)
+
+    def take_decision(self, slots: np.ndarray, recs: np.ndarray) -> np.ndarray | None:
+        """The decision logits of recursions ``recs`` for ``slots`` (fp32 NumPy) when the last
+        ``enter`` / ``recurse`` computed them for exactly these rows (waiting for their copy to
+        the host: the step's one sync before ``finish``); None otherwise. Either way they are
+        used up."""
+        kept, self._decision = self._decision, None
+        if kept is None:
+            return None
+        s, rc, host, done = kept
+        if not (np.array_equal(s, slots) and np.array_equal(rc, recs)):
+            return None
+        if done is not None:
+            done.synchronize()
+        return host.numpy()
+
     def _full_group_call(self, phase: str, fn: Callable, slots: np.ndarray, tokens: np.ndarray | int,
                          positions: np.ndarray, lo: int, hi: int) -> dict:
         """``fn`` on layers lo..hi-1 of the ``full`` cache group (the prefix or suffix layers),
@@ -241,6 +292,7 @@ class DecodeGraphs:
         out = self._full_group_call("enter", self._enter_fn, slots, tokens, positions, 0, len(r.prefix))
         if r.layout.full is not None:
             r.written[r.layout.full, slots] += 1
+        self._keep_decision(out, slots, np.zeros(len(slots), dtype=np.int64))
         if r.kind == "token":
             r.token_depth_host[slots] = out["depth"][:len(slots)].cpu().numpy()
 
@@ -261,6 +313,8 @@ class DecodeGraphs:
             r.token_gate.index_copy_(0, slot, gate.to(r.dtype))
             r.token_depth.index_copy_(0, slot, choice + 1)
             out["depth"] = choice + 1
+        if self._decides(0):
+            out["decision"] = self._decision_logits(x[:, 0], torch.zeros_like(slot))
         self._clear_scratch()
         return out
 
@@ -283,9 +337,10 @@ class DecodeGraphs:
         nb = int(qidx.max()) // r.pool.block_size + 1
         host[:, HEAD:] = rows
         blocks = r.pool.block_table(read_group, slots, nb)[:, :, :L]
-        self._run("recurse", self._recurse_fn, host, blocks)
+        out = self._run("recurse", self._recurse_fn, host, blocks)
         if writes.any():
             r.written[write_group[writes], slots[writes]] += 1
+        self._keep_decision(out, slots, recs + 1)
 
     def _recurse_fn(self, ints: torch.Tensor, blocks: torch.Tensor) -> dict:
         r = self.r
@@ -302,9 +357,13 @@ class DecodeGraphs:
             gate = r.token_gate.index_select(0, slot)
             is_last = (r.token_depth.index_select(0, slot) == rec + 1)[:, None]
             first = r.h_first.index_select(0, slot)
-        r.h.index_copy_(0, slot, combine(cfg, x_in, y, gate, is_last, first))
+        h = combine(cfg, x_in, y, gate, is_last, first)
+        r.h.index_copy_(0, slot, h)
+        out = {}
+        if any(self._decides(k) for k in range(1, r.num_recursions)):
+            out["decision"] = self._decision_logits(h, (rec + 1).clamp(max=r.num_recursions - 1))
         self._clear_scratch()
-        return {}
+        return out
 
     # .................................................................. finish
     def finish(self, slots: np.ndarray, positions: np.ndarray) -> torch.Tensor:

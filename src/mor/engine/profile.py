@@ -21,6 +21,12 @@ Two views of the same engine, each averaged over ``steps`` consecutive ``Engine.
   ``kernel_phases_s`` keeps them by phase. They sum to the profiled step time (which the profiler inflates;
   compare shares, not absolute numbers, with the unprofiled phases). On CUDA the op times
   are device (kernel) times and ``host`` is what the device did not cover.
+
+On CUDA two more numbers say whether a step is bound by the host: ``host_phases_s``, the part
+of each runner phase until its last launch returned (before the phase clock waits for the
+device; a phase whose host part is close to its whole is launch-bound), and
+``syncs_per_step``, the synchronising CUDA operations per step that PyTorch's sync debug
+mode reports (reading values back, copies from pageable memory; event waits are not counted).
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ class StepProfile:
     ops_s: dict[str, float] = field(default_factory=dict)
     op_calls: dict[str, float] = field(default_factory=dict)  # aten op calls per step, by kind (leaf ops)
     kernel_phases_s: dict[str, float] = field(default_factory=dict)  # CPU kernels' phases, seconds per step
+    host_phases_s: dict[str, float] = field(default_factory=dict)  # CUDA: each runner phase's host part
+    syncs_per_step: float | None = None  # CUDA: synchronising operations per step
 
     @property
     def tokens_per_step(self) -> float:
@@ -77,7 +85,8 @@ class StepProfile:
                 "phases_s": dict(self.phases_s), "phase_shares": self.shares("phases"),
                 "profiled_step_s": self.profiled_step_s, "ops_s": dict(self.ops_s),
                 "op_shares": self.shares("ops"), "op_calls_per_step": dict(self.op_calls),
-                "kernel_phases_s": dict(self.kernel_phases_s)}
+                "kernel_phases_s": dict(self.kernel_phases_s), "host_phases_s": dict(self.host_phases_s),
+                "syncs_per_step": self.syncs_per_step}
 
 
 def _sync(dev: torch.device) -> None:
@@ -85,11 +94,13 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def time_phases(engine, steps: int) -> tuple[dict[str, float], float, int, int]:
+def time_phases(engine, steps: int, host: dict[str, float] | None = None) -> tuple[dict[str, float], float, int, int]:
     """Run up to ``steps`` engine steps with the runner's phase clocks on. Returns (seconds per
-    phase, summed step wall time, steps run, tokens generated)."""
+    phase, summed step wall time, steps run, tokens generated); on CUDA the phases' host parts
+    are added to ``host`` when given."""
     runner = engine.runner
     runner.timing = timing = {p: 0.0 for p in PHASES if p != "other"}
+    runner.host_timing = host
     wall, done, tokens = 0.0, 0, 0
     try:
         while done < steps and engine.has_unfinished:
@@ -101,9 +112,32 @@ def time_phases(engine, steps: int) -> tuple[dict[str, float], float, int, int]:
             tokens += sum(1 for e in events if e.token >= 0)
             done += 1
     finally:
-        runner.timing = None
+        runner.timing = runner.host_timing = None
     timing["other"] = wall - sum(timing.values())
     return timing, wall, done, tokens
+
+
+def count_syncs(engine, steps: int) -> float:
+    """Synchronising CUDA operations per step over up to ``steps`` engine steps, as PyTorch's
+    sync debug mode reports them (``torch.cuda.set_sync_debug_mode``: a value read back, a copy
+    from pageable memory; waits on events are not counted). CUDA engines only."""
+    import warnings
+
+    if engine.device.type != "cuda":
+        raise ValueError(f"count_syncs needs a CUDA engine (this one runs on {engine.device})")
+    done = 0
+    before = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            while done < steps and engine.has_unfinished:
+                engine.step()
+                done += 1
+        finally:
+            torch.cuda.set_sync_debug_mode(before)
+    n = sum(1 for w in caught if "synchronizing" in str(w.message))
+    return n / max(1, done)
 
 
 def profile_ops(engine, steps: int) -> tuple[dict[str, float], dict[str, float], float, int, dict[str, float]]:
@@ -177,15 +211,20 @@ def profile_engines(engines: list, steps: int = 16, ops: bool | list[bool] = Tru
         return tokens / wall if n and wall > 0 else 0.0
 
     best: list[tuple | None] = [None] * len(engines)
+    hosts: list[dict | None] = [None] * len(engines)
     for _ in range(max(1, repeats)):
         for i, engine in enumerate(engines):
-            window = time_phases(engine, steps)
+            host = {} if engine.device.type == "cuda" else None
+            window = time_phases(engine, steps, host)
             if best[i] is None or rate(window) > rate(best[i]):
-                best[i] = window
+                best[i], hosts[i] = window, host
     out = []
-    for engine, (phases, wall, n, tokens), with_ops in zip(engines, best, want_ops):
+    for engine, (phases, wall, n, tokens), host, with_ops in zip(engines, best, hosts, want_ops):
         n = max(1, n)
         prof = StepProfile(steps=n, tokens=tokens, step_s=wall / n, phases_s={k: v / n for k, v in phases.items()})
+        if host is not None:
+            prof.host_phases_s = {k: v / n for k, v in host.items()}
+            prof.syncs_per_step = count_syncs(engine, steps)
         if with_ops:
             secs, calls, pwall, m, kphases = profile_ops(engine, steps)
             m = max(1, m)

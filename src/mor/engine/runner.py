@@ -61,6 +61,7 @@ from torch.nn import functional
 from ..cache import KVCache, KVPool
 from ..model import MoRForCausalLM, apply_rope, gather_tokens, rope_cos_sin, scatter_tokens
 from ..routing import combine, continues, gate_scores, pack_mask, token_choice
+from ..runtime import to_device
 from . import kernels
 from .graphs import DecodeGraphs
 from .quant import Int8Linear
@@ -202,6 +203,7 @@ class ModelRunner:
         # seconds per phase of ``execute`` (prefill / enter / block / finish / sample), accumulated
         # while a profiler sets it to a dict (mor.engine.profile); None: no clocks read, no syncs
         self.timing: dict[str, float] | None = None
+        self.host_timing: dict[str, float] | None = None  # CUDA: the host's part of each phase
         self._mark = 0.0
         # decode (one token per row) on the CPU kernels: None = when they apply, True = required.
         # The kernels read the weights as they are now (a snapshot of the parameter tensors:
@@ -287,10 +289,14 @@ class ModelRunner:
             return None, []
 
     def _tick(self, phase: str) -> None:
-        """Charge the time since the last tick to ``phase`` (when timing; syncs CUDA first)."""
+        """Charge the time since the last tick to ``phase`` (when timing). On CUDA it first
+        charges the host's part - until its last launch returned - to ``host_timing`` (when
+        set), then waits for the device."""
         if self.timing is None:
             return
         if self.device.type == "cuda":
+            if self.host_timing is not None:
+                self.host_timing[phase] = self.host_timing.get(phase, 0.0) + time.perf_counter() - self._mark
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         self.timing[phase] = self.timing.get(phase, 0.0) + now - self._mark
@@ -299,8 +305,12 @@ class ModelRunner:
     # .................................................................. small helpers
 
     def _long(self, a) -> torch.Tensor:
+        """Host integers as an int64 tensor on the runner's device. On CUDA the copy goes
+        through pinned memory without blocking: a copy from pageable memory would wait for every
+        kernel queued before it, a hidden host sync (the caching host allocator keeps the pinned
+        block until the copy has run)."""
         t = torch.from_numpy(np.array(a, dtype=np.int64))
-        return t if self.device.type == "cpu" else t.to(self.device)
+        return to_device(t, self.device)
 
     def _rope(self, positions: np.ndarray):
         """cos/sin (n, 1, Q, head_dim) for positions (n, Q), looked up in a table computed once
@@ -516,12 +526,12 @@ class ModelRunner:
         ids = torch.zeros(n, T, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-        ids = ids.to(self.device)
+        ids = to_device(ids, self.device)
         valid_np = np.arange(T)[None, :] < lens[:, None]
         pos_np = np.broadcast_to(np.arange(T), (n, T))
         h = self.core.embed_tokens(ids)
         h = self._full_layers(self.prefix, 0, h, slots, pos_np, valid_np)
-        valid = torch.as_tensor(valid_np, device=self.device)
+        valid = to_device(torch.from_numpy(valid_np), self.device)
         depth = torch.zeros(n, T + 1, dtype=torch.long, device=self.device)
         if self.num_recursions:
             h = self._prefill_recursions(h, valid, slots, depth)
@@ -642,13 +652,18 @@ class ModelRunner:
         if self.kind == "token":
             go &= recs < self.token_depth_host[slots]
         elif self.kind == "expert":
+            # the fixed-shape calls compute the decision logits of their rows' next recursion
+            kept = None if self.graphs is None else self.graphs.take_decision(slots, recs)
             if go.all():  # the common case: no token is past the last recursion
                 rows, s, r = None, slots, recs
             else:
                 rows = np.flatnonzero(go)
                 s, r = slots[rows], recs[rows]
             if r.size:
-                decision = self._route_expert(s, r)
+                if kept is not None:
+                    decision = kept if rows is None else kept[rows]
+                else:
+                    decision = self._route_expert(s, r)
                 need = self.needs_decision[r]
                 go[need if rows is None else rows[need]] = continues(decision[need], 0.0)
         return go

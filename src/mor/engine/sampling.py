@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..runtime import to_device
 from .request import SamplingParams
 
 
@@ -38,20 +39,26 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     if kernels is not None and logits.device.type == "cpu":
         return _sample_kernels(kernels, logits.contiguous(), params, generators, default_generator)
     rows = [i for i, p in enumerate(params) if not p.greedy]
-    out = logits.argmax(dim=-1)
     if not rows:
-        return out
+        return logits.argmax(dim=-1)
     dev = logits.device
-    idx = torch.tensor(rows, device=dev)
-    x = logits.index_select(0, idx) / torch.tensor([params[i].temperature for i in rows], device=dev)[:, None]
+    # the per-row operands are copied to the device without blocking (``to_device``): the only
+    # host sync of a sampling call is the caller reading the tokens
+    every = len(rows) == len(params)  # the common case: no greedy row, no gather or scatter
+    idx = None if every else to_device(torch.tensor(rows), dev)
+    x = logits if every else logits.index_select(0, idx)
+    x = x / to_device(torch.tensor([params[i].temperature for i in rows], dtype=torch.float32), dev)[:, None]
     if _filtered(params, rows):
-        x = filter_logits(x, torch.tensor([params[i].top_k for i in rows], device=dev),
-                          torch.tensor([float(params[i].top_p) for i in rows], device=dev))
+        x = filter_logits(x, to_device(torch.tensor([params[i].top_k for i in rows]), dev),
+                          to_device(torch.tensor([float(params[i].top_p) for i in rows]), dev))
     # inverse-CDF sampling: one uniform number per row (cheaper than torch.multinomial on CPU);
     # right-bisection never lands on a zero-probability token
     cdf = torch.softmax(x, dim=-1).cumsum(dim=-1)
     u = _uniforms(rows, generators, default_generator, dev)[:, None]
     drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=x.size(-1) - 1)
+    if every:
+        return drawn
+    out = logits.argmax(dim=-1)
     out[idx] = drawn
     return out
 
