@@ -88,6 +88,38 @@ def test_fixed_shape_calls_make_the_routing_decisions(kw, monkeypatch):
     assert run(keep=False) > 0
 
 
+@pytest.mark.parametrize("arch", ["vanilla", "mor"])
+@pytest.mark.parametrize("mix", ["temperature", "temperatures", "greedy", "greedy+temperature", "top_p", "seeded"])
+def test_fixed_shape_finish_samples_as_sample_does(arch, mix, monkeypatch):
+    """``finish`` draws the tokens inside the fixed-shape call when every row is greedy or at a
+    plain temperature (no filter, no generator of its own): the same tokens as ``sample`` after
+    the call, which still runs for the other mixes."""
+    from mor.engine import graphs as graphs_mod
+    from mor.engine import runner as runner_mod
+
+    kinds = {"temperature": [dict(temperature=1.0)], "temperatures": [dict(temperature=0.7), dict(temperature=1.6)],
+             "greedy": [dict(temperature=0)], "greedy+temperature": [dict(temperature=0), dict(temperature=1.0)],
+             "top_p": [dict(temperature=1.0), dict(temperature=1.0, top_p=0.8)],
+             "seeded": [dict(temperature=1.0), dict(temperature=1.0, seed=7)]}[mix]
+    model = build(tiny(arch), seed=3)
+
+    def run(in_call: bool):
+        eng = static_engine(model, max_batch=4, block_size=4, seed=5)
+        eager = []
+        monkeypatch.setattr(runner_mod, "sample", lambda *a: eager.append(1) or sample(*a))
+        monkeypatch.setattr(graphs_mod, "fixed_shape_rule", rule if in_call else lambda *a: None)
+        for i, p in enumerate(prompts((3, 6, 2, 5, 4), seed=8)):
+            eng.add_request(p, SamplingParams(max_tokens=7, ignore_eos=True, **kinds[i % len(kinds)]))
+        return [o.token_ids for o in eng.run_until_done()], len(eager)
+
+    from mor.engine.sampling import fixed_shape_rule as rule, sample
+    drawn, eager_in = run(True)
+    expected, eager_out = run(False)
+    assert drawn == expected
+    assert eager_out > 0
+    assert (eager_in == 0) == (mix in ("temperature", "temperatures", "greedy"))
+
+
 def test_record_all_covers_every_shape_a_step_can_take():
     """``record_all`` makes every (phase, rows, blocks) call in advance; a run afterwards adds none."""
     model = build(tiny("mor"), seed=1)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..routing import combine, gate_scores, token_choice
+from .sampling import draw, fixed_shape_rule
 
 # columns of ``ints`` for each phase (followed by one physical row per layer of the call)
 SLOT, TOKEN, REC, POS, QIDX = 0, 1, 1, 2, 3
@@ -97,6 +98,10 @@ class DecodeGraphs:
         # expert-choice: the routing decision logits that the last ``enter`` / ``recurse`` computed
         # for its rows' next recursion, on their way to the host (``take_decision``)
         self._decision: tuple | None = None
+        # sampling inside ``finish`` (``finish_and_sample``): per row its temperature and uniform
+        # number, read by every finish call (rows [0, B)); padding rows draw at temperature 1
+        self.temperatures = torch.ones(r.max_seqs, dtype=torch.float32, device=r.device)
+        self.uniforms = torch.zeros(r.max_seqs, dtype=torch.float32, device=r.device)
 
     @property
     def r(self):
@@ -368,10 +373,29 @@ class DecodeGraphs:
     # .................................................................. finish
     def finish(self, slots: np.ndarray, positions: np.ndarray) -> torch.Tensor:
         """``ModelRunner.finish`` as a fixed-shape call: (n, V) fp32 logits (a copy)."""
+        return self.finish_and_sample(slots, positions, None)[0]
+
+    def finish_and_sample(self, slots: np.ndarray, positions: np.ndarray, params: list | None,
+                          generators: list | None = None, default_generator: torch.Generator | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``finish``, and the tokens of the rows (``params[i]`` / ``generators[i]`` for row i)
+        drawn inside the same call where ``sampling.fixed_shape_rule`` allows (every row greedy,
+        or every row at a plain temperature with no generator of its own: one uniform number per
+        row from ``default_generator``, drawn before the call, as ``sample`` draws them): (logits
+        (n, V) fp32 copy, tokens (n,) or None when ``sample`` must run)."""
         r = self.r
+        n = len(slots)
+        rule = None if params is None else fixed_shape_rule(params, generators or [None] * n)
+        if rule == "draw":  # (the buffer only ever holds temperatures > 0: padding rows draw at 1)
+            temps = torch.ones(len(self.temperatures), dtype=torch.float32)
+            temps[:n] = torch.tensor([p.temperature for p in params], dtype=torch.float32)
+            cuda = r.device.type == "cuda"
+            self.temperatures.copy_(temps.pin_memory() if cuda else temps, non_blocking=cuda)
+            self.uniforms[:n].uniform_(generator=default_generator)
         lo = r.layout.num_prefix
         out = self._full_group_call("finish", self._finish_fn, slots, 0, positions, lo, lo + len(r.suffix))
-        return out["logits"][:len(slots)].clone()
+        tokens = None if rule is None else out["greedy" if rule == "greedy" else "drawn"][:n].clone()
+        return out["logits"][:n].clone(), tokens
 
     def _finish_fn(self, ints: torch.Tensor, blocks: torch.Tensor) -> dict:
         r = self.r
@@ -379,4 +403,7 @@ class DecodeGraphs:
         if r.suffix:
             cos, sin = self._rope(ints[:, POS])
             x = self._stack(r.suffix, x, cos, sin, ints, blocks)
-        return {"logits": r.model.lm_head(r.core.norm(x[:, 0])).float()}
+        logits = r.model.lm_head(r.core.norm(x[:, 0])).float()
+        B = logits.shape[0]
+        return {"logits": logits, "greedy": logits.argmax(dim=-1),
+                "drawn": draw(logits, self.temperatures[:B], self.uniforms[:B])}

@@ -475,10 +475,16 @@ class ModelRunner:
                 ls, lr = ls[order], lr[order]
                 out.exits = [plan.requests[s] for s in ls.tolist()]
                 out.exit_depths = lr
-                out.logits = self.finish(ls, positions[ls])
+                params, gens = [r.params for r in out.exits], [r.generator for r in out.exits]
+                tokens = None
+                if self.graphs is not None:  # the fixed-shape call samples where it can
+                    out.logits, tokens = self.graphs.finish_and_sample(ls, positions[ls], params, gens, self.generator)
+                else:
+                    out.logits = self.finish(ls, positions[ls])
                 self._tick("finish")
-                out.tokens = sample(out.logits, [r.params for r in out.exits], [r.generator for r in out.exits],
-                                    self.generator, self.kernels).tolist()
+                if tokens is None:
+                    tokens = sample(out.logits, params, gens, self.generator, self.kernels)
+                out.tokens = tokens.tolist()
                 self._tick("sample")
         out.written = self.take_written()
         return out

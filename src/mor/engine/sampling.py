@@ -47,20 +47,38 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     every = len(rows) == len(params)  # the common case: no greedy row, no gather or scatter
     idx = None if every else to_device(torch.tensor(rows), dev)
     x = logits if every else logits.index_select(0, idx)
-    x = x / to_device(torch.tensor([params[i].temperature for i in rows], dtype=torch.float32), dev)[:, None]
+    temps = to_device(torch.tensor([params[i].temperature for i in rows], dtype=torch.float32), dev)
     if _filtered(params, rows):
-        x = filter_logits(x, to_device(torch.tensor([params[i].top_k for i in rows]), dev),
+        x = filter_logits(x / temps[:, None], to_device(torch.tensor([params[i].top_k for i in rows]), dev),
                           to_device(torch.tensor([float(params[i].top_p) for i in rows]), dev))
-    # inverse-CDF sampling: one uniform number per row (cheaper than torch.multinomial on CPU);
-    # right-bisection never lands on a zero-probability token
-    cdf = torch.softmax(x, dim=-1).cumsum(dim=-1)
-    u = _uniforms(rows, generators, default_generator, dev)[:, None]
-    drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=x.size(-1) - 1)
+        temps = torch.ones_like(temps)
+    # inverse-CDF sampling: one uniform number per row (cheaper than torch.multinomial on CPU)
+    drawn = draw(x, temps, _uniforms(rows, generators, default_generator, dev))
     if every:
         return drawn
     out = logits.argmax(dim=-1)
     out[idx] = drawn
     return out
+
+
+def fixed_shape_rule(params: list[SamplingParams], generators: list[torch.Generator | None]) -> str | None:
+    """How a fixed-shape call (``mor.engine.graphs``) can sample these rows exactly as ``sample``
+    does: ``"greedy"`` (every row greedy: the argmax), ``"draw"`` (every row at a temperature,
+    none filtered by top-k / top-p, none with a generator of its own: one uniform number per row
+    from the engine's generator), else None (``sample`` runs)."""
+    if all(p.greedy for p in params):
+        return "greedy"
+    if all(not p.greedy and p.top_k == 0 and p.top_p >= 1.0 for p in params) and all(g is None for g in generators):
+        return "draw"
+    return None
+
+
+def draw(logits: torch.Tensor, temperatures: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draws, one per row: ``logits`` (N, V) fp32 at ``temperatures`` (N,), with
+    uniform numbers ``u`` (N,) in [0, 1); right-bisection never lands on a zero-probability
+    token. ``sample``'s rule, shared with the fixed-shape calls."""
+    cdf = torch.softmax(logits / temperatures[:, None], dim=-1).cumsum(dim=-1)
+    return torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(1).clamp_(max=logits.size(-1) - 1)
 
 
 def _filtered(params: list[SamplingParams], rows: list[int]) -> list[int]:
