@@ -206,7 +206,7 @@ class DecodeGraphs:
     def _rope(self, pos: torch.Tensor):
         r = self.r
         B = pos.shape[0]
-        return (r._cos.index_select(0, pos).view(B, 1, 1, r.hd), r._sin.index_select(0, pos).view(B, 1, 1, r.hd))
+        return (r._cos.index_select(0, pos).view(B, 1, 1, r.hd), r._sin_signed.index_select(0, pos).view(B, 1, 1, r.hd))
 
     def _stack(self, us: list[int], x: torch.Tensor, cos, sin, ints: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """Layers ``us`` in turn on x (B, 1, d): in layer i every row writes its K/V at

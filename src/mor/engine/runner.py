@@ -2,8 +2,9 @@
 
 It never calls ``MoRForCausalLM.forward``; it calls the model's submodules (embedding,
 decoder layers' norms / projections / MLPs, routers, final norm, LM head) and
-``mor.model.apply_rope`` / ``rope_cos_sin``, so the math is the model's own. Routing
-follows the causal rule of ``model(ids, routing="threshold")`` (SPEC.md sections 3-5):
+``mor.model.apply_rope_signed`` (``apply_rope`` bit for bit) / ``rope_cos_sin``, so the math is
+the model's own. Routing follows the causal rule of ``model(ids, routing="threshold")``
+(SPEC.md sections 3-5):
 
 * expert-choice: a token runs recursion r iff it ran r-1 (all tokens at r=0) and either
   the capacity c_r is 1 or its router logit (auxiliary router's with ``use_aux_router``)
@@ -59,7 +60,7 @@ import torch.nn as nn
 from torch.nn import functional
 
 from ..cache import KVCache, KVPool
-from ..model import MoRForCausalLM, apply_rope, gather_tokens, rope_cos_sin, scatter_tokens
+from ..model import MoRForCausalLM, apply_rope_signed, gather_tokens, rope_cos_sin, scatter_tokens, signed_sin
 from ..routing import combine, continues, gate_scores, pack_mask, token_choice
 from ..runtime import to_device
 from . import kernels
@@ -181,6 +182,7 @@ class ModelRunner:
         cos, sin = rope_cos_sin(torch.arange(pool.max_len + 1, device=self.device), self.hd, cfg.rope_theta,
                                 self.dtype)
         self._cos, self._sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()  # (max_len + 1, head_dim)
+        self._sin_signed = signed_sin(self._sin)  # what the PyTorch layers read (``apply_rope_signed``)
         d = cfg.hidden_size
         # per slot (plus one scratch row, slot max_seqs, for the padding rows of fixed-shape calls)
         self.h = torch.zeros(max_seqs + 1, d, dtype=self.dtype, device=self.device)  # in-flight residual stream
@@ -313,12 +315,12 @@ class ModelRunner:
         return to_device(t, self.device)
 
     def _rope(self, positions: np.ndarray):
-        """cos/sin (n, 1, Q, head_dim) for positions (n, Q), looked up in a table computed once
-        with the model's ``rope_cos_sin``."""
+        """cos and signed sin (``signed_sin``) (n, 1, Q, head_dim) for positions (n, Q), looked
+        up in tables computed once with the model's ``rope_cos_sin``."""
         n, Q = positions.shape
         p = self._long(positions).reshape(-1)
         return (self._cos.index_select(0, p).view(n, 1, Q, self.hd),
-                self._sin.index_select(0, p).view(n, 1, Q, self.hd))
+                self._sin_signed.index_select(0, p).view(n, 1, Q, self.hd))
 
     def _segment(self, group: int, slots: np.ndarray, qidx: np.ndarray, a: int, b: int) -> AttentionSegment:
         qidx = np.asarray(qidx, dtype=np.int64).reshape(len(slots), -1)
@@ -357,16 +359,26 @@ class ModelRunner:
                segs: list[AttentionSegment], j: int) -> torch.Tensor:
         """Decoder layer ``u`` on x (n, Q, d). The first ``n_write`` rows compute K/V and store
         them at physical ``rows`` (n_write * Q,); every row attends through ``segs``; ``j`` is
-        the layer's index within its cache group."""
+        the layer's index within its cache group. ``cos`` / ``sin``: ``_rope``'s tables (the
+        sin signed: ``apply_rope_signed``, the model's RoPE bit for bit; q and k rotated in one
+        go when every row writes, as in the fixed-shape calls: fewer kernels on a GPU)."""
         L = self.core.layers[u]
         at = L.self_attn
         n, Q, _ = x.shape
+        H = self.n_heads
         a = L.input_layernorm(x)
-        q = apply_rope(at.q_proj(a).view(n, Q, self.n_heads, self.hd).transpose(1, 2), cos, sin)
+        q = at.q_proj(a).view(n, Q, H, self.hd)
+        if n_write == n:
+            qk = apply_rope_signed(torch.cat([q, at.k_proj(a).view(n, Q, self.n_kv, self.hd)], dim=2).transpose(1, 2),
+                                   cos, sin)
+            q, k = qk[:, :H], qk[:, H:]
+        else:
+            q = apply_rope_signed(q.transpose(1, 2), cos, sin)
+            if n_write:
+                k = apply_rope_signed(at.k_proj(a[:n_write]).view(n_write, Q, self.n_kv, self.hd).transpose(1, 2),
+                                      cos[:n_write], sin[:n_write])
         if n_write:
             aw = a[:n_write]
-            k = apply_rope(at.k_proj(aw).view(n_write, Q, self.n_kv, self.hd).transpose(1, 2),
-                           cos[:n_write], sin[:n_write])
             v = at.v_proj(aw).view(n_write * Q, self.n_kv, self.hd)
             self.cache.write(rows, k.transpose(1, 2).reshape(n_write * Q, self.n_kv, self.hd), v)
         outs = [self._attend(q[s.a:s.b], s, j) for s in segs]
