@@ -42,7 +42,8 @@ def _steady_engine(entry: Entry, batch: int, settings: InferBench, prompt: list[
     n_steps = max(1, settings.profile_steps)
     warm = 2 + 4 * (entry.num_recursions + 1)
     reps = max(1, settings.repeats)
-    length = warm + (reps + 1) * n_steps * (entry.num_recursions + 1) + 8
+    windows = reps + 1 + (1 if entry.model.model.embed_tokens.weight.is_cuda else 0)  # + ops (+ syncs on CUDA)
+    length = warm + windows * n_steps * (entry.num_recursions + 1) + 8
     max_len = min(len(prompt) + length + 1, cfg.max_position_embeddings)
     eng = Engine(entry.model, max_batch=batch, max_model_len=max_len, kv_memory_bytes=budget,
                  block_size=settings.block_size, schedule="depth" if entry.kind == "mor" else "sequence",
