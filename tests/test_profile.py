@@ -10,7 +10,7 @@ import torch
 from helpers import V, build, tiny
 from mor import preset
 from mor.engine import Engine, SamplingParams
-from mor.engine.profile import OP_KINDS, PHASES, op_kind, profile_engine
+from mor.engine.profile import OP_KINDS, PHASES, TOP_OPS, op_kind, profile_engine
 
 
 def _engine(model, batch=3, max_tokens=40, temperature=0.0, seed=0, cpu_kernels=None):
@@ -50,6 +50,11 @@ def test_profile_phases_and_ops_sum_to_step_time(arch, kernels):
         assert p.phases_s["block"] > 0
     assert p.ops_s["matmul"] > 0 and p.ops_s["attention"] > 0 and p.ops_s["kv_copy"] > 0
     assert sum(p.shares("phases").values()) == pytest.approx(1.0)
+    times = [t for _, t in p.top_ops.values()]  # the most expensive ops, named
+    assert 0 < len(times) <= TOP_OPS and times == sorted(times, reverse=True) and sum(times) <= p.profiled_step_s
+    assert all(n > 0 for n, _ in p.top_ops.values())
+    if not kernels:
+        assert any(op_kind(name) == "matmul" for name in p.top_ops)
     if kernels:  # the compiled layers' own clocks fill the kinds; their sum is inside the step
         from mor.engine.kernels import PROFILE_PHASES
 
@@ -131,7 +136,7 @@ def test_profile_engines_interleaves_windows_and_keeps_each_fastest(monkeypatch)
 
     ops_for = []
     monkeypatch.setattr(prof_mod, "time_phases", fake_time_phases)
-    monkeypatch.setattr(prof_mod, "profile_ops", lambda e, s: ops_for.append(e.name) or ({}, {}, 1.0, 1, {}))
+    monkeypatch.setattr(prof_mod, "profile_ops", lambda e, s, top=None: ops_for.append(e.name) or ({}, {}, 1.0, 1, {}))
     a, b = prof_mod.profile_engines([ea, eb], steps=2, ops=[False, True], repeats=3)
     assert order == ["a", "b"] * 3
     assert a.step_s == pytest.approx(0.5) and b.step_s == pytest.approx(2.0) and a.tokens_per_step == 2

@@ -163,6 +163,12 @@ def print_profile(p: dict) -> None:
             cells = "".join(f"{r['host_phases_s'].get(k, 0.0) * 1e3:>8.2f}/{r['phases_s'].get(k, 0.0) * 1e3:<7.2f}"
                             for k in runner_phases)
             print(f"{r['model']:<14}{r['setting']:<6}{r['batch']:>6}{cells}{r['syncs_per_step'] or 0.0:>7.2f}")
+    for r in hrows:  # CUDA: which kernels the step is made of (graph-replayed ones included)
+        if r.get("top_ops"):
+            print(f"\n{r['model']} {r['setting']} batch {r['batch']}: kernels with the most time "
+                  f"(calls and ms per step)")
+            for name, (n, t) in r["top_ops"].items():
+                print(f"  {n:>8.1f} {t * 1e3:>8.3f}  {name[:100]}")
     krows = [r for r in p["rows"] if r.get("kernel_phases_s")]
     if krows:  # the compiled decode layers' own clocks (mor.engine.kernels): inside the kinds above
         from ..engine.kernels import PROFILE_PHASES

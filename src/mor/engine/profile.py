@@ -71,6 +71,8 @@ class StepProfile:
     kernel_phases_s: dict[str, float] = field(default_factory=dict)  # CPU kernels' phases, seconds per step
     host_phases_s: dict[str, float] = field(default_factory=dict)  # CUDA: each runner phase's host part
     syncs_per_step: float | None = None  # CUDA: synchronising operations per step
+    # the ops (CUDA: kernels) with the most time, by name: [calls per step, seconds per step]
+    top_ops: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def tokens_per_step(self) -> float:
@@ -86,7 +88,7 @@ class StepProfile:
                 "profiled_step_s": self.profiled_step_s, "ops_s": dict(self.ops_s),
                 "op_shares": self.shares("ops"), "op_calls_per_step": dict(self.op_calls),
                 "kernel_phases_s": dict(self.kernel_phases_s), "host_phases_s": dict(self.host_phases_s),
-                "syncs_per_step": self.syncs_per_step}
+                "syncs_per_step": self.syncs_per_step, "top_ops": dict(self.top_ops)}
 
 
 def _sync(dev: torch.device) -> None:
@@ -140,10 +142,16 @@ def count_syncs(engine, steps: int) -> float:
     return n / max(1, done)
 
 
-def profile_ops(engine, steps: int) -> tuple[dict[str, float], dict[str, float], float, int, dict[str, float]]:
+TOP_OPS = 12  # how many of the most expensive ops (CUDA: kernels) ``profile_ops`` names
+
+
+def profile_ops(engine, steps: int, top: dict | None = None
+                ) -> tuple[dict[str, float], dict[str, float], float, int, dict[str, float]]:
     """Run up to ``steps`` engine steps under ``torch.profiler``. Returns (seconds per op kind,
     op calls per kind, summed step wall time, steps run, seconds per CPU-kernel phase); the
-    kinds sum to the wall time."""
+    kinds sum to the wall time. ``top``, when given, receives the ``TOP_OPS`` ops (CUDA:
+    kernels, those replayed from graphs included) with the most time: name -> [calls, seconds]
+    over the run."""
     from torch.profiler import ProfilerActivity, profile
 
     from . import kernels
@@ -169,6 +177,7 @@ def profile_ops(engine, steps: int) -> tuple[dict[str, float], dict[str, float],
             kernels.set_profiling(False)
     secs = {k: 0.0 for k in OP_KINDS}
     calls = {k: 0.0 for k in OP_KINDS if k != "host"}
+    timed = []  # (seconds, name, calls) of every op that counted
     for ev in prof.key_averages():
         if cuda:
             t = ev.self_device_time_total
@@ -183,6 +192,9 @@ def profile_ops(engine, steps: int) -> tuple[dict[str, float], dict[str, float],
             if ev.key not in _COMPOSITE:
                 calls[op_kind(ev.key)] += ev.count
         secs[op_kind(ev.key)] += t * 1e-6
+        timed.append((t * 1e-6, ev.key, ev.count))
+    if top is not None:
+        top.update({name: [float(n), t] for t, name, n in sorted(timed, reverse=True)[:TOP_OPS]})
     for phase, t in kphases.items():
         secs[kernels.PHASE_KIND[phase]] += t
     secs["host"] = wall - sum(secs.values())
@@ -226,8 +238,10 @@ def profile_engines(engines: list, steps: int = 16, ops: bool | list[bool] = Tru
             prof.host_phases_s = {k: v / n for k, v in host.items()}
             prof.syncs_per_step = count_syncs(engine, steps)
         if with_ops:
-            secs, calls, pwall, m, kphases = profile_ops(engine, steps)
+            top: dict[str, list[float]] = {}
+            secs, calls, pwall, m, kphases = profile_ops(engine, steps, top)
             m = max(1, m)
+            prof.top_ops = {k: [n / m, t / m] for k, (n, t) in top.items()}
             prof.profiled_step_s = pwall / m
             prof.ops_s = {k: v / m for k, v in secs.items()}
             prof.op_calls = {k: v / m for k, v in calls.items()}
