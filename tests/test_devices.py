@@ -268,6 +268,7 @@ def test_steady_decode_step_syncs_at_most(arch, kw, most):
     cfg = preset("tiny", arch, vocab_size=V, tie_word_embeddings=False, **kw)
     eng = Engine(on(build(cfg, seed=2), "cuda", torch.bfloat16), max_batch=4, block_size=4)
     assert eng.cuda_graphs
+    eng.capture_graphs()  # every shape recorded up front (recording copies inputs to the device)
     for p in [ids(1, n, seed=40 + n)[0].tolist() for n in (3, 5, 2, 7)]:
         eng.add_request(p, SamplingParams(max_tokens=40, temperature=1.0, ignore_eos=True))
     for _ in range(4):  # prefill, graphs recorded

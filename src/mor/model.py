@@ -51,8 +51,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """weight * (x * rsqrt(mean(x^2) + eps)), normalised in fp32 and rounded to x's dtype
         before the weight (Llama's order). ``functional.rms_norm`` without a weight is that normalisation:
-        on the CPU the same ops (bit-identical, gradients too), on CUDA one fused kernel instead
-        of five (a decode step on a GPU is bound by its kernel count)."""
+        on the CPU the same ops (bit-identical, gradients too), on CUDA (PyTorch >= 2.8) one fused kernel
+        instead of five (a decode step on a GPU is bound by its kernel count)."""
         dtype = x.dtype
         return self.weight * functional.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(dtype)
 

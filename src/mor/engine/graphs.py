@@ -144,7 +144,8 @@ class DecodeGraphs:
         call = self._calls.get(key)
         if call is None:
             r = self.r
-            ints = torch.from_numpy(np.broadcast_to(self._pad(layers), (B, HEAD + layers)).copy()).to(r.device)
+            ints = torch.zeros(B, HEAD + layers, dtype=torch.long, device=r.device)  # the padding rows (no blocking copy)
+            ints[:, SLOT] = self.scratch
             blocks = torch.zeros(B, NB, layers, dtype=torch.long, device=r.device)
             pin = r.device.type == "cuda"
             call = self._calls[key] = _Call(ints, blocks, host_ints=torch.empty(B, HEAD + layers, dtype=torch.long,
@@ -174,7 +175,7 @@ class DecodeGraphs:
         call.blocks.copy_(call.host_blocks, non_blocking=cuda)
         if cuda:
             call.copied = call.copied or torch.cuda.Event()
-            call.copied.record()
+            call.copied.record(torch.cuda.current_stream(r.device))
         if call.graph is None:
             return fn(call.ints, call.blocks)
         call.graph.replay()
@@ -257,13 +258,13 @@ class DecodeGraphs:
         done = None
         if cuda:
             done = torch.cuda.Event()
-            done.record()
+            done.record(torch.cuda.current_stream(self.r.device))
         self._decision = (slots.copy(), recs.copy(), host, done)
 
     def take_decision(self, slots: np.ndarray, recs: np.ndarray) -> np.ndarray | None:
         """The decision logits of recursions ``recs`` for ``slots`` (fp32 NumPy) when the last
         ``enter`` / ``recurse`` computed them for exactly these rows (waiting for their copy to
-        the host: the step's one sync before ``finish``); None otherwise. Either way they are
+        the host: a wait before ``finish``, as the eager routers' read-back was); None otherwise. Either way they are
         used up."""
         kept, self._decision = self._decision, None
         if kept is None:

@@ -24,7 +24,8 @@ Two views of the same engine, each averaged over ``steps`` consecutive ``Engine.
 
 On CUDA two more numbers say whether a step is bound by the host: ``host_phases_s``, the part
 of each runner phase until its last launch returned (before the phase clock waits for the
-device; a phase whose host part is close to its whole is launch-bound), and
+device; it includes the waits inside the phase - the decisions' event in enter / block,
+token-choice's depths, sampling's read-back - so read it with ``syncs_per_step``), and
 ``syncs_per_step``, the synchronising CUDA operations per step that PyTorch's sync debug
 mode reports (reading values back, copies from pageable memory; event waits are not counted).
 """
