@@ -264,7 +264,7 @@ class DecodeGraphs:
     def take_decision(self, slots: np.ndarray, recs: np.ndarray) -> np.ndarray | None:
         """The decision logits of recursions ``recs`` for ``slots`` (fp32 NumPy) when the last
         ``enter`` / ``recurse`` computed them for exactly these rows (waiting for their copy to
-        the host: a wait before ``finish``, as the eager routers' read-back was); None otherwise. Either way they are
+        the host, as the eager routers' read-back did); None otherwise. Either way they are
         used up."""
         kept, self._decision = self._decision, None
         if kept is None:
